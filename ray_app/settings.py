@@ -1,0 +1,54 @@
+"""One typed settings object, read once from the environment (prefix ``RAY_APP_``).
+
+TotalSegmentator's own variables (``TOTALSEG_HOME_DIR``, ``TOTALSEG_WEIGHTS_PATH``) are deliberately not
+mirrored here: TotalSegmentator reads them itself, and a second copy could disagree with it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAY_APP_", frozen=True, extra="ignore")
+
+    # Segmentation
+    device: Literal["cpu", "cuda"] = "cpu"
+    fast: bool = True
+    num_threads: int | None = Field(
+        default=None, description="Torch threads per segmenter; default: the CPUs this process may use."
+    )
+
+    # Input validation (checked before any heavy work)
+    max_voxels: int = Field(default=512 * 512 * 2000, description="Refuse scans with more voxels (from the header).")
+    max_input_bytes: int = Field(default=2 * 1024**3, description="Refuse compressed inputs larger than this.")
+    min_spacing_mm: float = 0.05
+    max_spacing_mm: float = 30.0
+    modality_policy: Literal["refuse", "flag"] = Field(
+        default="refuse", description="What to do with non-CT modality or intensities that cannot be HU."
+    )
+
+    # Passport
+    presence_threshold_ml: float = Field(
+        default=0.5, description="A structure is present when its segmented volume exceeds this (ml)."
+    )
+
+    # AWS (boto3 also honours AWS_ENDPOINT_URL / AWS_REGION on its own)
+    aws_endpoint_url: str | None = None
+    aws_region: str = "us-east-1"
+    s3_sse: Literal["AES256", "aws:kms"] = "AES256"
+
+    # Serve
+    api_token: SecretStr | None = None
+    allowed_uri_prefixes: list[str] = Field(default_factory=list)
+    max_body_bytes: int = 512 * 1024**2
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, parsed once."""
+    return Settings()
