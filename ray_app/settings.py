@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(
         default=None, description="Torch threads per segmenter; default: the CPUs this process may use."
     )
+    download_weights: bool = Field(
+        default=True, description="Let TotalSegmentator download missing weights (off for air-gapped nodes)."
+    )
 
     # Input validation (checked before any heavy work)
     max_voxels: int = Field(default=512 * 512 * 2000, description="Refuse scans with more voxels (from the header).")

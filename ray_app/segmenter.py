@@ -1,0 +1,235 @@
+"""The segmentation engine: TotalSegmentator's inference path, in memory, with its models loaded once.
+
+``Segmenter`` follows ``totalsegmentator.nnunet.nnUNet_predict_image`` step for step (canonical orientation,
+TotalSegmentator's own ``change_spacing``, nnU-Net's preprocessing / sliding window / export, the part-model
+merge, resampling back, undoing the orientation and the ROI crop), calling the same functions with the same
+arguments. It replaces only what costs time and touches the outside world: temporary NIfTI files, the
+preprocessing and export processes, and building an ``nnUNetPredictor`` (and reading its checkpoint) per call.
+The masks are therefore the ones vanilla TotalSegmentator writes, voxel for voxel, for the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+
+from ray_app import totalseg
+from ray_app.errors import RayAppError
+from ray_app.settings import Settings, get_settings
+
+
+@dataclass
+class SegmentationResult:
+    """A multilabel ``uint8`` mask on the input's own grid, and where the time went."""
+
+    mask: nib.Nifti1Image
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def default_num_threads() -> int:
+    """CPUs this process may use: Ray sets ``OMP_NUM_THREADS`` to an actor's ``num_cpus``; else the affinity mask.
+
+    TotalSegmentator calls ``torch.set_num_threads(cpu_count())``, which oversubscribes a node shared by workers.
+    """
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class Segmenter:
+    """Owns the nnU-Net model(s) of one TotalSegmentator task, loaded once, and segments any number of scans.
+
+    Like ``nnUNetPredictor``, one object holds the whole model lifecycle: construction resolves (or downloads)
+    the weights and loads every checkpoint; ``segment`` only computes.
+    """
+
+    def __init__(
+        self,
+        task: str = "total",
+        *,
+        fast: bool | None = None,
+        device: str | None = None,
+        roi_subset: list[str] | None = None,
+        num_threads: int | None = None,
+        settings: Settings | None = None,
+    ):
+        import torch
+
+        settings = settings or get_settings()
+        totalseg._setup_environment()
+        totalseg.disable_usage_stats()
+        self.spec = totalseg.task_spec(task, fast=settings.fast if fast is None else fast, roi_subset=roi_subset)
+        self.device = torch.device(device or settings.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RayAppError("device 'cuda' requested but torch sees no CUDA device")
+        self.num_threads = num_threads or settings.num_threads or default_num_threads()
+        torch.set_num_threads(1 if self.device.type == "cuda" else self.num_threads)
+
+        stages = self.spec.stages + ((self.spec.crop_stage,) if self.spec.crop_stage else ())
+        self.checkpoint_loads = 0
+        self._predictors = {}
+        self._model_dirs = {}
+        for stage in stages:
+            model_dir = totalseg.ensure_weights(stage, allow_download=settings.download_weights)
+            self._model_dirs[stage.task_id] = model_dir
+            self._predictors[stage.task_id] = self._load_predictor(model_dir, stage)
+
+    def _load_predictor(self, model_dir, stage: totalseg.ModelStage):
+        # Imported here, after _setup_environment: nnunetv2 reads its paths at import, and TotalSegmentator's
+        # module registers its custom trainers with nnU-Net's class lookup as a side effect.
+        import totalsegmentator.nnunet  # noqa: F401
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        predictor = nnUNetPredictor(
+            tile_step_size=totalseg.TOTAL_TILE_STEP,
+            use_gaussian=True,
+            use_mirroring=False,
+            perform_everything_on_device=self.device.type == "cuda",
+            device=self.device,
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
+        predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=stage.folds,
+                                                       checkpoint_name="checkpoint_final.pth")
+        self.checkpoint_loads += 1
+        return predictor
+
+    @property
+    def model_info(self) -> dict:
+        """Identity of the weights and code that made a mask, for the passport."""
+        datasets = []
+        for stage in self.spec.stages + ((self.spec.crop_stage,) if self.spec.crop_stage else ()):
+            ckpt = self._model_dirs[stage.task_id] / f"fold_{stage.folds[0]}" / "checkpoint_final.pth"
+            datasets.append({"task_id": stage.task_id, "folder": stage.folder_name, "trainer": stage.trainer,
+                             "sha256": totalseg.checkpoint_sha256(ckpt)})
+        import hashlib
+
+        combined = hashlib.sha256("".join(d["sha256"] for d in datasets).encode()).hexdigest()
+        return {
+            "key": self.spec.key,
+            "task": self.spec.task,
+            "mode": self.spec.mode,
+            "roi_subset": list(self.spec.roi_subset) if self.spec.roi_subset else None,
+            "datasets": datasets,
+            "checksum": combined,
+            "device": self.device.type,
+            "versions": totalseg.package_versions(),
+        }
+
+    def segment(self, image: nib.Nifti1Image) -> SegmentationResult:
+        """Segment one 3D CT (HU) image; the mask has the input's shape and affine."""
+        import torch
+        from totalsegmentator.cropping import crop_to_mask
+
+        timings: dict[str, float] = {}
+        with torch.inference_mode():
+            img_orig = image
+            spec = self.spec
+            crop_bbox = None
+            if spec.crop_stage is not None:
+                # TotalSegmentator: a rough 6 mm segmentation, the ROIs' union as crop mask, 20 voxels margin.
+                rough = self._predict(img_orig, (spec.crop_stage,), timings, "crop_")
+                inv = {v: k for k, v in spec.label_map.items()}
+                crop_mask = np.isin(rough, [inv[r] for r in spec.roi_subset]).astype(np.uint8)
+                if crop_mask.sum() == 0:
+                    return SegmentationResult(self._as_mask_image(np.zeros(img_orig.shape, np.uint8), img_orig), timings)
+                img_in = nib.Nifti1Image(img_orig.get_fdata(), img_orig.affine)
+                img_in, crop_bbox = crop_to_mask(img_in, nib.Nifti1Image(crop_mask, img_orig.affine),
+                                                 addon=list(totalseg.ROI_CROP_ADDON), dtype=np.int32)
+                seg = self._predict(img_in, spec.stages, timings, "", copy_input=False)
+                full = np.zeros(img_orig.shape, dtype=np.float64)
+                (x0, x1), (y0, y1), (z0, z1) = crop_bbox
+                full[x0:x1, y0:y1, z0:z1] = seg
+                seg = full.astype(np.uint8)
+                seg *= np.isin(seg, list(spec.output_labels)).astype(np.uint8)
+            else:
+                seg = self._predict(img_orig, spec.stages, timings, "")
+        return SegmentationResult(self._as_mask_image(seg, img_orig), timings)
+
+    @staticmethod
+    def _as_mask_image(seg: np.ndarray, img_orig: nib.Nifti1Image) -> nib.Nifti1Image:
+        header = img_orig.header.copy()
+        header.set_data_dtype(np.uint8)
+        return nib.Nifti1Image(seg.astype(np.uint8, copy=False), img_orig.affine, header)
+
+    def _predict(self, img_orig: nib.Nifti1Image, stages, timings, prefix, copy_input=True) -> np.ndarray:
+        """``nnUNet_predict_image`` without files or processes; returns the uint8 label array on img_orig's grid."""
+        from totalsegmentator.alignment import as_closest_canonical, undo_canonical
+        from totalsegmentator.resampling import change_spacing
+
+        t = time.perf_counter()
+        img_in = nib.Nifti1Image(img_orig.get_fdata(), img_orig.affine) if copy_input else img_orig
+        img_in = as_closest_canonical(img_in)
+        resample = stages[0].resample
+        if resample is not None:
+            img_in_shape = img_in.shape
+            img_in_rsp = change_spacing(img_in, [resample] * 3, order=1, dtype=np.int32, nr_cpus=1)
+        else:
+            img_in_rsp = img_in
+        timings[prefix + "resample_in_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        data = np.asanyarray(img_in_rsp.dataobj)
+        if len(stages) == 1:
+            seg = self._run_network(stages[0].task_id, data, img_in_rsp)
+        else:
+            seg = self._run_parts(stages, data, img_in_rsp)
+        timings[prefix + "network_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        img_pred = nib.Nifti1Image(seg, img_in_rsp.affine)
+        if resample is not None:
+            img_pred = change_spacing(img_pred, [resample] * 3, img_in_shape, order=0, dtype=np.uint8, nr_cpus=1,
+                                      force_affine=img_in.affine)
+        img_pred = undo_canonical(img_pred, img_orig)
+        out = np.asanyarray(img_pred.dataobj).astype(np.uint8)
+        timings[prefix + "resample_out_s"] = time.perf_counter() - t
+        return out
+
+    def _run_parts(self, stages, data: np.ndarray, img_in_rsp) -> np.ndarray:
+        """Normal mode: five part models merged into ``total`` ids, split in three along z for huge images."""
+        shape = data.shape
+        # TotalSegmentator splits images above 512*512*900 voxels (and > 200 slices) with a 20-slice margin.
+        if np.prod(shape) > 512 * 512 * 900 and shape[2] > 200:
+            third, margin = shape[2] // 3, 20
+            parts = [data[:, :, :third + margin], data[:, :, third + 1 - margin:third * 2 + margin],
+                     data[:, :, third * 2 + 1 - margin:]]
+        else:
+            parts = [data]
+        merged = []
+        for part in parts:
+            combined = np.zeros(part.shape, dtype=np.uint8)
+            for stage in stages:
+                seg = self._run_network(stage.task_id, part, img_in_rsp)
+                lut = totalseg.part_label_lut(stage.task_id, self.spec.label_map)
+                if seg.size and seg.max() >= len(lut):
+                    lut = np.pad(lut, (0, int(seg.max()) + 1 - len(lut)))
+                mapped = lut[seg]
+                np.copyto(combined, mapped, where=mapped != 0)
+            merged.append(combined)
+        if len(merged) == 1:
+            return merged[0]
+        third, margin = shape[2] // 3, 20
+        out = np.zeros(shape, dtype=np.uint8)
+        out[:, :, :third] = merged[0][:, :, :-margin]
+        out[:, :, third:third * 2] = merged[1][:, :, margin - 1:-margin]
+        out[:, :, third * 2:] = merged[2][:, :, margin - 1:]
+        return out
+
+    def _run_network(self, task_id: int, data: np.ndarray, img_in_rsp: nib.Nifti1Image) -> np.ndarray:
+        """nnU-Net preprocessing, sliding-window inference and export for one array in nibabel (x, y, z) order.
+
+        nnU-Net reads TotalSegmentator's temporary NIfTI with SimpleITK, i.e. as (z, y, x) with reversed spacing;
+        we hand it the same array and spacing directly and transpose the label map back.
+        """
+        predictor = self._predictors[task_id]
+        spacing = [float(s) for s in img_in_rsp.header.get_zooms()[:3]][::-1]
+        arr = np.ascontiguousarray(data.transpose(2, 1, 0)[None], dtype=np.float32)
+        seg = predictor.predict_single_npy_array(arr, {"spacing": spacing}, None, None, False)
+        return np.asarray(seg, dtype=np.uint8).transpose(2, 1, 0)
