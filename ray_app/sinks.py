@@ -1,0 +1,511 @@
+"""Where results go: per-scan artifact files, the passport index (DynamoDB or SQLite) and the job summary.
+
+Artifacts live at ``{output_prefix}/{scan_id}/{model_key}/{name}`` (see :mod:`ray_app.keys`), locally or on
+S3 with server-side encryption. Passports are indexed by ``(scan_id, model_key)``; a write is conditional
+on ``created_at`` so a late retry of an old run can never replace a newer result.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import sqlite3
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from decimal import Decimal, DecimalException
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.exceptions import ClientError
+
+from ray_app import storage
+from ray_app.errors import RayAppError
+from ray_app.keys import result_uri, validate_id
+
+CONTENT_TYPES = {
+    ".nii.gz": "application/gzip",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".dcm": "application/dicom",
+    ".parquet": "application/vnd.apache.parquet",
+}
+
+
+class InvalidPassport(RayAppError):
+    code = "invalid_passport"
+
+
+class PassportTooLarge(RayAppError):
+    code = "passport_too_large"
+
+
+# --------------------------------------------------------------------------------------------- artifacts
+
+
+class ArtifactSink:
+    """Writes one scan's files under the result layout; each object is written atomically."""
+
+    def __init__(self, output_prefix: str):
+        storage.parse_uri(output_prefix)
+        self.output_prefix = output_prefix
+
+    def uri_for(self, scan_id: str, model_key: str, name: str) -> str:
+        return result_uri(self.output_prefix, scan_id, model_key, name)
+
+    def put(self, scan_id: str, model_key: str, name: str, data: bytes, content_type: str | None = None) -> str:
+        """Write ``data`` as ``name`` for this scan and model; returns the object's URI."""
+        uri = self.uri_for(scan_id, model_key, name)
+        if content_type is None:
+            content_type = next((ct for ext, ct in CONTENT_TYPES.items() if name.endswith(ext)), None)
+        return storage.write_bytes(uri, data, content_type)
+
+
+# --------------------------------------------------------------------------------------------- passports
+
+
+class _Record:
+    """The indexed fields of a passport, validated once for both stores."""
+
+    def __init__(self, passport: dict, job_id: str):
+        if not isinstance(passport, dict):
+            raise InvalidPassport(f"passport must be a dict, got {type(passport).__name__}")
+        self.scan_id = validate_id(passport.get("scan_id"), "passport scan_id")
+        model = passport.get("model")
+        if not isinstance(model, dict):
+            raise InvalidPassport("passport has no 'model' dict", scan_id=self.scan_id)
+        self.model_key = validate_id(model.get("key"), "passport model.key")
+        self.job_id = validate_id(job_id, "job_id")
+        self.status = passport.get("status")
+        if not isinstance(self.status, str) or not self.status:
+            raise InvalidPassport("passport has no 'status' string", scan_id=self.scan_id)
+        self.created_at = passport.get("created_at")
+        self.order_key = _order_key(self.created_at, self.scan_id)
+        try:
+            self.json = json.dumps(passport, allow_nan=True, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise InvalidPassport(f"passport is not JSON-serialisable: {exc}", scan_id=self.scan_id) from exc
+
+
+def _order_key(created_at: object, scan_id: str) -> str:
+    """``created_at`` as fixed-width UTC text, so string order is time order (needed by DynamoDB conditions).
+
+    A timestamp without an offset is taken as UTC, which the passport contract promises.
+    """
+    if not isinstance(created_at, str):
+        raise InvalidPassport("passport has no 'created_at' string", scan_id=scan_id)
+    try:
+        dt = datetime.fromisoformat(created_at)
+    except ValueError as exc:
+        raise InvalidPassport(f"created_at {created_at!r} is not ISO-8601", scan_id=scan_id) from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class PassportStore(ABC):
+    """The latest passport per ``(scan_id, model_key)``, plus lookups by job."""
+
+    @abstractmethod
+    def put(self, passport: dict, job_id: str) -> bool:
+        """Store unless the stored item has a newer ``created_at``; returns whether it wrote."""
+
+    @abstractmethod
+    def get(self, scan_id: str, model_key: str) -> dict | None: ...
+
+    @abstractmethod
+    def get_latest(self, scan_id: str) -> dict | None:
+        """The newest passport of this scan over all models."""
+
+    @abstractmethod
+    def list_by_job(self, job_id: str) -> list[dict]:
+        """Passports last written by this job, sorted by ``(scan_id, model_key)``."""
+
+    @abstractmethod
+    def delete(self, scan_id: str, model_key: str) -> None: ...
+
+    def is_done(self, scan_id: str, model_key: str) -> bool:
+        """Whether a successful passport is stored, so a rerun can skip the scan."""
+        passport = self.get(scan_id, model_key)
+        return passport is not None and passport.get("status") == "ok"
+
+
+# DynamoDB ----------------------------------------------------------------------------------------------
+
+JOB_INDEX = "job_id-index"
+#: DynamoDB refuses items over 400 KB; keep the passport attribute well below to leave room for the rest.
+MAX_INLINE_BYTES = 350_000
+_serializer = TypeSerializer()
+_deserializer = TypeDeserializer()
+
+
+def _attr_size(value: dict) -> int:
+    """DynamoDB's documented size of a low-level attribute value (numbers rounded up)."""
+    ((kind, v),) = value.items()
+    if kind == "S":
+        return len(v.encode())
+    if kind == "N":
+        return len(v) // 2 + 2
+    if kind == "B":
+        return len(v)
+    if kind == "M":
+        return 3 + sum(1 + len(k.encode()) + _attr_size(x) for k, x in v.items())
+    if kind == "L":
+        return 3 + sum(1 + _attr_size(x) for x in v)
+    return 1  # BOOL, NULL
+
+
+def _to_dynamo(rec: _Record) -> dict | None:
+    """The passport as a native map with ``Decimal`` numbers, or None when it cannot be one exactly.
+
+    Floats go through their shortest ``repr`` so they come back equal. No DynamoDB form exists for
+    NaN/Infinity or numbers beyond 38 digits or 1e-130..1e126, and an integral number of 2**53 or more
+    cannot be told back into int or float reliably: such passports are stored compressed instead, unchanged.
+    """
+    inexact: list[str] = []
+
+    def number(text: str) -> Decimal:
+        value = Decimal(text)
+        if value == value.to_integral_value() and abs(value) >= 2**53:
+            inexact.append(text)
+        return value
+
+    value = json.loads(rec.json, parse_float=number, parse_int=number, parse_constant=inexact.append)
+    if inexact:
+        return None
+    try:
+        return _serializer.serialize(value)
+    except (DecimalException, TypeError):
+        return None
+
+
+def _from_decimal(value: Any) -> Any:
+    """Back to JSON types: integral numbers become ``int`` (exact below 2**53), others ``float``; so a float
+    such as ``2.0`` comes back as the equal int ``2``."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: _from_decimal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_decimal(v) for v in value]
+    return value
+
+
+class DynamoDBPassportStore(PassportStore):
+    """Table with key ``(scan_id, model_key)`` and GSI ``job_id-index``, made by :func:`create_table`.
+
+    The passport is stored as the map attribute ``passport`` when it fits in :data:`MAX_INLINE_BYTES`
+    (readable in the console and PartiQL); otherwise, or when it holds numbers DynamoDB cannot represent,
+    as gzip-compressed JSON in the binary attribute ``passport_gz``. Reads return the same dict either way.
+    ``list_by_job`` reads the GSI, which on AWS is eventually consistent.
+    """
+
+    def __init__(self, table: str):
+        self.table = table
+
+    @property
+    def _ddb(self):
+        return storage.client("dynamodb")
+
+    def _error(self, exc: ClientError) -> storage.StorageError:
+        if exc.response["Error"]["Code"] == "ResourceNotFoundException":
+            return storage.ObjectNotFound(f"DynamoDB table {self.table!r} does not exist")
+        return storage.StorageError(f"DynamoDB table {self.table!r}: {exc}")
+
+    def _call(self, method: str, **kwargs):
+        try:
+            return getattr(self._ddb, method)(TableName=self.table, **kwargs)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                raise
+            raise self._error(exc) from exc
+
+    def put(self, passport: dict, job_id: str) -> bool:
+        rec = _Record(passport, job_id)
+        item = {
+            "scan_id": {"S": rec.scan_id},
+            "model_key": {"S": rec.model_key},
+            "job_id": {"S": rec.job_id},
+            "status": {"S": rec.status},
+            "created_at": {"S": rec.created_at},
+            "order_key": {"S": rec.order_key},
+        }
+        native = _to_dynamo(rec)
+        if native is not None and _attr_size(native) <= MAX_INLINE_BYTES:
+            item["passport"] = native
+        else:
+            packed = gzip.compress(rec.json.encode(), mtime=0)
+            if len(packed) > MAX_INLINE_BYTES:
+                raise PassportTooLarge(
+                    f"passport is {len(packed)} bytes even compressed; DynamoDB items are limited to 400 KB",
+                    scan_id=rec.scan_id,
+                )
+            item["passport_gz"] = {"B": packed}
+        try:
+            self._call(
+                "put_item",
+                Item=item,
+                ConditionExpression="attribute_not_exists(scan_id) OR order_key <= :k",
+                ExpressionAttributeValues={":k": {"S": rec.order_key}},
+            )
+        except ClientError:  # only the condition failure gets through _call
+            return False
+        return True
+
+    @staticmethod
+    def _passport(item: dict) -> dict:
+        if "passport" in item:
+            return _from_decimal(_deserializer.deserialize(item["passport"]))
+        return json.loads(gzip.decompress(item["passport_gz"]["B"]))
+
+    def _query(self, **kwargs) -> Iterator[dict]:
+        paginator = self._ddb.get_paginator("query")
+        try:
+            for page in paginator.paginate(TableName=self.table, **kwargs):
+                yield from page["Items"]
+        except ClientError as exc:
+            raise self._error(exc) from exc
+
+    def get(self, scan_id: str, model_key: str) -> dict | None:
+        key = {"scan_id": {"S": scan_id}, "model_key": {"S": model_key}}
+        item = self._call("get_item", Key=key, ConsistentRead=True).get("Item")
+        return None if item is None else self._passport(item)
+
+    def get_latest(self, scan_id: str) -> dict | None:
+        items = list(
+            self._query(
+                KeyConditionExpression="scan_id = :s",
+                ExpressionAttributeValues={":s": {"S": scan_id}},
+                ConsistentRead=True,
+            )
+        )
+        if not items:
+            return None
+        return self._passport(max(items, key=lambda i: (i["order_key"]["S"], i["model_key"]["S"])))
+
+    def list_by_job(self, job_id: str) -> list[dict]:
+        items = self._query(
+            IndexName=JOB_INDEX,
+            KeyConditionExpression="job_id = :j",
+            ExpressionAttributeValues={":j": {"S": job_id}},
+        )
+        ordered = sorted(items, key=lambda i: (i["scan_id"]["S"], i["model_key"]["S"]))
+        return [self._passport(i) for i in ordered]
+
+    def is_done(self, scan_id: str, model_key: str) -> bool:
+        item = self._call(
+            "get_item",
+            Key={"scan_id": {"S": scan_id}, "model_key": {"S": model_key}},
+            ConsistentRead=True,
+            ProjectionExpression="#s",
+            ExpressionAttributeNames={"#s": "status"},
+        ).get("Item")
+        return item is not None and item["status"]["S"] == "ok"
+
+    def delete(self, scan_id: str, model_key: str) -> None:
+        self._call("delete_item", Key={"scan_id": {"S": scan_id}, "model_key": {"S": model_key}})
+
+
+def create_table(name: str) -> None:
+    """Create the passport table (on-demand billing) if absent and wait until it is active; idempotent.
+
+    An existing table with a different key schema is an error rather than silently reused.
+    """
+    ddb = storage.client("dynamodb")
+    key_schema = [
+        {"AttributeName": "scan_id", "KeyType": "HASH"},
+        {"AttributeName": "model_key", "KeyType": "RANGE"},
+    ]
+    try:
+        ddb.create_table(
+            TableName=name,
+            BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[
+                {"AttributeName": n, "AttributeType": "S"} for n in ("scan_id", "model_key", "job_id")
+            ],
+            KeySchema=key_schema,
+            GlobalSecondaryIndexes=[
+                {
+                    "IndexName": JOB_INDEX,
+                    "KeySchema": [
+                        {"AttributeName": "job_id", "KeyType": "HASH"},
+                        {"AttributeName": "scan_id", "KeyType": "RANGE"},
+                    ],
+                    "Projection": {"ProjectionType": "ALL"},
+                }
+            ],
+        )
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "ResourceInUseException":
+            raise
+        table = ddb.describe_table(TableName=name)["Table"]
+        indexes = {i["IndexName"] for i in table.get("GlobalSecondaryIndexes", [])}
+        if table["KeySchema"] != key_schema or JOB_INDEX not in indexes:
+            raise storage.StorageError(f"DynamoDB table {name!r} exists with a different key schema") from exc
+    ddb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 2, "MaxAttempts": 150})
+
+
+# SQLite ------------------------------------------------------------------------------------------------
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS passports (
+    scan_id TEXT NOT NULL,
+    model_key TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    order_key TEXT NOT NULL,
+    passport TEXT NOT NULL,
+    PRIMARY KEY (scan_id, model_key)
+);
+CREATE INDEX IF NOT EXISTS passports_job_id ON passports (job_id);
+"""
+
+_SQLITE_PUT = """
+INSERT INTO passports (scan_id, model_key, job_id, status, created_at, order_key, passport)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (scan_id, model_key) DO UPDATE SET
+    job_id = excluded.job_id, status = excluded.status, created_at = excluded.created_at,
+    order_key = excluded.order_key, passport = excluded.passport
+WHERE excluded.order_key >= passports.order_key
+"""
+
+
+class SQLitePassportStore(PassportStore):
+    """One local file (WAL mode, safe for several processes on one machine; not for network filesystems).
+
+    The passport is stored as JSON text, so it comes back exactly as put.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SQLITE_SCHEMA)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        # A connection per call: sqlite3 connections must not cross threads, and opening one is cheap.
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    def put(self, passport: dict, job_id: str) -> bool:
+        rec = _Record(passport, job_id)
+        row = (rec.scan_id, rec.model_key, rec.job_id, rec.status, rec.created_at, rec.order_key, rec.json)
+        with self._db() as conn:
+            return conn.execute(_SQLITE_PUT, row).rowcount == 1
+
+    def _one(self, sql: str, args: tuple) -> dict | None:
+        with self._db() as conn:
+            row = conn.execute(sql, args).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def get(self, scan_id: str, model_key: str) -> dict | None:
+        return self._one("SELECT passport FROM passports WHERE scan_id = ? AND model_key = ?", (scan_id, model_key))
+
+    def get_latest(self, scan_id: str) -> dict | None:
+        return self._one(
+            "SELECT passport FROM passports WHERE scan_id = ? ORDER BY order_key DESC, model_key DESC LIMIT 1",
+            (scan_id,),
+        )
+
+    def list_by_job(self, job_id: str) -> list[dict]:
+        with self._db() as conn:
+            rows = conn.execute(
+                "SELECT passport FROM passports WHERE job_id = ? ORDER BY scan_id, model_key", (job_id,)
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def is_done(self, scan_id: str, model_key: str) -> bool:
+        with self._db() as conn:
+            row = conn.execute(
+                "SELECT status FROM passports WHERE scan_id = ? AND model_key = ?", (scan_id, model_key)
+            ).fetchone()
+        return row is not None and row[0] == "ok"
+
+    def delete(self, scan_id: str, model_key: str) -> None:
+        with self._db() as conn:
+            conn.execute("DELETE FROM passports WHERE scan_id = ? AND model_key = ?", (scan_id, model_key))
+
+
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")
+
+
+def open_passport_store(uri: str) -> PassportStore:
+    """``dynamodb://TABLE`` or ``sqlite:///relative.db`` / ``sqlite:////absolute/path.db``."""
+    if uri.startswith("dynamodb://"):
+        table = uri[len("dynamodb://") :]
+        if not _TABLE_NAME.fullmatch(table):
+            raise storage.UnsupportedUri(f"invalid DynamoDB table name in {uri!r}")
+        return DynamoDBPassportStore(table)
+    if uri.startswith("sqlite:///") and len(uri) > len("sqlite:///"):
+        return SQLitePassportStore(uri[len("sqlite:///") :])
+    raise storage.UnsupportedUri(f"unsupported passport store {uri!r}: use dynamodb://TABLE or sqlite:///PATH")
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+#: One row per scan. Flat, Athena-friendly types; timestamps in milliseconds (Athena's safest Parquet form).
+SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("job_id", pa.string()),
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("model_key", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_code", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("input_uri", pa.string()),
+        pa.field("mask_uri", pa.string()),
+        pa.field("passport_uri", pa.string()),
+        pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+        pa.field("read_s", pa.float64()),
+        pa.field("segment_s", pa.float64()),
+        pa.field("passport_s", pa.float64()),
+        pa.field("write_s", pa.float64()),
+        pa.field("total_s", pa.float64()),
+        pa.field("structures_present", pa.int32()),
+        pa.field("liver_ml", pa.float64()),
+        pa.field("spleen_ml", pa.float64()),
+        pa.field("kidney_left_ml", pa.float64()),
+        pa.field("kidney_right_ml", pa.float64()),
+        pa.field("pancreas_ml", pa.float64()),
+    ]
+)
+
+
+def summary_table(rows: list[dict]) -> pa.Table:
+    """Rows as a table with :data:`SUMMARY_SCHEMA`; missing columns are null, unknown ones an error."""
+    names = set(SUMMARY_SCHEMA.names)
+    clean = []
+    for i, row in enumerate(rows):
+        unknown = set(row) - names
+        if unknown:
+            raise ValueError(f"summary row {i}: unknown columns {sorted(unknown)}")
+        for required in ("scan_id", "status"):
+            if row.get(required) is None:
+                raise ValueError(f"summary row {i}: {required} is required")
+        finished = row.get("finished_at")
+        if isinstance(finished, str):
+            row = {**row, "finished_at": datetime.fromisoformat(finished)}
+        clean.append(row)
+    try:
+        return pa.Table.from_pylist(clean, schema=SUMMARY_SCHEMA)
+    except (pa.ArrowException, TypeError) as exc:
+        raise ValueError(f"summary rows do not fit the schema: {exc}") from exc
+
+
+def write_summary(rows: list[dict], uri: str) -> str:
+    """Write the job summary as one Parquet file (via :func:`storage.write_bytes`, so SSE applies)."""
+    buf = io.BytesIO()
+    pq.write_table(summary_table(rows), buf, compression="snappy")
+    return storage.write_bytes(uri, buf.getvalue(), CONTENT_TYPES[".parquet"])
