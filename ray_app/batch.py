@@ -1,0 +1,250 @@
+"""The batch job on Ray Data: manifest → fetch and decode (CPU tasks) → segment (autoscaling actor pool) →
+write (CPU tasks) → job summary.
+
+Streaming end to end: scans flow through the three stages a few at a time, so memory stays bounded whatever
+the manifest's length, and inference actors never wait on S3 or gzip. Each stage turns a scan's failure into a
+failure record instead of an exception, so one bad scan never stops (or retries) the job.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from ray_app import pipeline, storage
+from ray_app.errors import RayAppError
+from ray_app.manifest import read_manifest
+from ray_app.settings import Settings, get_settings
+from ray_app.sinks import ArtifactSink, open_passport_store, write_summary
+from ray_app.totalseg import task_spec
+
+# Environment a worker needs to see what the driver sees (weights, AWS endpoint, settings).
+_PROPAGATED_ENV_PREFIXES = ("TOTALSEG_", "RAY_APP_", "AWS_")
+
+
+@dataclass
+class BatchConfig:
+    manifest: str
+    output: str
+    passports: str | None = None
+    job_id: str = field(default_factory=lambda: time.strftime("job-%Y%m%dT%H%M%SZ-", time.gmtime())
+                        + uuid.uuid4().hex[:6])
+    fast: bool = True
+    device: str = "cpu"
+    roi_subset: tuple[str, ...] | None = None
+    force: bool = False
+    retry_failed: bool = False
+    preview: bool = False
+    min_actors: int = 1
+    max_actors: int = 2
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    actor_resources: dict[str, float] | None = None
+
+    @property
+    def passport_store_uri(self) -> str:
+        """Default store: DynamoDB must be named for S3 output; local output gets an embedded SQLite file."""
+        if self.passports:
+            return self.passports
+        if storage.is_s3(self.output):
+            raise RayAppError("an s3:// output needs --passports dynamodb://TABLE (or sqlite:///PATH)")
+        return f"sqlite:///{os.path.abspath(os.path.join(self.output, 'passports.sqlite'))}"
+
+    @property
+    def summary_uri(self) -> str:
+        return f"{self.output.rstrip('/')}/_jobs/{self.job_id}/summary.parquet"
+
+
+@dataclass
+class BatchReport:
+    job_id: str
+    rows: list[dict[str, Any]]
+    skipped: list[str]
+    summary_uri: str
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.rows if r["status"] in ("failed", "rejected"))
+
+    @property
+    def succeeded(self) -> int:
+        return sum(1 for r in self.rows if r["status"] == "ok")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster named by ``address``/``RAY_ADDRESS`` (e.g. under ``ray job submit``), or start a local
+    one that listens on loopback only (the laptop default)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": _worker_env()})
+
+
+def _worker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(_PROPAGATED_ENV_PREFIXES)}
+
+
+def _fetch(row: dict[str, Any]) -> dict[str, Any]:
+    """Download, decode and validate one scan (CPU task)."""
+    from ray_app.scan import load_scan
+
+    t = time.perf_counter()
+    try:
+        scan = load_scan(row["uri"], row["scan_id"], get_settings())
+        blob, error = pickle.dumps(scan, protocol=5), None
+    except Exception as exc:  # noqa: BLE001 - recorded as the scan's failure
+        code, message = pipeline.error_fields(exc)
+        blob, error = b"", {"code": code, "message": message}
+    return {"scan_id": row["scan_id"], "uri": row["uri"], "scan": blob, "error": error,
+            "read_s": time.perf_counter() - t}
+
+
+class SegmentActor:
+    """Loads the segmenter once per actor (Ray's batch-inference pattern) and segments one scan per call."""
+
+    def __init__(self, fast: bool, device: str, roi_subset: tuple[str, ...] | None, num_threads: int):
+        from ray_app.segmenter import Segmenter
+
+        self.segmenter = Segmenter(fast=fast, device=device, roi_subset=list(roi_subset) if roi_subset else None,
+                                   num_threads=num_threads)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        out: dict[str, list] = {"scan_id": [], "result": []}
+        for i, scan_id in enumerate(batch["scan_id"]):
+            timings = {"read_s": float(batch["read_s"][i])}
+            error = batch["error"][i]
+            if error:
+                exc = RayAppError(error["message"], scan_id=scan_id)
+                exc.code = error["code"]
+                result = pipeline.failure(scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i],
+                                          timings=timings)
+            else:
+                scan = pickle.loads(batch["scan"][i])
+                result = pipeline.segment_scan(self.segmenter, scan, timings=timings)
+            out["scan_id"].append(scan_id)
+            out["result"].append(pickle.dumps(result, protocol=5))
+        return out
+
+
+@lru_cache(maxsize=4)
+def _store(uri: str):
+    return open_passport_store(uri)
+
+
+def _make_writer(output: str, store_uri: str, job_id: str, preview: bool, label_map: dict[int, str]):
+    def _write(row: dict[str, Any]) -> dict[str, Any]:
+        """Write one scan's files and passport (CPU task); returns its summary row."""
+        result: pipeline.ScanResult = pickle.loads(row["result"])
+        start = time.perf_counter()
+        try:
+            pipeline.write_result(result, ArtifactSink(output), _store(store_uri), job_id,
+                                  label_map=label_map, preview=preview)
+        except Exception as exc:  # noqa: BLE001 - a write failure is this scan's failure
+            failed = pipeline.failure(result.scan_id, exc, result.passport["model"],
+                                      source_uri=(result.passport.get("scan") or {}).get("source_uri"),
+                                      timings=result.passport.get("timings"))
+            try:
+                _store(store_uri).put(failed.passport, job_id)
+            except Exception:  # noqa: BLE001 - the summary row still records it
+                pass
+            result = failed
+        timings = result.passport.setdefault("timings", {})
+        timings["total_s"] = sum(v for k, v in timings.items() if k in ("read_s", "segment_s", "passport_s")) \
+            + (time.perf_counter() - start)
+        return pipeline.summary_row(result.passport, job_id, result.locations)
+
+    return _write
+
+
+def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport:
+    """Run the whole job and write its summary; returns the per-scan rows."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    settings = settings or get_settings()
+    spec = task_spec("total", fast=cfg.fast, roi_subset=cfg.roi_subset)
+    store_uri = cfg.passport_store_uri
+    store = open_passport_store(store_uri)
+    manifest = read_manifest(cfg.manifest)
+
+    rows: list[dict[str, Any]] = [_rejected_row(p, cfg.job_id, spec.key) for p in manifest.problems]
+    todo, skipped = [], []
+    for row in manifest.rows:
+        if cfg.force or not _already_recorded(store, row["scan_id"], spec.key, cfg.retry_failed):
+            todo.append({"scan_id": row["scan_id"], "uri": row["uri"]})
+        else:
+            skipped.append(row["scan_id"])
+
+    if todo:
+        init_ray()
+        threads = max(1, int(cfg.cpus_per_actor))
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.map(_fetch, num_cpus=0.5)
+        ds = ds.map_batches(
+            SegmentActor,
+            fn_constructor_kwargs={"fast": cfg.fast, "device": cfg.device, "roi_subset": cfg.roi_subset,
+                                   "num_threads": threads},
+            batch_size=1,
+            compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor,
+            resources=cfg.actor_resources,
+            batch_format="default",
+        )
+        ds = ds.map(_make_writer(cfg.output, store_uri, cfg.job_id, cfg.preview, spec.output_labels),
+                    num_cpus=0.5)
+        rows.extend(ds.iter_rows())
+
+    rows.extend({"job_id": cfg.job_id, "scan_id": sid, "model_key": spec.key, "status": "skipped"} for sid in skipped)
+    summary_uri = write_summary(rows, cfg.summary_uri)
+    return BatchReport(cfg.job_id, rows, skipped, summary_uri)
+
+
+def _already_recorded(store, scan_id: str, model_key: str, retry_failed: bool) -> bool:
+    """Resume rule: a scan with a stored result for this model is not run again (a failed one only when asked),
+    so a re-run of the same manifest writes nothing new."""
+    doc = store.get(scan_id, model_key)
+    return doc is not None and (doc.get("status") == "ok" or not retry_failed)
+
+
+def _rejected_row(problem, job_id: str, model_key: str) -> dict[str, Any]:
+    """Manifest rows that cannot run appear in the summary only: their id may be unusable as a key, or be the
+    duplicate of a row that does run."""
+    return {"job_id": job_id, "scan_id": str(problem.scan_id or f"row {problem.row}"), "model_key": model_key,
+            "status": "rejected", "error_code": problem.code, "error": f"manifest row {problem.row}: "
+            f"{problem.message}"}
+
+
+def format_report(report: BatchReport) -> str:
+    """The final table a user reads: one line per scan, then the counts."""
+    lines = [f"{'scan_id':<28} {'status':<9} {'seconds':>8}  detail"]
+    for r in sorted(report.rows, key=lambda r: (r["status"] == "ok", r["scan_id"])):
+        if r["status"] == "skipped":
+            continue
+        seconds = r.get("total_s")
+        detail = r.get("error_code") or ""
+        if r.get("error"):
+            detail += f": {r['error']}"
+        if r["status"] == "ok":
+            detail = f"{r.get('structures_present')} structures, liver {_ml(r.get('liver_ml'))}"
+        lines.append(f"{r['scan_id'][:28]:<28} {r['status']:<9} {'' if seconds is None else f'{seconds:8.1f}':>8}"
+                     f"  {detail[:120]}")
+    lines.append(f"job {report.job_id}: {report.succeeded} ok, {report.failed} failed, "
+                 f"{len(report.skipped)} skipped (already done); summary: {report.summary_uri}")
+    return "\n".join(lines)
+
+
+def _ml(value) -> str:
+    return "-" if value is None else f"{value:.0f} ml"

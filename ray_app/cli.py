@@ -1,0 +1,215 @@
+"""``ray-app``: the command line. Each subcommand is a thin adapter over the core modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+PHANTOM_WEIGHTS = Path(__file__).resolve().parent / "phantom_weights"
+
+
+def _scan_id_from_path(path: str) -> str:
+    name = Path(path.rstrip("/")).name
+    for suffix in (".nii.gz", ".nii", ".zip"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Segment local scans in this process (no Ray) into ``OUT/<scan_id>/``."""
+    from ray_app import outputs, pipeline, storage
+    from ray_app.keys import validate_scan_id
+    from ray_app.scan import load_scan
+    from ray_app.segmenter import Segmenter
+    from ray_app.settings import get_settings
+
+    if args.scan_id and len(args.scan_id) != len(args.scans):
+        print("error: give one --scan-id per scan", file=sys.stderr)
+        return 2
+    settings = get_settings()
+    segmenter = Segmenter(fast=args.fast, device=args.device, roi_subset=args.roi_subset)
+    failed = 0
+    for i, source in enumerate(args.scans):
+        start = time.perf_counter()
+        scan_id = args.scan_id[i] if args.scan_id else _scan_id_from_path(source)
+        try:
+            scan_id = validate_scan_id(scan_id)
+            scan = load_scan(source, scan_id, settings)
+            result = pipeline.segment_scan(segmenter, scan, settings=settings,
+                                           timings={"read_s": time.perf_counter() - start})
+        except Exception as exc:  # noqa: BLE001 - reported per scan; the others still run
+            result = pipeline.failure(str(scan_id), exc, segmenter.model_info, source_uri=source)
+        doc = result.passport
+        if result.ok:
+            out = Path(args.out) / scan_id
+            storage.write_bytes(str(out / "mask.nii.gz"), outputs.mask_to_nifti_bytes(result.mask, result.scan))
+            if args.preview:
+                storage.write_bytes(str(out / "preview.png"),
+                                    outputs.preview_png(result.scan, result.mask, segmenter.spec.output_labels))
+            if result.scan.dicom is not None:
+                storage.write_bytes(str(out / "seg.dcm"),
+                                    outputs.dicom_seg_bytes(result.scan, result.mask, segmenter.spec.output_labels))
+            doc["timings"]["total_s"] = time.perf_counter() - start
+            storage.write_bytes(str(out / "passport.json"), json.dumps(doc, indent=1).encode())
+            present = sum(1 for s in doc["structures"].values() if s["present"])
+            print(f"{scan_id}: ok, {present} structures present, {doc['timings']['total_s']:.1f} s -> {out}")
+        else:
+            failed += 1
+            print(f"{scan_id}: FAILED {doc['error']['code']}: {doc['error']['message']}")
+    print(f"{len(args.scans) - failed} ok, {failed} failed")
+    return 1 if failed else 0
+
+
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--passports", help="dynamodb://TABLE or sqlite:///PATH (default: OUTPUT/passports.sqlite)")
+    p.add_argument("--table", help="DynamoDB table name (same as --passports dynamodb://TABLE)")
+    p.add_argument("--job-id")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    _add_mode_options(p)
+    p.add_argument("--force", action="store_true", help="redo scans that already have a passport")
+    p.add_argument("--retry-failed", action="store_true", help="redo scans whose stored result is a failure")
+    p.add_argument("--preview", action="store_true", help="also write preview.png per scan")
+    p.add_argument("--min-actors", type=int, default=1)
+    p.add_argument("--max-actors", type=int, default=2)
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
+    p.add_argument("--actor-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="custom Ray resource per actor, e.g. spot_gpu=1 to pin actors to a node type")
+
+
+def _add_mode_options(p: argparse.ArgumentParser) -> None:
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--fast", dest="fast", action="store_true", default=None, help="3 mm model (default)")
+    mode.add_argument("--normal", dest="fast", action="store_false", help="1.5 mm, five part models")
+    p.add_argument("--roi-subset", nargs="+", default=None, metavar="STRUCTURE")
+
+
+def batch_config(args: argparse.Namespace):
+    from ray_app.batch import BatchConfig
+    from ray_app.settings import get_settings
+
+    settings = get_settings()
+    passports = args.passports or (f"dynamodb://{args.table}" if args.table else None)
+    resources = dict(_resource(r) for r in args.actor_resource) or None
+    kwargs = {"job_id": args.job_id} if args.job_id else {}
+    return BatchConfig(
+        manifest=args.manifest, output=args.output, passports=passports,
+        fast=settings.fast if args.fast is None else args.fast, device=args.device or settings.device,
+        roi_subset=tuple(args.roi_subset) if args.roi_subset else None, force=args.force,
+        retry_failed=args.retry_failed, preview=args.preview,
+        min_actors=args.min_actors, max_actors=args.max_actors, cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor, actor_resources=resources, **kwargs)
+
+
+def _resource(text: str) -> tuple[str, float]:
+    name, _, amount = text.partition("=")
+    return name, float(amount or 1)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Run the Ray Data batch job; exit 1 when any scan failed."""
+    from ray_app.batch import format_report, run_batch
+
+    report = run_batch(batch_config(args))
+    print(format_report(report))
+    return 1 if report.failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Make phantom scans, then run the real batch pipeline on a local Ray with the project's made weights."""
+    from ray_app.demo import make_demo_inputs
+
+    os.environ["TOTALSEG_WEIGHTS_PATH"] = str(PHANTOM_WEIGHTS)
+    out = Path(args.out).resolve()
+    manifest = make_demo_inputs(out / "inputs", count=args.scans)
+    print(f"demo: {args.scans} phantom scans and a corrupt file in {out / 'inputs'}; manifest {manifest}")
+    batch_args = build_parser().parse_args(["batch", "--manifest", str(manifest), "--output", str(out / "results"),
+                                            "--max-actors", str(args.actors), "--preview"])
+    code = cmd_batch(batch_args)
+    print(f"demo: masks, passports and previews under {out / 'results'}; passports in "
+          f"{out / 'results' / 'passports.sqlite'}")
+    return code
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start a local Ray (loopback only) and the Serve endpoint on HOST:PORT; block until Ctrl-C or SIGTERM."""
+    import signal
+
+    from ray_app.serve_app import build_app, load_token
+    from ray_app.settings import get_settings
+
+    try:
+        load_token(get_settings())
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    # The workers inherit this process's environment (token, weights path, AWS settings): nothing secret is
+    # copied into a runtime_env, where the dashboard would show it.
+    ray.init(address="local", include_dashboard=False)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app({}), name="ray-app", route_prefix="/")
+        print(f"serving on http://{args.host}:{args.port} (API docs at /docs); Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-app", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment local scans in this process (no Ray)")
+    p.add_argument("scans", nargs="+", metavar="SCAN", help="NIfTI file, DICOM folder or DICOM .zip")
+    p.add_argument("--out", required=True)
+    p.add_argument("--scan-id", action="append", help="ids for the scans, in order (default: file names)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--preview", action="store_true")
+    _add_mode_options(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("batch", help="run the Ray Data batch job over a manifest")
+    p.add_argument("--manifest", required=True, help="CSV, JSONL or Parquet; local path or s3://")
+    p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix")
+    _add_batch_options(p)
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("demo", help="offline demo: phantom scans through the real batch job on a local Ray")
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--scans", type=int, default=4)
+    p.add_argument("--actors", type=int, default=1)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="run the HTTP endpoint on a local Ray (needs RAY_APP_API_TOKEN)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
