@@ -52,14 +52,22 @@ def validate_scan_id(scan_id: object) -> str:
 
 def result_uri(output_prefix: str, scan_id: str, model_key: str, name: str) -> str:
     """``{prefix}/{scan_id}/{model_key}/{name}``, checked to stay strictly inside ``output_prefix``."""
-    validate_id(scan_id, "scan_id")
-    validate_id(model_key, "model_key")
-    validate_id(name, "file name")
+    return _inside(output_prefix, (("scan_id", scan_id), ("model_key", model_key), ("file name", name)))
+
+
+def scan_file_uri(output_prefix: str, scan_id: str, name: str) -> str:
+    """``{prefix}/{scan_id}/{name}`` (the ``ray-app segment`` layout), with the same guarantees."""
+    return _inside(output_prefix, (("scan_id", scan_id), ("file name", name)))
+
+
+def _inside(output_prefix: str, parts: tuple[tuple[str, str], ...]) -> str:
+    for what, value in parts:
+        validate_id(value, what)
     parse_uri(output_prefix)  # refuses unsupported schemes and bad buckets
     prefix = output_prefix.rstrip("/")
     if not prefix:
         raise InvalidId(f"output prefix {output_prefix!r} is empty or the filesystem root")
-    rest = f"{scan_id}/{model_key}/{name}"
+    rest = "/".join(value for _, value in parts)
     # The validated segments cannot climb; normalising proves it and guards future pattern changes.
     if posixpath.normpath(rest) != rest or rest.startswith("/"):
         raise InvalidId(f"result key {rest!r} would leave {output_prefix!r}")

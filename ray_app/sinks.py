@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 
 from ray_app import storage
 from ray_app.errors import RayAppError
-from ray_app.keys import result_uri, validate_id
+from ray_app.keys import result_uri, scan_file_uri, validate_id
 
 CONTENT_TYPES = {
     ".nii.gz": "application/gzip",
@@ -51,12 +51,16 @@ class PassportTooLarge(RayAppError):
 class ArtifactSink:
     """Writes one scan's files under the result layout; each object is written atomically."""
 
-    def __init__(self, output_prefix: str):
+    def __init__(self, output_prefix: str, *, per_model: bool = True):
+        """``per_model=False`` drops the model level (``{prefix}/{scan_id}/{name}``), as ``ray-app segment`` writes."""
         storage.parse_uri(output_prefix)
         self.output_prefix = output_prefix
+        self.per_model = per_model
 
     def uri_for(self, scan_id: str, model_key: str, name: str) -> str:
-        return result_uri(self.output_prefix, scan_id, model_key, name)
+        if self.per_model:
+            return result_uri(self.output_prefix, scan_id, model_key, name)
+        return scan_file_uri(self.output_prefix, scan_id, name)
 
     def put(self, scan_id: str, model_key: str, name: str, data: bytes, content_type: str | None = None) -> str:
         """Write ``data`` as ``name`` for this scan and model; returns the object's URI."""
