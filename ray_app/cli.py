@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,17 +21,19 @@ def _scan_id_from_path(path: str) -> str:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     """Segment local scans in this process (no Ray) into ``OUT/<scan_id>/``."""
-    from ray_app import outputs, pipeline, storage
+    from ray_app import pipeline
     from ray_app.keys import validate_scan_id
     from ray_app.scan import load_scan
     from ray_app.segmenter import Segmenter
     from ray_app.settings import get_settings
+    from ray_app.sinks import ArtifactSink
 
     if args.scan_id and len(args.scan_id) != len(args.scans):
         print("error: give one --scan-id per scan", file=sys.stderr)
         return 2
     settings = get_settings()
     segmenter = Segmenter(fast=args.fast, device=args.device, roi_subset=args.roi_subset)
+    sink = ArtifactSink(args.out, per_model=False)
     failed = 0
     for i, source in enumerate(args.scans):
         start = time.perf_counter()
@@ -46,18 +47,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             result = pipeline.failure(str(scan_id), exc, segmenter.model_info, source_uri=source)
         doc = result.passport
         if result.ok:
-            out = Path(args.out) / scan_id
-            storage.write_bytes(str(out / "mask.nii.gz"), outputs.mask_to_nifti_bytes(result.mask, result.scan))
-            if args.preview:
-                storage.write_bytes(str(out / "preview.png"),
-                                    outputs.preview_png(result.scan, result.mask, segmenter.spec.output_labels))
-            if result.scan.dicom is not None:
-                storage.write_bytes(str(out / "seg.dcm"),
-                                    outputs.dicom_seg_bytes(result.scan, result.mask, segmenter.spec.output_labels))
             doc["timings"]["total_s"] = time.perf_counter() - start
-            storage.write_bytes(str(out / "passport.json"), json.dumps(doc, indent=1).encode())
+            pipeline.write_result(result, sink, None, "segment", label_map=segmenter.spec.output_labels,
+                                  preview=args.preview)
             present = sum(1 for s in doc["structures"].values() if s["present"])
-            print(f"{scan_id}: ok, {present} structures present, {doc['timings']['total_s']:.1f} s -> {out}")
+            print(f"{scan_id}: ok, {present} structures present, {doc['timings']['total_s']:.1f} s"
+                  f" -> {Path(args.out) / scan_id}")
         else:
             failed += 1
             print(f"{scan_id}: FAILED {doc['error']['code']}: {doc['error']['message']}")
@@ -174,6 +169,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
+def cmd_cost(args: argparse.Namespace) -> int:
+    """Price a finished job's measured per-scan figures for a monthly volume (see ``ray_app.cost``)."""
+    from ray_app.cost import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-app", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
+
+    from ray_app.cost import add_arguments as add_cost_arguments
+
+    p = sub.add_parser("cost", help="monthly AWS cost and cost per 1,000 scans from a finished job's summary")
+    add_cost_arguments(p)
+    p.set_defaults(func=cmd_cost)
     return parser
 
 

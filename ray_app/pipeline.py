@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ray_app import outputs, passport
-from ray_app.errors import RayAppError
+from ray_app.errors import DicomSegUnavailable, RayAppError
 from ray_app.scan import Scan
 from ray_app.segmenter import Segmenter
 from ray_app.settings import Settings, get_settings
@@ -92,9 +92,12 @@ def write_result(result: ScanResult, sink: ArtifactSink, store: PassportStore | 
             locs["preview"] = sink.put(result.scan_id, key, "preview.png",
                                        outputs.preview_png(result.scan, result.mask, label_map), "image/png")
         if result.scan.dicom is not None:
-            locs["dicom_seg"] = sink.put(result.scan_id, key, "seg.dcm",
-                                         outputs.dicom_seg_bytes(result.scan, result.mask, label_map),
-                                         "application/dicom")
+            try:
+                seg = outputs.dicom_seg_bytes(result.scan, result.mask, label_map, model=result.passport["model"])
+            except DicomSegUnavailable as exc:  # the mask and passport are still good
+                result.passport.setdefault("warnings", []).append(f"no DICOM-SEG: {exc.message}")
+            else:
+                locs["dicom_seg"] = sink.put(result.scan_id, key, "seg.dcm", seg, "application/dicom")
         result.passport["outputs"] = dict(locs)
     result.passport["timings"]["write_s"] = time.perf_counter() - t
     result.locations["passport"] = sink.put(result.scan_id, key, "passport.json",
