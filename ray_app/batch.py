@@ -103,12 +103,12 @@ def _fetch(row: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     try:
         scan = load_scan(row["uri"], row["scan_id"], get_settings())
-        blob, error = pickle.dumps(scan, protocol=5), None
+        blob, code, message = pickle.dumps(scan, protocol=5), "", ""
     except Exception as exc:  # noqa: BLE001 - recorded as the scan's failure
         code, message = pipeline.error_fields(exc)
-        blob, error = b"", {"code": code, "message": message}
-    return {"scan_id": row["scan_id"], "uri": row["uri"], "scan": blob, "error": error,
-            "read_s": time.perf_counter() - t}
+        blob = b""
+    return {"scan_id": row["scan_id"], "uri": row["uri"], "scan": blob, "error_code": code,
+            "error_message": message, "read_s": time.perf_counter() - t}
 
 
 class SegmentActor:
@@ -124,10 +124,9 @@ class SegmentActor:
         out: dict[str, list] = {"scan_id": [], "result": []}
         for i, scan_id in enumerate(batch["scan_id"]):
             timings = {"read_s": float(batch["read_s"][i])}
-            error = batch["error"][i]
-            if error:
-                exc = RayAppError(error["message"], scan_id=scan_id)
-                exc.code = error["code"]
+            if batch["error_code"][i]:
+                exc = RayAppError(str(batch["error_message"][i]), scan_id=scan_id)
+                exc.code = str(batch["error_code"][i])
                 result = pipeline.failure(scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i],
                                           timings=timings)
             else:
