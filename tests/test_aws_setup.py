@@ -1,0 +1,151 @@
+"""``jobs/setup_aws.py`` against a moto server (run twice: it converges), and the IAM policies checked as data."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from ray_app import aws_setup
+
+REPO = Path(__file__).resolve().parent.parent
+
+PARAMS = aws_setup.IamParams(input_bucket="scan-inputs", output_bucket="scan-results", output_prefix="ct/",
+                             table="passports", region="us-east-1", account_id="123456789012")
+
+
+def run_setup(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "setup_aws.py"), *args],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_setup_job_run_twice_leaves_one_table_one_rule_encryption_and_no_public_access(moto_server):
+    suffix = uuid.uuid4().hex[:8]
+    table, bucket = f"passports-{suffix}", f"results-{suffix}"
+    args = ("--table", table, "--output", f"s3://{bucket}/ct", "--iam", "--input", f"s3://scans-{suffix}")
+    first, second = run_setup(*args), run_setup(*args)
+    assert first["bucket"]["created"] is True and second["bucket"]["created"] is False
+    assert first["ok"] and second["ok"]
+
+    ddb, s3, iam = (boto3.client(s) for s in ("dynamodb", "s3", "iam"))
+    assert [t for t in ddb.list_tables()["TableNames"] if t == table] == [table]
+    described = ddb.describe_table(TableName=table)["Table"]
+    assert described["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    assert [i["IndexName"] for i in described["GlobalSecondaryIndexes"]] == ["job_id-index"]
+
+    (rule,) = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    assert rule["ID"] == aws_setup.LIFECYCLE_RULE_ID and rule["Status"] == "Enabled"
+    assert rule["Transitions"] == [{"Days": 30, "StorageClass": "GLACIER_IR"}]
+    assert rule["Filter"]["And"]["Prefix"] == "ct/"
+    (sse,) = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert sse["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+    assert block == {"BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
+                     "RestrictPublicBuckets": True}
+
+    profiles = {p["InstanceProfileName"]: [r["RoleName"] for r in p["Roles"]]
+                for p in iam.list_instance_profiles()["InstanceProfiles"]}
+    assert profiles[aws_setup.HEAD_ROLE] == [aws_setup.HEAD_ROLE]
+    assert profiles[aws_setup.WORKER_ROLE] == [aws_setup.WORKER_ROLE]
+    assert sorted(iam.list_role_policies(RoleName=aws_setup.HEAD_ROLE)["PolicyNames"]) == \
+        ["ray-app-autoscaler", "ray-app-data"]
+    assert iam.list_role_policies(RoleName=aws_setup.WORKER_ROLE)["PolicyNames"] == ["ray-app-data"]
+    data = iam.get_role_policy(RoleName=aws_setup.WORKER_ROLE, PolicyName="ray-app-data")["PolicyDocument"]
+    assert f"arn:aws:s3:::{bucket}/ct/*" in json.dumps(data)
+
+
+def test_setup_keeps_other_lifecycle_rules_and_replaces_only_its_own(s3_bucket, moto_server):
+    s3 = boto3.client("s3")
+    other = {"ID": "someone-elses", "Status": "Enabled", "Filter": {"Prefix": "tmp/"}, "Expiration": {"Days": 1}}
+    s3.put_bucket_lifecycle_configuration(Bucket=s3_bucket, LifecycleConfiguration={"Rules": [other]})
+    aws_setup.ensure_bucket(s3_bucket, "ct/")
+    aws_setup.ensure_bucket(s3_bucket, "ct/")
+    rules = s3.get_bucket_lifecycle_configuration(Bucket=s3_bucket)["Rules"]
+    assert sorted(r["ID"] for r in rules) == sorted(["someone-elses", aws_setup.LIFECYCLE_RULE_ID])
+
+
+def test_lifecycle_rule_moves_only_large_objects_under_the_prefix():
+    rule = aws_setup.lifecycle_rule("ct/")
+    assert rule["Filter"] == {"And": {"Prefix": "ct/", "ObjectSizeGreaterThan": 128 * 1024}}
+    assert aws_setup.lifecycle_rule("")["Filter"] == {"ObjectSizeGreaterThan": 128 * 1024}
+
+
+# ------------------------------------------------------------------------------------------ IAM as data
+
+DATA_ACTIONS = {
+    "s3:GetObject": {f"arn:aws:s3:::{PARAMS.input_bucket}/*"},
+    "s3:ListBucket": {f"arn:aws:s3:::{PARAMS.input_bucket}"},
+    "s3:PutObject": {f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}*"},
+    "dynamodb:GetItem": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports"},
+    "dynamodb:PutItem": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports"},
+    "dynamodb:Query": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports",
+                       "arn:aws:dynamodb:us-east-1:123456789012:table/passports/index/job_id-index"},
+}
+READ_ONLY_PREFIXES = ("Describe", "Get", "List")
+
+
+def grants(policy: dict) -> dict[str, set[str]]:
+    """action -> resources it is allowed on."""
+    out: dict[str, set[str]] = {}
+    for st in policy["Statement"]:
+        assert st["Effect"] == "Allow"
+        actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        resources = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
+        for action in actions:
+            out.setdefault(action, set()).update(resources)
+    return out
+
+
+@pytest.mark.parametrize("name", [aws_setup.DATA_POLICY, aws_setup.HEAD_POLICY])
+def test_policy_templates_use_exactly_the_documented_parameters(name):
+    text = (aws_setup.DEPLOY_DIR / name).read_text()
+    placeholders = {m.group("braced") for m in string.Template.pattern.finditer(text) if m.group("braced")}
+    assert placeholders <= set(PARAMS.template_values())
+    rendered = json.dumps(aws_setup.render_policy(name, **PARAMS.template_values()))
+    assert "${" not in rendered
+
+
+@pytest.mark.parametrize("name", [aws_setup.DATA_POLICY, aws_setup.HEAD_POLICY])
+def test_no_wildcard_actions_and_no_wildcard_resources_for_writes(name):
+    policy = aws_setup.render_policy(name, **PARAMS.template_values())
+    assert policy["Version"] == "2012-10-17"
+    for action, resources in grants(policy).items():
+        assert "*" not in action, action
+        if not action.split(":")[1].startswith(READ_ONLY_PREFIXES):
+            assert "*" not in resources, f"{action} may write anywhere"
+
+
+def test_data_policy_grants_only_the_listed_actions_on_the_listed_resources():
+    policy = aws_setup.render_policy(aws_setup.DATA_POLICY, **PARAMS.template_values())
+    assert grants(policy) == DATA_ACTIONS
+    assert all("Condition" not in st for st in policy["Statement"])
+
+
+def test_head_policy_only_manages_this_clusters_workers():
+    policy = aws_setup.render_policy(aws_setup.HEAD_POLICY, **PARAMS.template_values())
+    granted = grants(policy)
+    assert set(granted) == {"ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:RunInstances",
+                            "ec2:CreateTags", "ec2:TerminateInstances", "iam:PassRole", "ssm:GetParameters"}
+    assert granted["iam:PassRole"] == {f"arn:aws:iam::123456789012:role/{aws_setup.WORKER_ROLE}"}
+    by_sid = {st["Sid"]: st for st in policy["Statement"]}
+    terminate = by_sid["RetagAndTerminateOwnNodes"]
+    assert terminate["Condition"]["StringEquals"]["aws:ResourceTag/ray-cluster-name"] == PARAMS.cluster_name
+
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    assert cluster["cluster_name"] == PARAMS.cluster_name
+    worker_types = {t["node_config"]["InstanceType"] for name, t in cluster["available_node_types"].items()
+                    if name != cluster["head_node_type"]}
+    launch = by_sid["LaunchWorkersOfTheClusterTypes"]["Condition"]["StringEquals"]
+    assert set(launch["ec2:InstanceType"]) == worker_types, "cluster.yaml and the head policy disagree"
+    assert all(re.fullmatch(r"arn:aws:[a-z0-9]+:[a-z0-9-]*:(\d{12})?:.+", r)
+               for resources in granted.values() for r in resources if r != "*")

@@ -1,0 +1,285 @@
+"""``cluster.yaml``: checked by Ray's schema and botocore's EC2 model, bootstrapped and launched by Ray's real AWS
+node provider against moto, and its node types autoscaled for real (0 -> N -> 0) by Ray's fake multinode
+provider on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import botocore.session
+import pytest
+import yaml
+from botocore.validate import ParamValidator
+
+from ray_app import aws_setup
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER_YAML = REPO / "cluster.yaml"
+LABELS = {"spot_cpu": ("c6i.", "c7i."), "spot_gpu": ("g4dn.", "g5.", "g6.")}
+
+
+def load_cluster() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def prepared_cluster() -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(load_cluster())
+    validate_config(config)
+    return config
+
+
+def workers(config: dict) -> dict[str, dict]:
+    return {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+
+
+def label_of(node_type: dict) -> str:
+    (label,) = [r for r in node_type["resources"] if r in LABELS]
+    return label
+
+
+# ------------------------------------------------------------------------------------------ static checks
+
+
+def test_cluster_yaml_passes_rays_schema_and_has_the_intended_shape():
+    config = prepared_cluster()
+    head = config["available_node_types"][config["head_node_type"]]
+    assert "InstanceMarketOptions" not in head["node_config"], "the head must be on-demand"
+    assert head["resources"] == {"CPU": 0}, "no scan work on the head"
+    assert head["node_config"]["IamInstanceProfile"] == {"Name": aws_setup.HEAD_ROLE}
+
+    by_label: dict[str, list[str]] = {}
+    for name, node_type in workers(config).items():
+        node = node_type["node_config"]
+        label = label_of(node_type)
+        by_label.setdefault(label, []).append(name)
+        assert node["InstanceType"].startswith(LABELS[label]), f"{name}: {node['InstanceType']} labelled {label}"
+        assert node["InstanceMarketOptions"]["MarketType"] == "spot"
+        assert node_type["min_workers"] == 0 and node_type["max_workers"] > 0
+        assert node["IamInstanceProfile"] == {"Name": aws_setup.WORKER_ROLE}
+        assert all(m["Ebs"]["Encrypted"] for m in node["BlockDeviceMappings"])
+    assert sorted(by_label) == ["spot_cpu", "spot_gpu"]
+    assert config["idle_timeout_minutes"] > 0 and config["provider"]["cache_stopped_nodes"] is False
+
+    setup = " ; ".join(config["setup_commands"])
+    assert "totalseg_download_weights -t total_fast" in setup and "totalseg_download_weights -t total" in setup
+    assert "disable_usage_stats()" in setup
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("--disable-usage-stats" in c for c in starts if "ray start" in c)
+
+
+def _run_instances_input():
+    return botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+
+
+def _enum_errors(shape, value, path: str = "") -> list[str]:
+    """ParamValidator checks types and required members but not enums (e.g. InstanceType); this does."""
+    if shape.type_name == "structure" and isinstance(value, dict):
+        members = shape.members
+        return [e for k, v in value.items() if k in members for e in _enum_errors(members[k], v, f"{path}.{k}")]
+    if shape.type_name == "list" and isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _enum_errors(shape.member, v, f"{path}[{i}]")]
+    if shape.type_name == "string" and shape.enum and value not in shape.enum:
+        return [f"{path}: {value!r} is not one of the model's values"]
+    return []
+
+
+def _run_instances_params(node_config: dict) -> dict:
+    """What Ray's provider sends: the node_config plus the counts (SubnetIds is Ray's own key, resolved first)."""
+    params = {k: v for k, v in node_config.items() if k != "SubnetIds"}
+    return {**params, "MinCount": 1, "MaxCount": 1}
+
+
+@pytest.mark.parametrize("node_type", sorted(load_cluster()["available_node_types"]))
+def test_node_config_is_a_valid_run_instances_request(node_type):
+    params = _run_instances_params(load_cluster()["available_node_types"][node_type]["node_config"])
+    shape = _run_instances_input()
+    report = ParamValidator().validate(params, shape)
+    assert not report.has_errors(), report.generate_report()
+    assert _enum_errors(shape, params) == []
+
+
+def test_the_validators_reject_a_broken_node_config():
+    node = dict(load_cluster()["available_node_types"]["ray.worker.spot_gpu.g6"]["node_config"])
+    shape = _run_instances_input()
+    wrong_key = ParamValidator().validate(_run_instances_params({**node, "InstanceTyp": "g6.xlarge"}), shape)
+    assert wrong_key.has_errors() and "InstanceTyp" in wrong_key.generate_report()
+    wrong_type = ParamValidator().validate(_run_instances_params({**node, "MetadataOptions": {"HttpTokens": 1}}),
+                                           shape)
+    assert wrong_type.has_errors()
+    assert _enum_errors(shape, _run_instances_params({**node, "InstanceType": "g6.huge"}))
+
+
+# -------------------------------------------------------------------------- Ray's AWS node provider on moto
+
+
+def test_rays_aws_provider_bootstraps_and_launches_each_worker_type_on_spot(moto_server, tmp_path, monkeypatch):
+    from ray.autoscaler._private.aws.config import bootstrap_aws
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+    from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # Ray saves the key pair it creates under ~/.ssh
+    aws_setup.ensure_iam(aws_setup.IamParams(
+        input_bucket="scans", output_bucket="results", output_prefix="ct/", table="passports",
+        region="us-east-1", account_id=aws_setup.account_id()))
+
+    config = prepared_cluster()
+    config["provider"]["aws_credentials"] = {
+        "endpoint_url": moto_server, "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    config = bootstrap_aws(config)
+    zones = config["provider"]["availability_zone"].split(",")
+    ec2 = boto3.client("ec2", endpoint_url=moto_server, region_name="us-east-1")
+    for node_type in config["available_node_types"].values():
+        node = node_type["node_config"]
+        subnets = ec2.describe_subnets(SubnetIds=node["SubnetIds"])["Subnets"]
+        assert sorted(s["AvailabilityZone"] for s in subnets) == sorted(zones)
+        assert node["SecurityGroupIds"] and node["KeyName"]
+    (group,) = ec2.describe_security_groups(GroupIds=node["SecurityGroupIds"])["SecurityGroups"]
+    assert {(p.get("FromPort"), p.get("ToPort")) for p in group["IpPermissions"]} >= {(22, 22), (8000, 8000)}
+
+    provider = AWSNodeProvider(config["provider"], config["cluster_name"])
+    launched: dict[str, str] = {}
+    for name, node_type in config["available_node_types"].items():
+        kind = "head" if name == config["head_node_type"] else "worker"
+        tags = {TAG_RAY_NODE_KIND: kind, TAG_RAY_USER_NODE_TYPE: name, TAG_RAY_NODE_NAME: f"test-{name}"}
+        (instance_id,) = provider.create_node(node_type["node_config"], tags, 1)
+        launched[instance_id] = name
+    assert sorted(provider.non_terminated_nodes({})) == sorted(launched)
+
+    instances = {i["InstanceId"]: i for r in ec2.describe_instances(InstanceIds=list(launched))["Reservations"]
+                 for i in r["Instances"]}
+    for instance_id, name in launched.items():
+        instance, node = instances[instance_id], config["available_node_types"][name]["node_config"]
+        tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+        assert instance["InstanceType"] == node["InstanceType"]
+        assert tags["ray-user-node-type"] == name and tags["ray-cluster-name"] == "ray-app"
+        assert tags["project"] == "ray-app"
+        profile = aws_setup.HEAD_ROLE if name == config["head_node_type"] else aws_setup.WORKER_ROLE
+        assert instance["IamInstanceProfile"]["Arn"].endswith(f":instance-profile/{profile}")
+        if name == config["head_node_type"]:
+            assert "InstanceLifecycle" not in instance
+        else:
+            assert instance["InstanceLifecycle"] == "spot"
+
+    provider.terminate_nodes(list(launched))
+    states = {i["State"]["Name"] for r in ec2.describe_instances(InstanceIds=list(launched))["Reservations"]
+              for i in r["Instances"]}
+    assert states <= {"shutting-down", "terminated"}
+    assert provider.non_terminated_nodes({}) == []
+
+
+# ----------------------------------------------------------------------- real autoscaling, fake multinode
+
+
+def fake_config(cluster: dict, gcs_port: int) -> dict:
+    """cluster.yaml's node types and labels on Ray's fake multinode provider, sized for this machine: one CPU (and
+    one GPU for the GPU types) per worker, at most one of each type, a 6 s idle timeout."""
+    assert cluster["head_node_type"] == "ray.head.default"  # the only head type name the fake provider knows
+    types: dict[str, dict] = {
+        "ray.head.default": {"resources": dict(cluster["available_node_types"]["ray.head.default"]["resources"]),
+                             "node_config": {}, "max_workers": 0}}
+    for name, node_type in workers(cluster).items():
+        resources = {**node_type["resources"], "CPU": 1, "object_store_memory": 100 * 1024**2}
+        if label_of(node_type) == "spot_gpu":
+            resources["GPU"] = 1
+        types[name] = {"resources": resources, "node_config": {}, "min_workers": node_type["min_workers"],
+                       "max_workers": 1}
+    return {
+        "cluster_name": "ray-app-fake",
+        "max_workers": len(types) - 1,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.1,
+        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "auth": {},
+        "docker": {},
+        "head_node_type": "ray.head.default",
+        "available_node_types": types,
+        **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                           "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                           "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_autoscaler_adds_the_labelled_worker_types_for_a_job_and_removes_them_when_idle(tmp_path):
+    port = _free_port()
+    fake_yaml = tmp_path / "fake-cluster.yaml"
+    fake_yaml.write_text(yaml.safe_dump(fake_config(prepared_cluster(), port)))
+    temp_dir = tempfile.mkdtemp(prefix="rayfake-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    with open(tmp_path / "head.log", "wb") as log:
+        head = subprocess.Popen(
+            [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
+             f"--object-store-memory={200 * 1024**2}", "--include-dashboard=false", "--disable-usage-stats",
+             f"--autoscaling-config={fake_yaml}", f"--temp-dir={temp_dir}"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        out = tmp_path / "job.json"
+        job = subprocess.run([sys.executable, str(REPO / "tests" / "autoscale_job.py"), f"127.0.0.1:{port}", str(out)],
+                             check=False, env=env, capture_output=True, text=True, timeout=240)
+        assert job.returncode == 0, job.stderr[-3000:]
+        result = json.loads(out.read_text())
+        counts = [(t["t"], len(t["spot_cpu"]), len(t["spot_gpu"])) for t in result["trace"]]
+        changes = [c for i, c in enumerate(counts) if i == 0 or c[1:] != counts[i - 1][1:]]
+        print(f"job {result['job_s']:.1f} s; (s, Spot CPU nodes, Spot GPU nodes) at each change: {changes}")
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        deadline = time.monotonic() + 30
+        while _processes_mentioning(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftovers = _processes_mentioning(temp_dir)
+        for pid in leftovers:
+            os.kill(pid, 9)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert leftovers == [], "Ray processes outlived the head"
+
+    trace = result["trace"]
+    assert trace[0]["spot_cpu"] == [] and trace[0]["spot_gpu"] == [], "the cluster starts with the head alone"
+    seen = {label: {n for sample in trace for n in sample[label]} for label in ("spot_cpu", "spot_gpu")}
+    assert seen["spot_cpu"] and seen["spot_gpu"], f"the autoscaler added no labelled worker: {trace}"
+    assert trace[-1]["spot_cpu"] == [] and trace[-1]["spot_gpu"] == [], f"not scaled back to zero: {trace[-1]}"
+
+    rows = result["rows"]
+    assert sorted(r["id"] for r in rows) == list(range(8))
+    assert {r["cpu_node"] for r in rows} <= seen["spot_cpu"]
+    assert {r["gpu_node"] for r in rows} <= seen["spot_gpu"]
+    assert all(r["gpu_ids"] == 1 for r in rows)
