@@ -47,8 +47,31 @@ class Settings(BaseSettings):
 
     # Serve
     api_token: SecretStr | None = None
+    api_token_file: str | None = Field(
+        default=None, description="File holding the bearer token (a mounted secret); used when api_token is unset."
+    )
     allowed_uri_prefixes: list[str] = Field(default_factory=list)
     max_body_bytes: int = 512 * 1024**2
+    output_prefix: str | None = Field(
+        default=None, description="Where Serve's `persist` writes masks and passports (s3://bucket/prefix or a folder)."
+    )
+    passport_store: str | None = Field(
+        default=None, description="dynamodb://TABLE or sqlite:///PATH for `persist` and GET /v1/passports."
+    )
+    serve_min_replicas: int = Field(default=1, ge=0, description="0 scales to zero (cold start: replica + model).")
+    serve_max_replicas: int = Field(default=2, ge=1)
+    serve_target_ongoing_requests: float = Field(default=1.0, gt=0)
+    serve_max_ongoing_requests: int = Field(default=2, ge=1, description="Requests inside one replica at once.")
+    serve_max_queued_requests: int = Field(
+        default=8, ge=-1, description="Requests waiting for a replica per proxy; beyond it: 503 + Retry-After."
+    )
+    serve_retry_after_s: int = Field(default=10, ge=0)
+    serve_cpus_per_replica: float = Field(default=1.0, ge=0)
+    serve_gpus_per_replica: float = Field(default=0.0, ge=0)
+    serve_extra_models: int = Field(
+        default=1, ge=0, description="Models besides the default one (other mode / roi_subset) a replica keeps loaded."
+    )
+    serve_model_wait_s: float = Field(default=600.0, gt=0, description="How long a request waits for a model load.")
 
 
 @lru_cache(maxsize=1)

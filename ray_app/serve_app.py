@@ -1,0 +1,578 @@
+"""The Serve endpoint: one scan per HTTP request, segmented by replicas that keep their models loaded.
+
+A FastAPI ingress (so ``/docs`` and ``/openapi.json`` come for free) over the same ``scan`` → ``pipeline``
+functions as the batch job, so a passport from here equals the batch job's for the same scan and weights.
+
+Limits are layered so overload and abuse cost little:
+
+* Ray Serve: ``max_ongoing_requests`` per replica and ``max_queued_requests`` per proxy; beyond them Serve's
+  proxy answers ``503`` with ``Retry-After`` (``backpressure_config``) instead of queueing without bound.
+* Here: the bearer token is checked before the body is touched, ``Content-Length`` before it is read, and the
+  streamed byte count while it is read; a ``uri`` must be ``s3://`` under ``allowed_uri_prefixes``.
+* Each replica runs one segmentation at a time (one compute thread; Ray gives the replica ``num_cpus`` threads),
+  so a second request in a replica waits there instead of halving the speed of both.
+
+Start: ``serve run ray_app.serve_app:app`` (builder args as ``key=value``), ``serve deploy serve_config.yaml``
+or ``ray-app serve``. The token comes from ``RAY_APP_API_TOKEN`` or the file named by ``RAY_APP_API_TOKEN_FILE``
+(a mounted secret) in the replicas' environment; a replica refuses to start without one.
+"""
+
+# No ``from __future__ import annotations``: Serve rebuilds the route signatures of the ingress class and
+# FastAPI must see real types there (with strings it takes ``request: Request`` for a query parameter).
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ray_app import errors, outputs, pipeline, storage
+from ray_app.keys import InvalidId, validate_scan_id
+from ray_app.settings import Settings, get_settings
+
+logger = logging.getLogger("ray.serve")
+
+#: Body content types and the scan kind each one declares (``None``: sniffed from the magic bytes).
+BODY_KINDS: dict[str, str | None] = {
+    "application/x-nifti": "nifti",
+    "application/gzip": "nifti-gz",
+    "application/x-gzip": "nifti-gz",
+    "application/x-nifti-gz": "nifti-gz",
+    "application/zip": "dicom-zip",
+    "application/x-zip-compressed": "dicom-zip",
+    "application/octet-stream": None,
+}
+JSON_BODY_LIMIT = 64 * 1024
+MASK_TYPE = "application/gzip"
+PNG_TYPE = "image/png"
+SERVE_JOB_PREFIX = "serve-"
+
+
+def _scan_error_codes() -> frozenset[str]:
+    """Codes that mean "this input is unusable" (422), from the error classes themselves."""
+    codes, todo = set(), [errors.ScanError]
+    while todo:
+        cls = todo.pop()
+        codes.add(cls.code)
+        todo.extend(cls.__subclasses__())
+    return frozenset(codes | {InvalidId.code, storage.ObjectNotFound.code, "invalid_roi_subset"})
+
+
+SCAN_ERROR_CODES = _scan_error_codes()
+
+
+# ---------------------------------------------------------------------------------------------- API models
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable name, e.g. unauthorized, truncated_file.")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer has this shape (except Serve's own backpressure 503, which is plain text)."""
+
+    error: ErrorDetail
+
+
+class UriRequest(BaseModel):
+    """A scan already in S3: one object (NIfTI / .nii.gz / DICOM zip) or a prefix ending in ``/`` (a series)."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(max_length=2048, examples=["s3://scans/incoming/ct-0001.nii.gz"])
+    scan_id: str | None = Field(default=None, description="Defaults to a random id (never derived from the key).")
+
+
+class Passport(BaseModel):
+    """The anatomical passport (``ray_app/schemas/passport.schema.json``); documented here, returned verbatim."""
+
+    model_config = ConfigDict(extra="allow")
+    schema_version: str
+    scan_id: str
+    status: Literal["ok", "flagged", "failed"]
+    created_at: str
+    scan: dict[str, Any]
+    model: dict[str, Any]
+    timings: dict[str, float]
+    structures: dict[str, dict[str, Any]]
+    warnings: list[str]
+    outputs: dict[str, str] | None = Field(default=None, description="Stored locations, with persist=true.")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: list[str]
+    error: str | None = None
+
+
+class ApiError(Exception):
+    """Raised anywhere in a request; answered as ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 413, 415, 422, 500, 503)}
+
+api = FastAPI(
+    title="ray_app segmentation",
+    version="1.0",
+    description="TotalSegmentator CT segmentation: POST a scan, get its anatomical passport (or mask / preview).",
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+    return error_response(422, "invalid_request", "; ".join(parts)[:2000])
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error: %s", type(exc).__name__)
+    return error_response(500, "internal_error", "internal error; see the replica log")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def load_token(settings: Settings) -> str:
+    """The bearer token from ``api_token`` or ``api_token_file``; refusing to run open is the safe default."""
+    token = settings.api_token.get_secret_value() if settings.api_token else ""
+    if not token and settings.api_token_file:
+        try:
+            token = Path(settings.api_token_file).read_text().strip()
+        except OSError as exc:
+            raise RuntimeError(f"cannot read RAY_APP_API_TOKEN_FILE: {type(exc).__name__}") from exc
+    if not token:
+        raise RuntimeError("no API token: set RAY_APP_API_TOKEN (or RAY_APP_API_TOKEN_FILE) in the replicas' "
+                           "environment; the endpoint refuses to run unauthenticated")
+    if len(token) < 16:
+        raise RuntimeError("the API token is shorter than 16 characters")
+    return token
+
+
+def check_uri_allowed(uri: str, prefixes: list[str]) -> str:
+    """Only ``s3://`` objects under a configured prefix; anything else is 403 and never fetched."""
+    try:
+        loc = storage.parse_uri(uri)
+    except storage.UnsupportedUri as exc:
+        raise ApiError(403, "uri_not_allowed", f"only s3:// URIs are accepted ({exc.message})") from exc
+    if loc.scheme != "s3":
+        raise ApiError(403, "uri_not_allowed", "only s3:// URIs are accepted")
+    parts = loc.key.split("/")
+    if not loc.key or any(p in (".", "..") for p in parts) or "" in parts[:-1]:
+        raise ApiError(403, "uri_not_allowed", "the S3 key is empty or has '.', '..' or empty segments")
+    for prefix in prefixes:
+        if not storage.is_s3(prefix):
+            continue
+        # A bare bucket prefix must not match a longer bucket name ("s3://scans" vs "s3://scans-other").
+        bounded = prefix if prefix.endswith("/") or "/" in prefix[5:] else prefix + "/"
+        if uri.startswith(bounded):
+            return uri
+    raise ApiError(403, "uri_not_allowed", "the URI is outside the buckets/prefixes this deployment may read")
+
+
+def _wants(request: Request, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    accept = request.headers.get("accept", "")
+    if MASK_TYPE in accept or "application/x-nifti-gz" in accept:
+        return "mask"
+    if PNG_TYPE in accept:
+        return "preview"
+    return "passport"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` (header first, then while reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError as exc:
+            raise ApiError(400, "bad_content_length", "Content-Length is not a number") from exc
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"the body is {size} bytes; the limit is {limit}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---------------------------------------------------------------------------------------------- deployment
+
+
+@serve.deployment(name="SegmentService", graceful_shutdown_timeout_s=120, health_check_period_s=10)
+@serve.ingress(api)
+class SegmentService:
+    """One replica: the default model loads in the background at start (``/readyz`` says when), other modes and
+    ROI subsets load on first use into a small LRU (``serve_extra_models``)."""
+
+    def __init__(self, settings_overrides: dict[str, Any] | None = None):
+        from ray.util import metrics
+
+        from ray_app.totalseg import task_spec
+
+        self.settings = Settings(**(settings_overrides or {}))
+        self._token = load_token(self.settings).encode()
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="segment")
+        self._io = ThreadPoolExecutor(2, thread_name_prefix="scan-io")
+        self._default_key = task_spec("total", fast=self.settings.fast).key
+        self._extra: OrderedDict[str, Any] = OrderedDict()
+        self._store = None
+        self._default: Future = self._compute.submit(self._load_default)
+        self.scans = metrics.Counter("ray_app_serve_scans", "Scans segmented by the Serve endpoint.",
+                                     tag_keys=("model_key", "status"))
+        self.failures = metrics.Counter("ray_app_serve_failures", "Segment requests that produced no passport.",
+                                        tag_keys=("code",))
+        self.seconds = metrics.Histogram("ray_app_serve_segment_seconds", "Model time per scan.",
+                                         boundaries=[1, 2, 5, 10, 20, 40, 80, 160, 320], tag_keys=("model_key",))
+
+    # -- models (compute thread only) -------------------------------------------------------------------
+
+    def _load_default(self):
+        from ray_app.segmenter import Segmenter
+
+        t = time.perf_counter()
+        seg = Segmenter(fast=self.settings.fast, settings=self.settings)
+        logger.info("model %s loaded in %.1f s", seg.spec.key, time.perf_counter() - t)
+        return seg
+
+    def _segmenter(self, spec):
+        from ray_app.segmenter import Segmenter
+
+        if spec.key == self._default_key:
+            return self._default.result()
+        seg = self._extra.pop(spec.key, None)
+        if seg is None:
+            t = time.perf_counter()
+            seg = Segmenter(fast=spec.fast, roi_subset=list(spec.roi_subset or ()) or None, settings=self.settings)
+            logger.info("model %s loaded in %.1f s", spec.key, time.perf_counter() - t)
+        self._extra[spec.key] = seg
+        while len(self._extra) > self.settings.serve_extra_models:
+            self._extra.popitem(last=False)
+        return seg
+
+    def _segment(self, spec, scan, timings):
+        seg = self._segmenter(spec)
+        return pipeline.segment_scan(seg, scan, settings=self.settings, timings=timings), seg
+
+    # -- health -----------------------------------------------------------------------------------------
+
+    def check_health(self):
+        """Serve replaces a replica whose default model failed to load."""
+        if self._default.done() and self._default.exception() is not None:
+            raise RuntimeError(f"model load failed: {pipeline.error_fields(self._default.exception())[0]}")
+
+    @api.get("/healthz", summary="Liveness: the replica answers (no model needed)")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
+             summary="Readiness: 200 once the default model is loaded, 503 before (or if it failed)")
+    async def readyz(self):
+        models = [self._default_key] if self._default.done() and not self._default.exception() else []
+        models += list(self._extra)
+        if not self._default.done():
+            return JSONResponse(Readiness(ready=False, models=models).model_dump(), status_code=503,
+                                headers={"Retry-After": str(self.settings.serve_retry_after_s)})
+        if self._default.exception() is not None:
+            code = pipeline.error_fields(self._default.exception())[0]
+            return JSONResponse(Readiness(ready=False, models=models, error=code).model_dump(), status_code=503)
+        return Readiness(ready=True, models=models)
+
+    # -- auth -------------------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
+                           {"WWW-Authenticate": "Bearer"})
+
+    # -- routes -----------------------------------------------------------------------------------------
+
+    @api.post(
+        "/v1/segment",
+        summary="Segment one scan; returns its passport (or the mask / a preview)",
+        responses={200: {"model": Passport, "content": {MASK_TYPE: {}, PNG_TYPE: {}}}, **_ERRORS},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": UriRequest.model_json_schema()},
+            **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in BODY_KINDS},
+        }}},
+    )
+    async def segment(
+        self,
+        request: Request,
+        mode: Annotated[Literal["fast", "normal"] | None,
+                        Query(description="fast: 3 mm model; normal: 1.5 mm (default: the deployment's).")] = None,
+        roi_subset: Annotated[list[str] | None,
+                              Query(description="Structures to segment (repeat or comma-separate).")] = None,
+        persist: Annotated[bool, Query(description="Store mask and passport; locations in `outputs`.")] = False,
+        return_: Annotated[Literal["passport", "mask", "preview"] | None, Query(
+            alias="return", description="Default passport; `Accept: application/gzip` also asks for the mask.")] = None,
+        scan_id: Annotated[str | None, Query(description="Id for an uploaded scan (default: random).")] = None,
+    ):
+        self._authorize(request)
+        start = time.perf_counter()
+        spec = self._spec(mode, roi_subset)
+        want = _wants(request, return_)
+        if persist and not (self.settings.output_prefix and self.settings.passport_store):
+            raise ApiError(400, "persist_not_configured",
+                           "this deployment has no output_prefix/passport_store to persist to")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "application/json":
+            body = await read_body(request, JSON_BODY_LIMIT)
+            try:
+                req = UriRequest.model_validate_json(body)
+            except ValidationError as exc:
+                raise ApiError(422, "invalid_request", "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())[:2000]) from exc
+            if scan_id and req.scan_id and scan_id != req.scan_id:
+                raise ApiError(422, "invalid_request", "scan_id differs between the query and the body")
+            uri = check_uri_allowed(req.uri, self.settings.allowed_uri_prefixes)
+            sid = self._scan_id(req.scan_id or scan_id)
+            load = self._load_uri(uri, sid)
+        elif content_type in BODY_KINDS:
+            sid = self._scan_id(scan_id)
+            data = await read_body(request, self.settings.max_body_bytes)
+            load = self._load_bytes(data, sid, BODY_KINDS[content_type])
+        else:
+            raise ApiError(415, "unsupported_media_type",
+                           f"Content-Type must be application/json or one of: {', '.join(BODY_KINDS)}")
+
+        loop = asyncio.get_running_loop()
+        try:
+            scan = await loop.run_in_executor(self._io, load)
+            read_s = time.perf_counter() - start
+            await self._wait_for_model()
+            result, seg = await loop.run_in_executor(self._compute, self._segment, spec, scan, {"read_s": read_s})
+            if result.passport["status"] == "failed":
+                err = result.passport["error"]
+                raise ApiError(self._status_for(err["code"]), err["code"], err["message"])
+            if persist:
+                await loop.run_in_executor(self._io, self._persist, result, seg)
+        except ApiError as exc:
+            self.failures.inc(tags={"code": exc.code})
+            logger.warning("segment scan_id=%s model=%s rejected code=%s after %.2f s", sid, spec.key, exc.code,
+                           time.perf_counter() - start)
+            raise
+        except errors.RayAppError as exc:
+            self.failures.inc(tags={"code": exc.code})
+            logger.warning("segment scan_id=%s model=%s failed code=%s", sid, spec.key, exc.code)
+            raise ApiError(self._status_for(exc.code), exc.code, exc.message) from exc
+        except Exception as exc:
+            self.failures.inc(tags={"code": "internal_error"})
+            logger.exception("segment scan_id=%s model=%s internal error", sid, spec.key)
+            raise ApiError(500, "internal_error", f"internal error ({type(exc).__name__}); see the replica log") from exc
+
+        doc = result.passport
+        timings = doc["timings"]
+        self.scans.inc(tags={"model_key": spec.key, "status": doc["status"]})
+        self.seconds.observe(timings.get("segment_s", 0.0), tags={"model_key": spec.key})
+        logger.info("segment scan_id=%s model=%s status=%s read_s=%.2f segment_s=%.2f total_s=%.2f", sid, spec.key,
+                    doc["status"], timings.get("read_s", 0.0), timings.get("segment_s", 0.0),
+                    time.perf_counter() - start)
+        headers = {"X-Scan-Id": sid, "X-Model-Key": spec.key, "X-Passport-Status": doc["status"]}
+        if result.locations.get("passport"):
+            headers["X-Passport-Uri"] = result.locations["passport"]
+        if want == "mask":
+            data = await loop.run_in_executor(self._io, outputs.mask_to_nifti_bytes, result.mask, result.scan)
+            headers["Content-Disposition"] = f'attachment; filename="{sid}.mask.nii.gz"'
+            return Response(data, media_type=MASK_TYPE, headers=headers)
+        if want == "preview":
+            data = await loop.run_in_executor(self._io, outputs.preview_png, result.scan, result.mask,
+                                              seg.spec.output_labels)
+            return Response(data, media_type=PNG_TYPE, headers=headers)
+        return JSONResponse(doc, headers=headers)
+
+    @api.get("/v1/passports/{scan_id}", summary="The latest stored passport of a scan",
+             responses={200: {"model": Passport}, **_ERRORS})
+    async def get_passport(
+        self,
+        request: Request,
+        scan_id: Annotated[str, PathParam(max_length=128)],
+        model_key: Annotated[str | None, Query(description="e.g. total_fast; default: the newest of any model.")] = None,
+    ):
+        self._authorize(request)
+        sid = self._scan_id(scan_id)
+        store = self._passports()
+        if store is None:
+            raise ApiError(503, "passport_store_not_configured", "this deployment has no passport_store")
+        loop = asyncio.get_running_loop()
+        try:
+            doc = await loop.run_in_executor(
+                self._io, (lambda: store.get(sid, model_key)) if model_key else (lambda: store.get_latest(sid)))
+        except InvalidId as exc:
+            raise ApiError(422, exc.code, exc.message) from exc
+        except storage.StorageError as exc:
+            raise ApiError(502, exc.code, "the passport store could not be read") from exc
+        if doc is None:
+            raise ApiError(404, "passport_not_found", f"no passport stored for scan {sid}")
+        return JSONResponse(doc)
+
+    # -- request pieces ---------------------------------------------------------------------------------
+
+    def _spec(self, mode: str | None, roi_subset: list[str] | None):
+        from ray_app.totalseg import task_spec
+
+        rois = sorted({r.strip() for item in roi_subset or () for r in item.split(",") if r.strip()}) or None
+        fast = self.settings.fast if mode is None else mode == "fast"
+        try:
+            return task_spec("total", fast=fast, roi_subset=rois)
+        except errors.RayAppError as exc:
+            raise ApiError(422, "invalid_roi_subset", exc.message) from exc
+
+    @staticmethod
+    def _scan_id(value: str | None) -> str:
+        if value is None:
+            return f"scan-{uuid.uuid4().hex[:16]}"
+        try:
+            return validate_scan_id(value)
+        except InvalidId as exc:
+            raise ApiError(422, exc.code, exc.message) from exc
+
+    def _load_bytes(self, data: bytes, sid: str, kind: str | None):
+        from ray_app.scan import load_bytes
+
+        return lambda: load_bytes(data, sid, kind=kind, settings=self.settings)
+
+    def _load_uri(self, uri: str, sid: str):
+        from ray_app.scan import load_scan
+
+        return lambda: load_scan(uri, sid, self.settings)
+
+    async def _wait_for_model(self) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._default)),
+                                   self.settings.serve_model_wait_s)
+        except asyncio.TimeoutError as exc:
+            raise ApiError(503, "model_loading", "the model is still loading; retry later",
+                           {"Retry-After": str(self.settings.serve_retry_after_s)}) from exc
+        except Exception as exc:
+            raise ApiError(503, "model_unavailable",
+                           f"the model could not be loaded ({pipeline.error_fields(exc)[0]})") from exc
+
+    @staticmethod
+    def _status_for(code: str) -> int:
+        if code in (storage.ObjectTooLarge.code, errors.InputTooLarge.code):
+            return 413
+        if code in SCAN_ERROR_CODES:
+            return 422
+        if code == storage.UnsupportedUri.code:
+            return 403
+        if code == storage.StorageError.code:
+            return 502
+        if code == errors.WeightsMissing.code:
+            return 503
+        return 500
+
+    def _passports(self):
+        from ray_app.sinks import open_passport_store
+
+        if self._store is None and self.settings.passport_store:
+            self._store = open_passport_store(self.settings.passport_store)
+        return self._store
+
+    def _persist(self, result, seg) -> None:
+        from ray_app.sinks import ArtifactSink
+
+        job_id = SERVE_JOB_PREFIX + time.strftime("%Y%m%d", time.gmtime())
+        pipeline.write_result(result, ArtifactSink(self.settings.output_prefix), self._passports(), job_id,
+                              label_map=seg.spec.output_labels)
+
+
+# ---------------------------------------------------------------------------------------------- builder
+
+
+class AppArgs(BaseModel):
+    """Builder arguments (``serve run ray_app.serve_app:app key=value`` or ``args:`` in ``serve_config.yaml``).
+
+    Unset deployment knobs fall back to the ``RAY_APP_SERVE_*`` settings. ``settings`` overrides replica
+    settings (e.g. ``allowed_uri_prefixes``, ``output_prefix``); the token is refused here because builder args
+    end up in Serve's stored config: pass it through the environment or ``api_token_file``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int | None = Field(default=None, ge=0)
+    max_replicas: int | None = Field(default=None, ge=1)
+    target_ongoing_requests: float | None = Field(default=None, gt=0)
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    max_queued_requests: int | None = Field(default=None, ge=-1)
+    retry_after_s: int | None = Field(default=None, ge=0)
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 300.0
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("settings")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "api_token" in value:
+            raise ValueError("do not pass api_token as an argument; use RAY_APP_API_TOKEN or api_token_file")
+        Settings(**value)  # fail at build time, not in every replica
+        return value
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application:
+    """The application with its autoscaling and backpressure options resolved."""
+    a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    s = get_settings()
+    min_r, max_r = _pick(a.min_replicas, s.serve_min_replicas), _pick(a.max_replicas, s.serve_max_replicas)
+    if min_r > max_r:
+        raise ValueError(f"min_replicas {min_r} > max_replicas {max_r}")
+    return SegmentService.options(
+        autoscaling_config={
+            "min_replicas": min_r,
+            "max_replicas": max_r,
+            "initial_replicas": min_r,
+            "target_ongoing_requests": _pick(a.target_ongoing_requests, s.serve_target_ongoing_requests),
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+        },
+        max_ongoing_requests=_pick(a.max_ongoing_requests, s.serve_max_ongoing_requests),
+        max_queued_requests=_pick(a.max_queued_requests, s.serve_max_queued_requests),
+        backpressure_config={"status_code": 503, "retry_after_s": _pick(a.retry_after_s, s.serve_retry_after_s)},
+        ray_actor_options={"num_cpus": _pick(a.num_cpus, s.serve_cpus_per_replica),
+                           "num_gpus": _pick(a.num_gpus, s.serve_gpus_per_replica)},
+    ).bind(a.settings)
+
+
+def app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for ``serve run ray_app.serve_app:app`` and ``import_path`` in serve_config.yaml."""
+    return build_app(args)

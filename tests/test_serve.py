@@ -1,0 +1,393 @@
+"""The Serve endpoint over real HTTP on 127.0.0.1: passports equal to the in-process pipeline's for NIfTI, DICOM
+zip and S3 inputs, persistence to S3 + DynamoDB (moto server), every refusal as a JSON error, backpressure as
+503 + Retry-After, and ``serve deploy`` of the repo's config onto a separate ``ray start --head`` cluster."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from ray_app import pipeline
+from ray_app.phantom import make_phantom
+from ray_app.serve_app import ApiError, check_uri_allowed, load_token
+from ray_app.settings import Settings
+from ray_app.sinks import create_table, open_passport_store
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "total_fast"
+TOKEN = secrets.token_urlsafe(24)
+MAX_BODY = 4 * 1024**2
+RETRY_AFTER = 7
+#: One replica, one request in it, one waiting: the third concurrent request must be refused.
+CAPACITY = 1 * 1 + 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gz_nifti(img: nib.Nifti1Image) -> bytes:
+    return gzip.compress(nib.Nifti1Image(img.get_fdata().astype("int16"), img.affine).to_bytes(), compresslevel=1)
+
+
+def _auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    if code:
+        assert err["code"] == code, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def scans(example_dir) -> dict[str, bytes]:
+    """A small phantom as .nii.gz, the real DICOM series zipped in memory, and a truncated .nii.gz."""
+    dicom = io.BytesIO()
+    with zipfile.ZipFile(dicom, "w") as z:
+        for f in sorted((example_dir / "example_ct_dicom").iterdir()):
+            z.write(f, f"series/{f.name}")
+    # An abdominal crop of phantom 7 that fits one network tile at 3 mm: seconds per request, 26 structures.
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = (-142.5, -118.5, -133.5)
+    phantom = _gz_nifti(make_phantom(7, affine=affine, shape=(96, 80, 80))[0])
+    return {"phantom": phantom, "dicom": dicom.getvalue(), "corrupt": phantom[: len(phantom) // 3]}
+
+
+@pytest.fixture(scope="module")
+def reference(phantom_weights, scans) -> dict[str, dict]:
+    """What the in-process pipeline (the batch job's code path) computes for the same bytes."""
+    from ray_app.scan import load_bytes
+    from ray_app.segmenter import Segmenter
+
+    segmenter = Segmenter(fast=True, num_threads=1)  # the replica's thread count (num_cpus=1): same float sums
+    out = {}
+    for name, kind in (("phantom", "nifti-gz"), ("dicom", "dicom-zip")):
+        result = pipeline.segment_scan(segmenter, load_bytes(scans[name], name, kind=kind))
+        assert result.ok, result.passport
+        out[name] = result.passport
+    return out
+
+
+@pytest.fixture(scope="module")
+def aws(moto_server):
+    s3 = boto3.client("s3")
+    bucket = f"serve-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.create_bucket(Bucket=f"{bucket}-other")
+    table = f"passports-{uuid.uuid4().hex[:10]}"
+    create_table(table)
+    yield {"s3": s3, "bucket": bucket, "table": table}
+    boto3.client("dynamodb").delete_table(TableName=table)
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, aws, tmp_path_factory):
+    """The app on the session's Ray, at one replica with capacity 2, the token read from a 0600 secret file."""
+    from ray import serve
+
+    from ray_app.serve_app import build_app
+
+    token_file = tmp_path_factory.mktemp("secret") / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    bucket = aws["bucket"]
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({
+            "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
+            "retry_after_s": RETRY_AFTER, "num_cpus": 1,
+            "settings": {
+                "api_token_file": str(token_file),
+                "allowed_uri_prefixes": [f"s3://{bucket}/in/"],
+                "output_prefix": f"s3://{bucket}/out",
+                "passport_store": f"dynamodb://{aws['table']}",
+                "max_body_bytes": MAX_BODY,
+                "download_weights": False,
+            },
+        }), name="ray-app", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=300) as client:
+            deadline = time.monotonic() + 120
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the model did not load within 120 s"
+                time.sleep(0.5)
+            yield {"url": url, "client": client, **aws}
+    finally:
+        serve.shutdown()  # frees the replica's CPU for the modules that run after this one
+
+
+def _segment(client: httpx.Client, body: bytes, content_type: str, **params) -> httpx.Response:
+    return client.post("/v1/segment", content=body, params=params,
+                       headers={**_auth(), "Content-Type": content_type})
+
+
+def _same_result(served: dict, expected: dict) -> None:
+    assert served["status"] == expected["status"] == "ok"
+    assert any(s["present"] for s in served["structures"].values())
+    assert served["structures"] == expected["structures"]
+    assert served["model"] == expected["model"]
+    for key in ("shape", "spacing_mm", "affine", "orientation", "hu_range", "dicom"):
+        assert served["scan"][key] == expected["scan"][key], key
+
+
+# ------------------------------------------------------------------------------------------------- no Ray
+
+
+def test_token_is_required_and_may_come_from_a_secret_file(tmp_path):
+    with pytest.raises(RuntimeError, match="RAY_APP_API_TOKEN"):
+        load_token(Settings(api_token=None, api_token_file=None))
+    with pytest.raises(RuntimeError, match="shorter"):
+        load_token(Settings(api_token="short"))
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    assert load_token(Settings(api_token=None, api_token_file=str(secret))) == TOKEN
+
+
+@pytest.mark.parametrize("uri", [
+    "http://169.254.169.254/latest/meta-data", "file:///etc/passwd", "/etc/passwd", "s3://other/in/a.nii.gz",
+    "s3://scans-evil/in/a.nii.gz", "s3://scans/private/a.nii.gz", "s3://scans/in/../private/a.nii.gz",
+    "s3://scans/in//a.nii.gz", "S3://scans/in/a.nii.gz", "gs://scans/in/a.nii.gz", "s3://scans",
+])
+def test_uris_outside_the_allowed_prefixes_are_refused(uri):
+    with pytest.raises(ApiError) as info:
+        check_uri_allowed(uri, ["s3://scans/in/", "s3://scans-other", "/etc"])
+    assert info.value.status == 403
+
+
+def test_uris_under_an_allowed_prefix_pass():
+    prefixes = ["s3://scans/in/", "s3://archive"]
+    for uri in ("s3://scans/in/a.nii.gz", "s3://scans/in/series/", "s3://archive/x/y.zip"):
+        assert check_uri_allowed(uri, prefixes) == uri
+
+
+# ------------------------------------------------------------------------------------------------- Serve
+
+
+def test_health_readiness_and_openapi(service):
+    client = service["client"]
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True and MODEL in ready.json()["models"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/segment", "/v1/passports/{scan_id}", "/healthz", "/readyz"} <= set(paths)
+    assert "application/zip" in paths["/v1/segment"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_nifti_body_gives_the_in_process_passport_and_the_mask_on_request(service, scans, reference):
+    client = service["client"]
+    r = _segment(client, scans["phantom"], "application/gzip", scan_id="phantom-body")
+    assert r.status_code == 200, r.text[:500]
+    doc = r.json()
+    assert doc["scan_id"] == "phantom-body" and r.headers["x-model-key"] == MODEL
+    _same_result(doc, reference["phantom"])
+    assert {"read_s", "segment_s", "passport_s"} <= set(doc["timings"])
+
+    mask = client.post("/v1/segment", content=scans["phantom"],
+                       headers={**_auth(), "Content-Type": "application/x-nifti-gz", "Accept": "application/gzip"})
+    assert mask.status_code == 200 and mask.headers["content-type"] == "application/gzip"
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(mask.content))
+    assert list(img.shape) == doc["scan"]["shape"]
+    labels = {int(v) for v in np.unique(np.asanyarray(img.dataobj))} - {0}
+    assert labels == {s["label"] for s in doc["structures"].values() if s["voxel_count"]}
+
+
+def test_dicom_zip_body_gives_the_in_process_passport(service, scans, reference):
+    r = _segment(service["client"], scans["dicom"], "application/zip", scan_id="dicom-zip")
+    assert r.status_code == 200, r.text[:500]
+    doc = r.json()
+    assert doc["scan"]["dicom"] is True
+    _same_result(doc, reference["dicom"])
+
+
+def test_s3_uri_with_persist_stores_encrypted_mask_and_the_passport(service, scans, reference):
+    client, s3, bucket = service["client"], service["s3"], service["bucket"]
+    s3.put_object(Bucket=bucket, Key="in/phantom.nii.gz", Body=scans["phantom"])
+    r = client.post("/v1/segment", params={"persist": "true"}, headers=_auth(),
+                    json={"uri": f"s3://{bucket}/in/phantom.nii.gz", "scan_id": "phantom-s3"})
+    assert r.status_code == 200, r.text[:500]
+    doc = r.json()
+    _same_result(doc, reference["phantom"])
+    assert doc["scan"]["source_uri"] == f"s3://{bucket}/in/phantom.nii.gz"
+    mask_uri = doc["outputs"]["mask"]
+    assert mask_uri == f"s3://{bucket}/out/phantom-s3/{MODEL}/mask.nii.gz"
+    assert r.headers["x-passport-uri"] == f"s3://{bucket}/out/phantom-s3/{MODEL}/passport.json"
+    head = s3.head_object(Bucket=bucket, Key=f"out/phantom-s3/{MODEL}/mask.nii.gz")
+    assert head["ServerSideEncryption"] == "AES256"
+
+    stored = open_passport_store(f"dynamodb://{service['table']}").get("phantom-s3", MODEL)
+    assert stored == doc
+    fetched = client.get("/v1/passports/phantom-s3", headers=_auth())
+    assert fetched.status_code == 200 and fetched.json() == doc
+    assert client.get("/v1/passports/phantom-s3", params={"model_key": MODEL}, headers=_auth()).json() == doc
+
+
+def test_every_refusal_is_a_json_error_and_the_service_keeps_answering(service, scans):
+    client, bucket = service["client"], service["bucket"]
+    good = scans["phantom"]
+    gz = {"Content-Type": "application/gzip"}
+
+    for headers in ({}, _auth("x" * 32), {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN}):
+        r = client.post("/v1/segment", content=good, headers={**gz, **headers})
+        _error(r, 401, "unauthorized")
+        assert r.headers["www-authenticate"] == "Bearer"
+    _error(client.get("/v1/passports/phantom-s3"), 401, "unauthorized")
+
+    _error(_segment(client, b"\0" * (MAX_BODY + 1), "application/gzip"), 413, "body_too_large")
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        for _ in range(MAX_BODY // (256 * 1024) + 2):
+            yield b"\0" * (256 * 1024)
+
+    r = client.post("/v1/segment", content=chunks(), headers={**_auth(), **gz})
+    assert "content-length" not in r.request.headers
+    _error(r, 413, "body_too_large")
+
+    _error(_segment(client, good, "text/plain"), 415, "unsupported_media_type")
+    _error(client.post("/v1/segment", content=good, headers=_auth()), 415, "unsupported_media_type")
+    _error(_segment(client, scans["corrupt"], "application/gzip"), 422, "truncated_file")
+    _error(_segment(client, b"not a scan at all", "application/octet-stream"), 422, "unreadable_scan")
+    _error(_segment(client, good, "application/gzip", scan_id="../etc"), 422, "invalid_id")
+    _error(_segment(client, good, "application/gzip", mode="turbo"), 422, "invalid_request")
+    _error(_segment(client, good, "application/gzip", roi_subset="no_such_organ"), 422, "invalid_roi_subset")
+    _error(client.post("/v1/segment", headers=_auth(), json={"url": "s3://x/y"}), 422, "invalid_request")
+    _error(client.post("/v1/segment", headers=_auth(), json={"uri": f"s3://{bucket}/in/absent.nii.gz"}),
+           422, "object_not_found")
+
+    for uri in (f"s3://{bucket}-other/in/phantom.nii.gz", f"s3://{bucket}/out/x.nii.gz",
+                "http://127.0.0.1:9/x.nii.gz", "file:///etc/passwd", "/etc/passwd"):
+        _error(client.post("/v1/segment", headers=_auth(), json={"uri": uri}), 403, "uri_not_allowed")
+
+    _error(client.get("/v1/passports/never-segmented", headers=_auth()), 404, "passport_not_found")
+    _error(client.get("/v1/nothing-here", headers=_auth()), 404, "not_found")
+
+    r = _segment(client, good, "application/gzip", scan_id="after-errors", **{"return": "preview"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content.startswith(b"\x89PNG\r\n\x1a\n")
+    assert r.headers["x-passport-status"] == "ok"
+
+
+def test_overload_is_refused_with_503_and_retry_after_and_accepted_requests_complete(service, scans):
+    url, body = service["url"], scans["phantom"]
+
+    def one(i: int) -> httpx.Response:
+        return httpx.post(f"{url}/v1/segment", content=body, params={"scan_id": f"burst-{i}"},
+                          headers={**_auth(), "Content-Type": "application/gzip"}, timeout=300)
+
+    n = CAPACITY + 4
+    with ThreadPoolExecutor(n) as pool:
+        responses = list(pool.map(one, range(n)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= 1 and statuses.count(200) >= CAPACITY, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == str(RETRY_AFTER)
+        else:
+            assert r.json()["status"] == "ok"
+    assert service["client"].get("/healthz").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------- serve deploy
+
+
+@pytest.fixture
+def head_node(phantom_weights):
+    """A separate ``ray start --head`` cluster on loopback (own ports and temp dir), stopped by its PID."""
+    ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                             "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                             "metrics-export-port", "ray-client-server-port",
+                                             "node-manager-port", "object-manager-port")}
+    temp_dir = tempfile.mkdtemp(prefix="rayhd")  # short: Ray's unix sockets live under it
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "RAY_APP_API_TOKEN": TOKEN, "RAY_APP_DOWNLOAD_WEIGHTS": "false"}
+    ray_exe = str(Path(sys.executable).with_name("ray"))
+    args = [ray_exe, "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            *(f"--{k}={v}" for k, v in ports.items())]
+    with open(Path(temp_dir) / "ray-start.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (Path(temp_dir) / "ray-start.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{dashboard}/api/version", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the head node's dashboard did not come up in 90 s"
+            time.sleep(0.5)
+        yield {"dashboard": dashboard, "env": env, "temp_dir": temp_dir}
+    finally:
+        # Serve first: with Serve's actors still up, the SIGTERM'd head takes about 30 s to stop instead of 3.
+        subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "-y", "-a", dashboard], env=env,
+                       capture_output=True, timeout=60, check=False)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_serve_deploy_of_the_repo_config_serves_the_app(head_node, scans, tmp_path):
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    assert config["http_options"]["host"] == "127.0.0.1"
+    port = _free_port()
+    config["http_options"]["port"] = port
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_exe = str(Path(sys.executable).with_name("serve"))
+    done = subprocess.run([serve_exe, "deploy", str(path), "-a", head_node["dashboard"]], env=head_node["env"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 150  # min_replicas 0: the first request starts a replica (cold start)
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=60).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the deployed app did not answer /healthz"
+        time.sleep(1)
+    r = httpx.post(f"{url}/v1/segment", content=scans["phantom"], params={"scan_id": "deployed"},
+                   headers={**_auth(), "Content-Type": "application/gzip"}, timeout=300)
+    assert r.status_code == 200, r.text[:500]
+    assert r.json()["status"] == "ok" and r.json()["scan_id"] == "deployed"
+    _error(httpx.post(f"{url}/v1/segment", content=scans["phantom"], headers={"Content-Type": "application/gzip"}),
+           401, "unauthorized")
