@@ -177,7 +177,7 @@ def ensure_weights(stage: ModelStage, *, allow_download: bool = True) -> Path:
                                  "/checkpoint_final.pth; remove the incomplete folder or copy the full weights")
         return model_dir
     hint = (f"TotalSegmentator weights for task {stage.task_id} ({stage.folder_name}) are not in {root}. "
-            "On a machine with internet run `totalseg_download_weights -t total` (add `--fast` for the 3 mm model) "
+            "On a machine with internet run `totalseg_download_weights -t total_fast` (or `-t total` for normal mode) "
             "and copy the weights folder here, or set TOTALSEG_WEIGHTS_PATH to a folder containing "
             f"{stage.folder_name}/.")
     if not allow_download:
