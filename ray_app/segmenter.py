@@ -41,6 +41,19 @@ def default_num_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+BODY_HU = -500  # air is about -1000 HU, lung tissue about -850 (inside the body's box anyway), fat about -100
+BODY_MARGIN = 8  # voxels kept around the body so the tiles still see its edge in context
+
+
+def body_box(data: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of the voxels above ``BODY_HU`` plus a margin: the only region worth tiling."""
+    inside = np.nonzero(data > BODY_HU)
+    if not inside[0].size:
+        return tuple(slice(0, n) for n in data.shape)
+    return tuple(slice(max(0, int(i.min()) - BODY_MARGIN), min(n, int(i.max()) + 1 + BODY_MARGIN))
+                 for i, n in zip(inside, data.shape))
+
+
 class Segmenter:
     """Owns the nnU-Net model(s) of one TotalSegmentator task, loaded once, and segments any number of scans.
 
@@ -56,6 +69,8 @@ class Segmenter:
         device: str | None = None,
         roi_subset: list[str] | None = None,
         num_threads: int | None = None,
+        precision: str | None = None,
+        crop_to_body: bool | None = None,
         settings: Settings | None = None,
     ):
         import torch
@@ -68,6 +83,9 @@ class Segmenter:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RayAppError("device 'cuda' requested but torch sees no CUDA device")
         self.num_threads = num_threads or settings.num_threads or default_num_threads()
+        # Speed levers, off by default: each trades exact equality with vanilla for time (see bench/run.py).
+        self.precision = precision or settings.precision
+        self.crop_to_body = settings.crop_to_body if crop_to_body is None else crop_to_body
         torch.set_num_threads(1 if self.device.type == "cuda" else self.num_threads)
 
         stages = self.spec.stages + ((self.spec.crop_stage,) if self.spec.crop_stage else ())
@@ -119,6 +137,8 @@ class Segmenter:
             "datasets": datasets,
             "checksum": combined,
             "device": self.device.type,
+            "precision": self.precision,
+            "crop_to_body": self.crop_to_body,
             "versions": totalseg.package_versions(),
         }
 
@@ -228,8 +248,19 @@ class Segmenter:
         nnU-Net reads TotalSegmentator's temporary NIfTI with SimpleITK, i.e. as (z, y, x) with reversed spacing;
         we hand it the same array and spacing directly and transpose the label map back.
         """
+        import torch
+
         predictor = self._predictors[task_id]
         spacing = [float(s) for s in img_in_rsp.header.get_zooms()[:3]][::-1]
-        arr = np.ascontiguousarray(data.transpose(2, 1, 0)[None], dtype=np.float32)
-        seg = predictor.predict_single_npy_array(arr, {"spacing": spacing}, None, None, False)
-        return np.asarray(seg, dtype=np.uint8).transpose(2, 1, 0)
+        box = body_box(data) if self.crop_to_body else tuple(slice(0, n) for n in data.shape)
+        arr = np.ascontiguousarray(data[box].transpose(2, 1, 0)[None], dtype=np.float32)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"
+                                  and self.device.type == "cpu")
+        with autocast:
+            seg = predictor.predict_single_npy_array(arr, {"spacing": spacing}, None, None, False)
+        seg = np.asarray(seg, dtype=np.uint8).transpose(2, 1, 0)
+        if seg.shape == data.shape:
+            return seg
+        full = np.zeros(data.shape, dtype=np.uint8)
+        full[box] = seg
+        return full

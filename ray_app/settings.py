@@ -22,6 +22,14 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(
         default=None, description="Torch threads per segmenter; default: the CPUs this process may use."
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="CPU forward precision; bf16 is faster on CPUs with AVX-512 BF16/AMX but not "
+        "bit-identical to vanilla (on CUDA nnU-Net's own fp16 autocast applies either way)."
+    )
+    crop_to_body: bool = Field(
+        default=False, description="Tile only the body's bounding box (HU > -500): fewer tiles over air; changes "
+        "nnU-Net's tile grid, so masks may differ from vanilla at a few voxels."
+    )
     download_weights: bool = Field(
         default=True, description="Let TotalSegmentator download missing weights (off for air-gapped nodes)."
     )
