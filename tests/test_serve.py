@@ -6,14 +6,8 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 import zipfile
@@ -28,6 +22,7 @@ import pytest
 import yaml
 
 from ray_app import pipeline
+from tests._ray import RAY_BIN, free_port, ray_head
 from ray_app.phantom import make_phantom
 from ray_app.serve_app import ApiError, check_uri_allowed, load_token
 from ray_app.settings import Settings
@@ -42,12 +37,6 @@ MAX_BODY = 4 * 1024**2
 RETRY_AFTER = 7
 #: One replica, one request in it, one waiting: the third concurrent request must be refused.
 CAPACITY = 1 * 1 + 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gz_nifti(img: nib.Nifti1Image) -> bytes:
@@ -120,7 +109,7 @@ def service(ray_cluster, aws, tmp_path_factory):
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
     bucket = aws["bucket"]
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({
@@ -321,57 +310,28 @@ def test_overload_is_refused_with_503_and_retry_after_and_accepted_requests_comp
 # ------------------------------------------------------------------------------------------- serve deploy
 
 
+def _serve_shutdown(head: dict) -> None:
+    # Serve first: with Serve's actors still up, the SIGTERM'd head takes about 30 s to stop instead of 3.
+    subprocess.run([str(RAY_BIN / "serve"), "shutdown", "-y", "-a", head["dashboard"]], env=head["env"],
+                   capture_output=True, timeout=60, check=False)
+
+
 @pytest.fixture
 def head_node(phantom_weights):
     """A separate ``ray start --head`` cluster on loopback (own ports and temp dir), stopped by its PID."""
-    ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                             "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                             "metrics-export-port", "ray-client-server-port",
-                                             "node-manager-port", "object-manager-port")}
-    temp_dir = tempfile.mkdtemp(prefix="rayhd")  # short: Ray's unix sockets live under it
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_APP_API_TOKEN": TOKEN, "RAY_APP_DOWNLOAD_WEIGHTS": "false"}
-    ray_exe = str(Path(sys.executable).with_name("ray"))
-    args = [ray_exe, "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-            *(f"--{k}={v}" for k, v in ports.items())]
-    with open(Path(temp_dir) / "ray-start.log", "wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (Path(temp_dir) / "ray-start.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{dashboard}/api/version", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the head node's dashboard did not come up in 90 s"
-            time.sleep(0.5)
-        yield {"dashboard": dashboard, "env": env, "temp_dir": temp_dir}
-    finally:
-        # Serve first: with Serve's actors still up, the SIGTERM'd head takes about 30 s to stop instead of 3.
-        subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "-y", "-a", dashboard], env=env,
-                       capture_output=True, timeout=60, check=False)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(num_cpus=1, env={"RAY_APP_API_TOKEN": TOKEN, "RAY_APP_DOWNLOAD_WEIGHTS": "false"},
+                  before_stop=_serve_shutdown) as head:
+        yield head
 
 
 def test_serve_deploy_of_the_repo_config_serves_the_app(head_node, scans, tmp_path):
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     assert config["http_options"]["host"] == "127.0.0.1"
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    serve_exe = str(Path(sys.executable).with_name("serve"))
-    done = subprocess.run([serve_exe, "deploy", str(path), "-a", head_node["dashboard"]], env=head_node["env"],
+    done = subprocess.run([str(RAY_BIN / "serve"), "deploy", str(path), "-a", head_node["dashboard"]], env=head_node["env"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 
