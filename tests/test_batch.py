@@ -1,0 +1,184 @@
+"""The batch job end to end on a local Ray: S3 (moto server) manifest and scans in, masks in S3, passports in
+DynamoDB, a Parquet summary; then resume, and the same job on the embedded default (local folder + SQLite)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import boto3
+import nibabel as nib
+import pyarrow.parquet as pq
+import pytest
+
+from ray_app import cli
+from ray_app.batch import BatchConfig, run_batch
+from ray_app.phantom import make_phantom
+from ray_app.sinks import open_passport_store
+
+pytestmark = pytest.mark.slow
+
+MODEL = "total_fast"
+GOOD = ["phantom-a", "phantom-b", "phantom-lps", "example-sm", "dicom-zip", "example-ct"]
+BAD = {"corrupt": "truncated_file", "missing": "object_not_found"}
+
+
+def _nifti_bytes(img: nib.Nifti1Image) -> bytes:
+    return nib.Nifti1Image(img.get_fdata().astype("int16"), img.affine).to_bytes()
+
+
+def _gz(img: nib.Nifti1Image) -> bytes:
+    import gzip
+
+    return gzip.compress(_nifti_bytes(img), compresslevel=1)
+
+
+@pytest.fixture(scope="module")
+def inputs(example_dir) -> dict[str, bytes]:
+    """Six good scans (phantoms, real CTs, a real JPEG 2000 DICOM series as a zip) and a corrupt file."""
+    import numpy as np
+
+    lps = np.diag([-2.5, -2.5, 3.0, 1.0])
+    lps[:3, 3] = [180.0, 140.0, -190.0]
+    dicom_zip = io.BytesIO()
+    with zipfile.ZipFile(dicom_zip, "w") as z:
+        for f in sorted((example_dir / "example_ct_dicom").iterdir()):
+            z.write(f, f"series/{f.name}")
+    good = _gz(make_phantom(7)[0])
+    return {
+        "phantom-a.nii.gz": good,
+        "phantom-b.nii.gz": _gz(make_phantom(8)[0]),
+        "phantom-lps.nii.gz": _gz(make_phantom(9, affine=lps)[0]),
+        "example-sm.nii.gz": (example_dir / "example_ct_sm.nii.gz").read_bytes(),
+        "example-ct.nii.gz": (example_dir / "example_ct.nii.gz").read_bytes(),
+        "dicom-zip.zip": dicom_zip.getvalue(),
+        "corrupt.nii.gz": good[: len(good) // 3],
+    }
+
+
+def _file(scan_id: str) -> str:
+    return f"{scan_id}.zip" if scan_id == "dicom-zip" else f"{scan_id}.nii.gz"
+
+
+def _manifest_csv(prefix: str) -> bytes:
+    lines = ["scan_id,uri"]
+    for sid in GOOD + ["corrupt"]:
+        lines.append(f"{sid},{prefix}/{_file(sid)}")
+    lines.append(f"missing,{prefix}/no-such-scan.nii.gz")
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.fixture(scope="module")
+def s3_job(moto_server, ray_cluster, inputs):
+    """Upload the scans and manifest, run the job through the CLI, return what it left behind."""
+    import uuid
+
+    s3 = boto3.client("s3")
+    bucket = f"job-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    from ray_app.sinks import create_table
+
+    table = f"passports-{uuid.uuid4().hex[:10]}"
+    create_table(table)
+    for name, data in inputs.items():
+        s3.put_object(Bucket=bucket, Key=f"in/{name}", Body=data)
+    s3.put_object(Bucket=bucket, Key="in/manifest.csv", Body=_manifest_csv(f"s3://{bucket}/in"))
+    argv = ["batch", "--manifest", f"s3://{bucket}/in/manifest.csv", "--output", f"s3://{bucket}/out",
+            "--table", table, "--job-id", "job-1", "--max-actors", "1"]
+    code = cli.main(argv)
+    return {"bucket": bucket, "table": table, "argv": argv, "exit_code": code, "s3": s3}
+
+
+def _keys(s3, bucket: str, prefix: str = "out/") -> dict[str, str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+def test_every_good_scan_has_mask_passport_and_summary_row_and_failures_are_recorded(s3_job):
+    s3, bucket = s3_job["s3"], s3_job["bucket"]
+    assert s3_job["exit_code"] == 1, "the exit code must say that scans failed"
+    store = open_passport_store(f"dynamodb://{s3_job['table']}")
+    for sid in GOOD:
+        head = s3.head_object(Bucket=bucket, Key=f"out/{sid}/{MODEL}/mask.nii.gz")
+        assert head["ServerSideEncryption"] == "AES256"
+        mask = nib.Nifti1Image.from_bytes(
+            __import__("gzip").decompress(s3.get_object(Bucket=bucket, Key=f"out/{sid}/{MODEL}/mask.nii.gz")
+                                         ["Body"].read()))
+        doc = store.get(sid, MODEL)
+        assert doc["status"] == "ok" and doc["scan"]["shape"] == list(mask.shape)
+        stored_json = json.loads(s3.get_object(Bucket=bucket, Key=f"out/{sid}/{MODEL}/passport.json")["Body"].read())
+        assert stored_json["structures"] == doc["structures"]
+    for sid, code in BAD.items():
+        doc = store.get(sid, MODEL)
+        assert doc["status"] == "failed" and doc["error"]["code"] == code, doc
+        assert not any(k.startswith(f"out/{sid}/{MODEL}/mask") for k in _keys(s3, bucket))
+    summary = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key="out/_jobs/job-1/summary.parquet")
+                                       ["Body"].read())).to_pylist()
+    by_id = {r["scan_id"]: r for r in summary}
+    assert set(by_id) == set(GOOD) | set(BAD)
+    assert all(by_id[s]["status"] == "ok" and by_id[s]["liver_ml"] is not None for s in GOOD)
+    assert {s: by_id[s]["error_code"] for s in BAD} == BAD
+    assert {d["scan_id"] for d in store.list_by_job("job-1")} == set(GOOD) | set(BAD)
+
+
+def test_rerun_writes_nothing_new_and_redoes_only_a_deleted_passport(s3_job):
+    s3, bucket = s3_job["s3"], s3_job["bucket"]
+    store = open_passport_store(f"dynamodb://{s3_job['table']}")
+    before = _keys(s3, bucket)
+    stamps = {sid: store.get(sid, MODEL)["created_at"] for sid in GOOD + list(BAD)}
+
+    argv = [a if a != "job-1" else "job-2" for a in s3_job["argv"]]
+    assert cli.main(argv) == 0, "nothing ran, so nothing failed"
+    after = {k: v for k, v in _keys(s3, bucket).items() if not k.startswith("out/_jobs/")}
+    assert after == {k: v for k, v in before.items() if not k.startswith("out/_jobs/")}
+    assert {sid: store.get(sid, MODEL)["created_at"] for sid in stamps} == stamps
+
+    store.delete("phantom-b", MODEL)
+    argv3 = [a if a != "job-1" else "job-3" for a in s3_job["argv"]]
+    assert cli.main(argv3) == 0
+    redone = [d["scan_id"] for d in store.list_by_job("job-3")]
+    assert redone == ["phantom-b"]
+    assert {sid: store.get(sid, MODEL)["created_at"] for sid in stamps if sid != "phantom-b"} == \
+        {sid: t for sid, t in stamps.items() if sid != "phantom-b"}
+
+
+def test_embedded_default_gives_the_same_passports(s3_job, inputs, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, data in inputs.items():
+        (folder / name).write_bytes(data)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"scan_id": sid, "uri": str(folder / _file(sid))}) + "\n" for sid in GOOD))
+    report = run_batch(BatchConfig(manifest=str(manifest), output=str(tmp_path / "out"), job_id="local-1",
+                                   max_actors=1))
+    assert report.failed == 0 and report.succeeded == len(GOOD)
+    local = open_passport_store(f"sqlite:///{tmp_path / 'out' / 'passports.sqlite'}")
+    remote = open_passport_store(f"dynamodb://{s3_job['table']}")
+    for sid in GOOD:
+        assert (tmp_path / "out" / sid / MODEL / "mask.nii.gz").is_file()
+        ours, theirs = local.get(sid, MODEL), remote.get(sid, MODEL)
+        assert ours["structures"] == theirs["structures"]
+        assert ours["model"]["checksum"] == theirs["model"]["checksum"]
+
+
+def test_ray_job_submit_runs_the_batch_job_on_a_started_head(phantom_weights, example_dir, tmp_path):
+    """``ray job submit --working-dir .`` to a ``ray start --head`` cluster, as on AWS, runs to completion."""
+    import subprocess
+
+    from tests._ray import RAY_BIN, ray_head
+    from tests.conftest import REPO
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"scan_id,uri\nsubmitted,{example_dir / 'example_ct_sm.nii.gz'}\n")
+    out = tmp_path / "out"
+    with ray_head(num_cpus=2) as head:
+        done = subprocess.run(
+            [str(RAY_BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
+             "--", "python", "jobs/segment_batch.py", "--manifest", str(manifest), "--output", str(out),
+             "--job-id", "submitted-1", "--max-actors", "1"],
+            env=head["env"], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout and "1 ok, 0 failed" in done.stdout
+    doc = open_passport_store(f"sqlite:///{out / 'passports.sqlite'}").get("submitted", MODEL)
+    assert doc["status"] == "ok" and (out / "submitted" / MODEL / "mask.nii.gz").is_file()
