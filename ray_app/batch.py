@@ -45,6 +45,8 @@ class BatchConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     actor_resources: dict[str, float] | None = None
+    #: Bytes per segmentation actor: reserved with Ray's scheduler and enforced as the actor's heap limit.
+    memory_per_actor: int | None = None
 
     @property
     def passport_store_uri(self) -> str:
@@ -114,8 +116,12 @@ def _fetch(row: dict[str, Any]) -> dict[str, Any]:
 class SegmentActor:
     """Loads the segmenter once per actor (Ray's batch-inference pattern) and segments one scan per call."""
 
-    def __init__(self, fast: bool, device: str, roi_subset: tuple[str, ...] | None, num_threads: int):
+    def __init__(self, fast: bool, device: str, roi_subset: tuple[str, ...] | None, num_threads: int,
+                 memory_limit: int | None = None):
         from ray_app.segmenter import Segmenter
+
+        if memory_limit:
+            _limit_memory(memory_limit)
 
         self.segmenter = Segmenter(fast=fast, device=device, roi_subset=list(roi_subset) if roi_subset else None,
                                    num_threads=num_threads)
@@ -124,17 +130,33 @@ class SegmentActor:
         out: dict[str, list] = {"scan_id": [], "result": []}
         for i, scan_id in enumerate(batch["scan_id"]):
             timings = {"read_s": float(batch["read_s"][i])}
+            blob = None
             if batch["error_code"][i]:
                 exc = RayAppError(str(batch["error_message"][i]), scan_id=scan_id)
                 exc.code = str(batch["error_code"][i])
                 result = pipeline.failure(scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i],
                                           timings=timings)
             else:
-                scan = pickle.loads(batch["scan"][i])
-                result = pipeline.segment_scan(self.segmenter, scan, timings=timings)
+                try:
+                    result = pipeline.segment_scan(self.segmenter, pickle.loads(batch["scan"][i]), timings=timings)
+                    blob = pickle.dumps(result, protocol=5)
+                except Exception as exc:  # noqa: BLE001 - e.g. MemoryError unpickling a huge scan: its failure only
+                    result = blob = None  # let a partial result go before the failure record is made
+                    result = pipeline.failure(scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i],
+                                              timings=timings)
             out["scan_id"].append(scan_id)
-            out["result"].append(pickle.dumps(result, protocol=5))
+            out["result"].append(blob or pickle.dumps(result, protocol=5))
         return out
+
+
+def _limit_memory(limit: int) -> None:
+    """Cap this process's heap and anonymous memory (``RLIMIT_DATA``) so that a scan needing more than the actor's
+    share fails here with ``MemoryError``, recorded as ``out_of_memory`` while the actor goes on, instead of the
+    kernel's OOM killer taking the worker and Ray retrying the same scan on a fresh actor without end."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
 @lru_cache(maxsize=4)
@@ -194,13 +216,14 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
         ds = ds.map_batches(
             SegmentActor,
             fn_constructor_kwargs={"fast": cfg.fast, "device": cfg.device, "roi_subset": cfg.roi_subset,
-                                   "num_threads": threads},
+                                   "num_threads": threads, "memory_limit": cfg.memory_per_actor},
             batch_size=1,
             compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
             num_cpus=cfg.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor,
             resources=cfg.actor_resources,
             batch_format="default",
+            **({"memory": cfg.memory_per_actor} if cfg.memory_per_actor else {}),
         )
         ds = ds.map(_make_writer(cfg.output, store_uri, cfg.job_id, cfg.preview, spec.output_labels),
                     num_cpus=0.5)

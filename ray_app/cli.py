@@ -75,6 +75,9 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
     p.add_argument("--actor-resource", action="append", default=[], metavar="NAME=AMOUNT",
                    help="custom Ray resource per actor, e.g. spot_gpu=1 to pin actors to a node type")
+    p.add_argument("--actor-memory-gb", type=float, default=None,
+                   help="memory per segmentation actor, reserved with Ray and enforced as its heap limit: a scan "
+                        "that does not fit fails as out_of_memory instead of getting the worker OOM-killed")
 
 
 def _add_mode_options(p: argparse.ArgumentParser) -> None:
@@ -98,7 +101,8 @@ def batch_config(args: argparse.Namespace):
         roi_subset=tuple(args.roi_subset) if args.roi_subset else None, force=args.force,
         retry_failed=args.retry_failed, preview=args.preview,
         min_actors=args.min_actors, max_actors=args.max_actors, cpus_per_actor=args.cpus_per_actor,
-        gpus_per_actor=args.gpus_per_actor, actor_resources=resources, **kwargs)
+        gpus_per_actor=args.gpus_per_actor, actor_resources=resources,
+        memory_per_actor=int(args.actor_memory_gb * 1024**3) if args.actor_memory_gb else None, **kwargs)
 
 
 def _resource(text: str) -> tuple[str, float]:

@@ -40,9 +40,16 @@ def error_fields(exc: BaseException) -> tuple[str, str]:
     """A stable code and a message for failure records; unexpected errors keep their type name."""
     if isinstance(exc, RayAppError):
         return exc.code, exc.message
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or _is_torch_oom(exc):
         return "out_of_memory", "the scan needed more memory than the worker has"
     return "internal_error", f"{type(exc).__name__}: {exc}"
+
+
+def _is_torch_oom(exc: BaseException) -> bool:
+    """torch reports exhausted memory as ``torch.OutOfMemoryError`` (GPU) or a plain RuntimeError from its CPU
+    allocator, not as MemoryError."""
+    return type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc))
 
 
 def failure(scan_id: str, exc: BaseException, model: dict, *, source_uri: str | None = None,
