@@ -68,7 +68,10 @@ def test_fast_mask_equals_vanilla_on_lps_anisotropic_odd_grid(fast_segmenter):
 def test_normal_mode_merges_five_part_models_like_vanilla(phantom_weights, example_dir):
     seg = Segmenter(fast=False, device="cpu")
     assert [s.task_id for s in seg.spec.stages] == [291, 292, 293, 294, 295]
-    for img in (odd_grid_phantom(seed=102), nib.load(example_dir / EXAMPLE_SM)):
+    affine = np.diag([-2.5, -2.5, 3.5, 1.0])
+    affine[:3, 3] = [60.0, 40.0, -20.0]
+    small_lps = make_phantom(104, shape=(51, 43, 23), affine=affine)[0]  # 1.5 mm makes every voxel 5-10
+    for img in (small_lps, nib.load(example_dir / EXAMPLE_SM)):
         ours = np.asanyarray(seg.segment(img).mask.dataobj)
         np.testing.assert_array_equal(ours, vanilla(img, fast=False))
 
