@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import pickle
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from ray_app import pipeline, storage
-from ray_app.errors import RayAppError
+from ray_app.errors import RayAppError, WorkerLost
 from ray_app.manifest import read_manifest
 from ray_app.settings import Settings, get_settings
 from ray_app.sinks import ArtifactSink, open_passport_store, write_summary
@@ -47,6 +48,10 @@ class BatchConfig:
     actor_resources: dict[str, float] | None = None
     #: Bytes per segmentation actor: reserved with Ray's scheduler and enforced as the actor's heap limit.
     memory_per_actor: int | None = None
+    #: Times a scan's segmentation task is run again after the actor running it died (a Spot loss, the OOM killer,
+    #: a native crash). Bounded, so a scan that kills its worker every time fails as ``worker_lost`` and the job
+    #: ends; Ray Data's own default is to retry it forever.
+    max_task_retries: int = 3
 
     @property
     def passport_store_uri(self) -> str:
@@ -211,7 +216,16 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     if todo:
         init_ray()
         threads = max(1, int(cfg.cpus_per_actor))
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        context = ray.data.DataContext.get_current()
+        saved_max_errored_blocks = context.max_errored_blocks
+        # A block is one scan. Every stage turns a scan's own failure into a record, so a block errors only when
+        # Ray gives up on it (its segmentation actor died more than max_task_retries times): the job goes on
+        # without it and records it below instead of failing as a whole. Datasets copy the context when made.
+        context.max_errored_blocks = len(todo)
+        try:
+            ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        finally:
+            context.max_errored_blocks = saved_max_errored_blocks
         ds = ds.map(_fetch, num_cpus=0.5)
         ds = ds.map_batches(
             SegmentActor,
@@ -223,15 +237,40 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
             num_gpus=cfg.gpus_per_actor,
             resources=cfg.actor_resources,
             batch_format="default",
+            # Bounded retries: Ray Data's pool defaults to max_restarts=-1 and max_task_retries=-1, so a scan whose
+            # actor dies every time would be retried forever. Actors are still restarted without limit (a Spot
+            # loss must not end the pool). Ray 2.60 warns that such ray_remote_args are deprecated (removed in
+            # 2.64) and has no named parameter for this yet: the warning is expected.
+            max_task_retries=cfg.max_task_retries,
             **({"memory": cfg.memory_per_actor} if cfg.memory_per_actor else {}),
         )
         ds = ds.map(_make_writer(cfg.output, store_uri, cfg.job_id, cfg.preview, spec.output_labels),
                     num_cpus=0.5)
-        rows.extend(ds.iter_rows())
+        done = list(ds.iter_rows())
+        rows.extend(done)
+        seen = {r["scan_id"] for r in done}
+        rows.extend(_worker_lost_row(item, cfg, store, spec) for item in todo if item["scan_id"] not in seen)
 
     rows.extend({"job_id": cfg.job_id, "scan_id": sid, "model_key": spec.key, "status": "skipped"} for sid in skipped)
     summary_uri = write_summary(rows, cfg.summary_uri)
     return BatchReport(cfg.job_id, rows, skipped, summary_uri)
+
+
+def _worker_lost_row(item: dict[str, Any], cfg: BatchConfig, store, spec) -> dict[str, Any]:
+    """The failure record of a scan that produced no row: Ray gave up on its block after the segmentation actor
+    died on every try. Written like any failure (passport.json, then the store entry) so that a re-run skips it
+    unless ``retry_failed``."""
+    tries = cfg.max_task_retries + 1
+    exc = WorkerLost(f"the worker segmenting this scan died {tries} time{'s' if tries > 1 else ''} (node loss, out "
+                     f"of memory or a crash); no result after {cfg.max_task_retries} retries", scan_id=item["scan_id"])
+    model = {"key": spec.key, "task": spec.task, "mode": spec.mode, "device": cfg.device,
+             "roi_subset": list(spec.roi_subset) if spec.roi_subset else None}
+    result = pipeline.failure(item["scan_id"], exc, model, source_uri=item["uri"])
+    try:
+        pipeline.write_result(result, ArtifactSink(cfg.output), store, cfg.job_id, label_map=spec.output_labels)
+    except Exception:  # noqa: BLE001 - the summary row still records it
+        traceback.print_exc()
+    return pipeline.summary_row(result.passport, cfg.job_id, result.locations)
 
 
 def _already_recorded(store, scan_id: str, model_key: str, retry_failed: bool) -> bool:

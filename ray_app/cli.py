@@ -78,6 +78,9 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actor-memory-gb", type=float, default=None,
                    help="memory per segmentation actor, reserved with Ray and enforced as its heap limit: a scan "
                         "that does not fit fails as out_of_memory instead of getting the worker OOM-killed")
+    p.add_argument("--max-task-retries", type=int, default=3,
+                   help="times a scan is retried after the actor segmenting it died (Spot loss, OOM killer, crash); "
+                        "then it fails as worker_lost and the job goes on")
 
 
 def _add_mode_options(p: argparse.ArgumentParser) -> None:
@@ -102,7 +105,8 @@ def batch_config(args: argparse.Namespace):
         retry_failed=args.retry_failed, preview=args.preview,
         min_actors=args.min_actors, max_actors=args.max_actors, cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor, actor_resources=resources,
-        memory_per_actor=int(args.actor_memory_gb * 1024**3) if args.actor_memory_gb else None, **kwargs)
+        memory_per_actor=int(args.actor_memory_gb * 1024**3) if args.actor_memory_gb else None,
+        max_task_retries=args.max_task_retries, **kwargs)
 
 
 def _resource(text: str) -> tuple[str, float]:

@@ -138,3 +138,10 @@ class DicomSegUnavailable(RayAppError):
     """A DICOM-SEG cannot be made for this scan (not DICOM input, or the source lacks required UIDs)."""
 
     code = "dicom_seg_unavailable"
+
+
+class WorkerLost(RayAppError):
+    """The Ray worker segmenting the scan died on every try (node loss such as a Spot reclaim, the kernel's OOM
+    killer, a native crash): the batch job gave up on the scan after its bounded retries instead of hanging."""
+
+    code = "worker_lost"

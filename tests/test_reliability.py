@@ -151,6 +151,79 @@ def test_a_killed_segmentation_actor_loses_no_scan(moto_server, ray_cluster):
     print(f"actor pid {actor['Pid']} killed after {done_at_kill}/{len(job.ids)} scans; all {len(job.ids)} done once")
 
 
+class ActorKiller:
+    """SIGKILL the segmentation actor's process each time it is running a task, as the kernel's OOM killer or a
+    native crash would: Ray titles an actor worker ``ray::MapWorker(MapBatches(SegmentActor)).submit`` while it
+    runs a batch (``....__init__`` while it loads the model, no suffix when idle), seen in /proc/PID/cmdline."""
+
+    TITLE = b"ray::MapWorker(MapBatches(SegmentActor)).submit"
+
+    def __init__(self):
+        self.kills: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    title = (entry / "cmdline").read_bytes().rstrip(b"\0")
+                except OSError:
+                    continue
+                if title == self.TITLE:
+                    pid = int(entry.name)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+                    if pid not in self.kills:  # a killed process can show its title until it is gone
+                        self.kills.append(pid)
+            time.sleep(0.05)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.mark.timeout(240)
+def test_a_scan_that_kills_its_actor_every_time_fails_as_worker_lost_and_the_job_ends(moto_server, ray_cluster):
+    """Ray Data alone would retry such a scan forever (its pool's max_task_retries=-1): the job hung. Bounded at
+    ``max_task_retries`` (default 3), the scan gets one failure record and the job exits 1."""
+    job = Job(1)
+    (sid,) = job.ids
+    killer = ActorKiller()
+    started = time.monotonic()
+    try:
+        code = cli.main(job.argv("killer"))
+    finally:
+        killer.stop()
+    elapsed = time.monotonic() - started
+
+    retries = BatchConfig(manifest="", output="").max_task_retries
+    assert code == 1
+    assert len(killer.kills) == retries + 1, f"one kill per try: {killer.kills}"
+    items = job.items()
+    assert [(i["scan_id"]["S"], i["status"]["S"]) for i in items] == [(sid, "failed")]
+    doc = job.store.get(sid, MODEL)
+    assert doc["error"]["code"] == "worker_lost" and f"died {retries + 1} times" in doc["error"]["message"]
+    written = job.keys()
+    assert [k for k in written if not k.startswith("out/_jobs/")] == [f"out/{sid}/{MODEL}/passport.json"], \
+        "a failure passport.json, no mask"
+
+    import pyarrow.fs
+    import pyarrow.parquet as pq
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(f"s3://{job.bucket}/out/_jobs/killer/summary.parquet")
+    summary = pq.read_table(path, filesystem=fs).to_pylist()
+    assert [(r["scan_id"], r["status"], r["error_code"], r["mask_uri"]) for r in summary] == [
+        (sid, "failed", "worker_lost", None)]
+    print(f"actor killed {len(killer.kills)} times (pids {killer.kills}); job ended in {elapsed:.1f} s with exit "
+          f"code {code}: {doc['error']['message']}")
+
+
 def test_a_killed_driver_then_a_rerun_finishes_the_rest_and_duplicates_nothing(moto_server, ray_cluster, tmp_path):
     import ray
 
