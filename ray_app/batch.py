@@ -48,9 +48,8 @@ class BatchConfig:
     actor_resources: dict[str, float] | None = None
     #: Bytes per segmentation actor: reserved with Ray's scheduler and enforced as the actor's heap limit.
     memory_per_actor: int | None = None
-    #: Times a scan's segmentation task is run again after the actor running it died (a Spot loss, the OOM killer,
-    #: a native crash). Bounded, so a scan that kills its worker every time fails as ``worker_lost`` and the job
-    #: ends; Ray Data's own default is to retry it forever.
+    #: Times a scan is segmented again after the actor segmenting it died (a Spot loss, the OOM killer, a native
+    #: crash). Bounded, so a scan that kills its worker every time fails as ``worker_lost`` and the job ends.
     max_task_retries: int = 3
 
     @property
@@ -118,15 +117,42 @@ def _fetch(row: dict[str, Any]) -> dict[str, Any]:
             "error_message": message, "read_s": time.perf_counter() - t}
 
 
+class _Starts:
+    """How many times a segmentation actor has begun each scan in this job. A Ray actor on the driver's node, so
+    the count outlives the segmentation actors and the worker nodes they die with."""
+
+    def __init__(self):
+        self.starts: dict[str, int] = {}
+
+    def begin(self, scan_id: str) -> int:
+        """Record one more start of ``scan_id``; returns how many came before (each one a worker that died)."""
+        before = self.starts.get(scan_id, 0)
+        self.starts[scan_id] = before + 1
+        return before
+
+
+def _worker_lost(scan_id: str, deaths: int) -> WorkerLost:
+    return WorkerLost(f"the worker segmenting this scan died {deaths} time{'s' if deaths != 1 else ''} (node loss, "
+                      "out of memory or a crash); not tried again", scan_id=scan_id)
+
+
 class SegmentActor:
-    """Loads the segmenter once per actor (Ray's batch-inference pattern) and segments one scan per call."""
+    """Loads the segmenter once per actor (Ray's batch-inference pattern) and segments one scan per call.
+
+    A scan whose actor dies under it (Spot loss, OOM killer, native crash) comes back to a restarted actor: Ray
+    Data re-delivers it for as long as it takes. ``starts`` counts the times a scan was begun, so that after
+    ``max_task_retries`` deaths the next delivery answers with a ``worker_lost`` failure record instead of
+    segmenting it again: a scan that kills its worker every time cannot hang the job.
+    """
 
     def __init__(self, fast: bool, device: str, roi_subset: tuple[str, ...] | None, num_threads: int,
-                 memory_limit: int | None = None):
+                 memory_limit: int | None = None, starts=None, max_task_retries: int = 3):
         from ray_app.segmenter import Segmenter
 
         if memory_limit:
             _limit_memory(memory_limit)
+        self.starts = starts
+        self.max_task_retries = max_task_retries
 
         self.segmenter = Segmenter(fast=fast, device=device, roi_subset=list(roi_subset) if roi_subset else None,
                                    num_threads=num_threads)
@@ -141,6 +167,9 @@ class SegmentActor:
                 exc.code = str(batch["error_code"][i])
                 result = pipeline.failure(scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i],
                                           timings=timings)
+            elif (deaths := self._deaths_before(scan_id)) > self.max_task_retries:
+                result = pipeline.failure(scan_id, _worker_lost(scan_id, deaths), self.segmenter.model_info,
+                                          source_uri=batch["uri"][i], timings=timings)
             else:
                 try:
                     result = pipeline.segment_scan(self.segmenter, pickle.loads(batch["scan"][i]), timings=timings)
@@ -152,6 +181,19 @@ class SegmentActor:
             out["scan_id"].append(scan_id)
             out["result"].append(blob or pickle.dumps(result, protocol=5))
         return out
+
+    def _deaths_before(self, scan_id: str) -> int:
+        """Record this start of the scan; returns the earlier ones (0 without a counter, or when it cannot be
+        reached: then the scan is segmented as usual)."""
+        if self.starts is None:
+            return 0
+        import ray
+
+        try:
+            return int(ray.get(self.starts.begin.remote(scan_id), timeout=60))
+        except Exception:  # noqa: BLE001 - counting is a safeguard; the scan still runs
+            traceback.print_exc()
+            return 0
 
 
 def _limit_memory(limit: int) -> None:
@@ -198,6 +240,7 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     """Run the whole job and write its summary; returns the per-scan rows."""
     import ray
     from ray.data import ActorPoolStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     settings = settings or get_settings()
     spec = task_spec("total", fast=cfg.fast, roi_subset=cfg.roi_subset)
@@ -216,11 +259,15 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     if todo:
         init_ray()
         threads = max(1, int(cfg.cpus_per_actor))
+        starts = ray.remote(_Starts).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                           soft=False)).remote()
         context = ray.data.DataContext.get_current()
         saved_max_errored_blocks = context.max_errored_blocks
         # A block is one scan. Every stage turns a scan's own failure into a record, so a block errors only when
-        # Ray gives up on it (its segmentation actor died more than max_task_retries times): the job goes on
-        # without it and records it below instead of failing as a whole. Datasets copy the context when made.
+        # Ray gives up on it (a task's worker lost more often than Ray retries it, an object lost with its node):
+        # the job goes on without it and records it below instead of failing as a whole. Datasets copy the
+        # context when made.
         context.max_errored_blocks = len(todo)
         try:
             ds = ray.data.from_items(todo, override_num_blocks=len(todo))
@@ -230,23 +277,27 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
         ds = ds.map_batches(
             SegmentActor,
             fn_constructor_kwargs={"fast": cfg.fast, "device": cfg.device, "roi_subset": cfg.roi_subset,
-                                   "num_threads": threads, "memory_limit": cfg.memory_per_actor},
+                                   "num_threads": threads, "memory_limit": cfg.memory_per_actor, "starts": starts,
+                                   "max_task_retries": cfg.max_task_retries},
             batch_size=1,
             compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
             num_cpus=cfg.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor,
             resources=cfg.actor_resources,
             batch_format="default",
-            # Bounded retries: Ray Data's pool defaults to max_restarts=-1 and max_task_retries=-1, so a scan whose
-            # actor dies every time would be retried forever. Actors are still restarted without limit (a Spot
-            # loss must not end the pool). Ray 2.60 warns that such ray_remote_args are deprecated (removed in
-            # 2.64) and has no named parameter for this yet: the warning is expected.
-            max_task_retries=cfg.max_task_retries,
+            # Ray Data's pool keeps max_restarts=-1 and max_task_retries=-1: the bound on a scan that kills its
+            # actor is SegmentActor's count of starts, not Ray's max_task_retries. Ray counts every failed
+            # delivery, and while a lost node is not yet declared dead each one fails within seconds
+            # (ActorUnavailableError): max_task_retries=3 (passed as a ray_remote_arg, deprecated in 2.60 with no
+            # named parameter) failed 5 of 6 scans as lost after one node kill in tests/test_reliability.py.
             **({"memory": cfg.memory_per_actor} if cfg.memory_per_actor else {}),
         )
         ds = ds.map(_make_writer(cfg.output, store_uri, cfg.job_id, cfg.preview, spec.output_labels),
                     num_cpus=0.5)
-        done = list(ds.iter_rows())
+        try:
+            done = list(ds.iter_rows())
+        finally:
+            ray.kill(starts)
         rows.extend(done)
         seen = {r["scan_id"] for r in done}
         rows.extend(_worker_lost_row(item, cfg, store, spec) for item in todo if item["scan_id"] not in seen)
@@ -257,12 +308,10 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
 
 
 def _worker_lost_row(item: dict[str, Any], cfg: BatchConfig, store, spec) -> dict[str, Any]:
-    """The failure record of a scan that produced no row: Ray gave up on its block after the segmentation actor
-    died on every try. Written like any failure (passport.json, then the store entry) so that a re-run skips it
-    unless ``retry_failed``."""
-    tries = cfg.max_task_retries + 1
-    exc = WorkerLost(f"the worker segmenting this scan died {tries} time{'s' if tries > 1 else ''} (node loss, out "
-                     f"of memory or a crash); no result after {cfg.max_task_retries} retries", scan_id=item["scan_id"])
+    """The failure record of a scan that produced no row because Ray gave up on its block. Written like any
+    failure (passport.json, then the store entry) so that a re-run skips it unless ``retry_failed``."""
+    exc = WorkerLost("no result came back for this scan: Ray gave up on it after losing its worker (node loss, "
+                     "out of memory or a crash)", scan_id=item["scan_id"])
     model = {"key": spec.key, "task": spec.task, "mode": spec.mode, "device": cfg.device,
              "roi_subset": list(spec.roi_subset) if spec.roi_subset else None}
     result = pipeline.failure(item["scan_id"], exc, model, source_uri=item["uri"])

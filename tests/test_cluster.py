@@ -5,48 +5,24 @@ provider on this machine."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import boto3
 import botocore.session
 import pytest
-import yaml
 from botocore.validate import ParamValidator
 
 from ray_app import aws_setup
-
-REPO = Path(__file__).resolve().parent.parent
-CLUSTER_YAML = REPO / "cluster.yaml"
-LABELS = {"spot_cpu": ("c6i.", "c7i."), "spot_gpu": ("g4dn.", "g5.", "g6.")}
-
-
-def load_cluster() -> dict:
-    return yaml.safe_load(CLUSTER_YAML.read_text())
-
-
-def prepared_cluster() -> dict:
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    config = prepare_config(load_cluster())
-    validate_config(config)
-    return config
-
-
-def workers(config: dict) -> dict[str, dict]:
-    return {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
-
-
-def label_of(node_type: dict) -> str:
-    (label,) = [r for r in node_type["resources"] if r in LABELS]
-    return label
-
+from tests._fake_cluster import (
+    LABELS,
+    REPO,
+    fake_cluster,
+    label_of,
+    load_cluster,
+    prepared_cluster,
+    workers,
+)
 
 # ------------------------------------------------------------------------------------------ static checks
 
@@ -126,7 +102,11 @@ def test_the_validators_reject_a_broken_node_config():
 def test_rays_aws_provider_bootstraps_and_launches_each_worker_type_on_spot(moto_server, tmp_path, monkeypatch):
     from ray.autoscaler._private.aws.config import bootstrap_aws
     from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
-    from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
+    from ray.autoscaler.tags import (
+        TAG_RAY_NODE_KIND,
+        TAG_RAY_NODE_NAME,
+        TAG_RAY_USER_NODE_TYPE,
+    )
 
     monkeypatch.setenv("HOME", str(tmp_path))  # Ray saves the key pair it creates under ~/.ssh
     aws_setup.ensure_iam(aws_setup.IamParams(
@@ -181,96 +161,19 @@ def test_rays_aws_provider_bootstraps_and_launches_each_worker_type_on_spot(moto
 # ----------------------------------------------------------------------- real autoscaling, fake multinode
 
 
-def fake_config(cluster: dict, gcs_port: int) -> dict:
-    """cluster.yaml's node types and labels on Ray's fake multinode provider, sized for this machine: one CPU (and
-    one GPU for the GPU types) per worker, at most one of each type, a 6 s idle timeout."""
-    assert cluster["head_node_type"] == "ray.head.default"  # the only head type name the fake provider knows
-    types: dict[str, dict] = {
-        "ray.head.default": {"resources": dict(cluster["available_node_types"]["ray.head.default"]["resources"]),
-                             "node_config": {}, "max_workers": 0}}
-    for name, node_type in workers(cluster).items():
-        resources = {**node_type["resources"], "CPU": 1, "object_store_memory": 100 * 1024**2}
-        if label_of(node_type) == "spot_gpu":
-            resources["GPU"] = 1
-        types[name] = {"resources": resources, "node_config": {}, "min_workers": node_type["min_workers"],
-                       "max_workers": 1}
-    return {
-        "cluster_name": "ray-app-fake",
-        "max_workers": len(types) - 1,
-        "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 0.1,
-        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True},
-        "auth": {},
-        "docker": {},
-        "head_node_type": "ray.head.default",
-        "available_node_types": types,
-        **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands",
-                           "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
-                           "cluster_synced_files", "rsync_exclude", "rsync_filter")},
-        "file_mounts": {},
-        "file_mounts_sync_continuously": False,
-    }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_autoscaler_adds_the_labelled_worker_types_for_a_job_and_removes_them_when_idle(tmp_path):
-    port = _free_port()
-    fake_yaml = tmp_path / "fake-cluster.yaml"
-    fake_yaml.write_text(yaml.safe_dump(fake_config(prepared_cluster(), port)))
-    temp_dir = tempfile.mkdtemp(prefix="rayfake-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    with open(tmp_path / "head.log", "wb") as log:
-        head = subprocess.Popen(
-            [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
-             f"--object-store-memory={200 * 1024**2}", "--include-dashboard=false", "--disable-usage-stats",
-             f"--autoscaling-config={fake_yaml}", f"--temp-dir={temp_dir}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with fake_cluster(tmp_path) as cluster:
         out = tmp_path / "job.json"
-        job = subprocess.run([sys.executable, str(REPO / "tests" / "autoscale_job.py"), f"127.0.0.1:{port}", str(out)],
-                             check=False, env=env, capture_output=True, text=True, timeout=240)
+        job = subprocess.run([sys.executable, str(REPO / "tests" / "autoscale_job.py"), cluster["address"], str(out)],
+                             check=False, env=cluster["env"], capture_output=True, text=True, timeout=240)
         assert job.returncode == 0, job.stderr[-3000:]
         result = json.loads(out.read_text())
         counts = [(t["t"], len(t["spot_cpu"]), len(t["spot_gpu"])) for t in result["trace"]]
         changes = [c for i, c in enumerate(counts) if i == 0 or c[1:] != counts[i - 1][1:]]
         print(f"job {result['job_s']:.1f} s; (s, Spot CPU nodes, Spot GPU nodes) at each change: {changes}")
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-        deadline = time.monotonic() + 30
-        while _processes_mentioning(temp_dir) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        leftovers = _processes_mentioning(temp_dir)
-        for pid in leftovers:
-            os.kill(pid, 9)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert leftovers == [], "Ray processes outlived the head"
+    assert cluster["leftovers"] == [], "Ray processes outlived the head"
 
     trace = result["trace"]
     assert trace[0]["spot_cpu"] == [] and trace[0]["spot_gpu"] == [], "the cluster starts with the head alone"

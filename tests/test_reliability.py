@@ -28,6 +28,7 @@ from ray_app import cli
 from ray_app.batch import BatchConfig, run_batch
 from ray_app.phantom import make_phantom
 from ray_app.sinks import create_table, open_passport_store
+from tests._fake_cluster import fake_cluster, node_processes
 from tests.faultproxy import FAULTS, FaultProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -152,20 +153,25 @@ def test_a_killed_segmentation_actor_loses_no_scan(moto_server, ray_cluster):
 
 
 class ActorKiller:
-    """SIGKILL the segmentation actor's process each time it is running a task, as the kernel's OOM killer or a
-    native crash would: Ray titles an actor worker ``ray::MapWorker(MapBatches(SegmentActor)).submit`` while it
-    runs a batch (``....__init__`` while it loads the model, no suffix when idle), seen in /proc/PID/cmdline."""
+    """SIGKILL the segmentation actor's process whenever it has been segmenting for ``after`` seconds, as the
+    kernel's OOM killer or a native crash would. Ray titles an actor worker
+    ``ray::MapWorker(MapBatches(SegmentActor)).submit`` while it runs a batch (``....__init__`` while it loads the
+    model, no suffix when idle), seen in /proc/PID/cmdline. The delay spares a delivery that only answers with a
+    failure record (milliseconds), not one that segments (seconds)."""
 
     TITLE = b"ray::MapWorker(MapBatches(SegmentActor)).submit"
 
-    def __init__(self):
+    def __init__(self, after: float = 0.5):
+        self.after = after
         self.kills: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
+        busy_since: dict[int, float] = {}
         while not self._stop.is_set():
+            busy = set()
             for entry in Path("/proc").iterdir():
                 if not entry.name.isdigit():
                     continue
@@ -175,12 +181,15 @@ class ActorKiller:
                     continue
                 if title == self.TITLE:
                     pid = int(entry.name)
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        continue
-                    if pid not in self.kills:  # a killed process can show its title until it is gone
+                    busy.add(pid)
+                    since = busy_since.setdefault(pid, time.monotonic())
+                    if time.monotonic() - since >= self.after and pid not in self.kills:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            continue
                         self.kills.append(pid)
+            busy_since = {pid: t for pid, t in busy_since.items() if pid in busy}
             time.sleep(0.05)
 
     def stop(self):
@@ -190,8 +199,8 @@ class ActorKiller:
 
 @pytest.mark.timeout(240)
 def test_a_scan_that_kills_its_actor_every_time_fails_as_worker_lost_and_the_job_ends(moto_server, ray_cluster):
-    """Ray Data alone would retry such a scan forever (its pool's max_task_retries=-1): the job hung. Bounded at
-    ``max_task_retries`` (default 3), the scan gets one failure record and the job exits 1."""
+    """Ray Data alone re-delivers such a scan forever (its pool's max_task_retries=-1): the job hung. After
+    ``max_task_retries`` (default 3) deaths, the next delivery answers with a failure record and the job exits 1."""
     job = Job(1)
     (sid,) = job.ids
     killer = ActorKiller()
@@ -222,6 +231,81 @@ def test_a_scan_that_kills_its_actor_every_time_fails_as_worker_lost_and_the_job
         (sid, "failed", "worker_lost", None)]
     print(f"actor killed {len(killer.kills)} times (pids {killer.kills}); job ended in {elapsed:.1f} s with exit "
           f"code {code}: {doc['error']['message']}")
+
+
+SEGMENT_ACTOR_TITLE = "ray::MapWorker(MapBatches(SegmentActor))"
+
+
+@pytest.mark.timeout(480)
+def test_a_worker_node_lost_mid_job_is_replaced_and_no_scan_is_lost_or_done_twice(moto_server, phantom_weights,
+                                                                                   tmp_path):
+    """A Spot reclaim on Ray's fake multinode cluster: the segmentation actor must run on a Spot CPU worker node
+    (``--actor-resource spot_cpu=1``; the head takes the fetch and write tasks). Once the first passport lands,
+    every process of the node hosting the actor is SIGKILLed (raylet, workers, agents: all carry the node's
+    ``RAY_OVERRIDE_NODE_ID_FOR_TESTING``). The autoscaler brings a replacement node up (two nodes per type allowed:
+    the dead one keeps its slot until it is declared unhealthy), Ray restarts the actor there and retries the
+    scan it had in hand, and the job ends with exactly one passport and one mask per scan."""
+    job = Job(6)
+    with fake_cluster(tmp_path, head_cpus=2, max_workers_per_type=2) as cluster:
+        log_path = tmp_path / "driver.log"
+        started = time.monotonic()
+
+        def at() -> float:
+            return round(time.monotonic() - started, 1)
+
+        with open(log_path, "wb") as log:
+            driver = subprocess.Popen([RAY_APP, *job.argv("node-loss"), "--actor-resource", "spot_cpu=1"],
+                                      env=cluster["env"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait(lambda: job.done("node-loss") or driver.poll() is not None, 300, "the first passport")
+            assert driver.poll() is None, log_path.read_text()[-3000:]
+            t_first = at()
+
+            def actor_node():
+                return next(((node, procs) for node, procs in node_processes().items()
+                             if any(t.startswith(SEGMENT_ACTOR_TITLE) for t in procs.values())), None)
+
+            node, procs = _wait(actor_node, 30, "the segmentation actor's node")
+            before = set(node_processes())
+            done_at_kill = len(job.done("node-loss"))
+            for pid in procs:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            t_kill = at()
+            killed = sorted({t.split()[0].rsplit("/", 1)[-1] for t in procs.values()})
+            assert done_at_kill < len(job.ids), "the job ended before the node could be killed"
+            assert any("raylet" in t for t in procs.values()), f"the node's raylet was not found: {procs}"
+
+            t_replacement = t_actor = None
+            replacement = None
+            while driver.poll() is None:
+                assert at() < 400, "the job did not finish"
+                nodes = node_processes()
+                assert node not in nodes or not any(p in nodes[node] for p in procs), "a killed process lives on"
+                if replacement is None:
+                    replacement = next((n for n in nodes if n not in before and any("raylet" in t for t in
+                                                                                     nodes[n].values())), None)
+                    t_replacement = at() if replacement else None
+                if replacement and t_actor is None and any(
+                        t.startswith(SEGMENT_ACTOR_TITLE) for t in nodes.get(replacement, {}).values()):
+                    t_actor = at()
+                time.sleep(0.5)
+            t_done = at()
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+            driver.wait()
+        assert driver.returncode == 0, log_path.read_text()[-4000:]
+
+    assert replacement is not None and t_actor is not None, "no replacement node ran the segmentation actor"
+    job.assert_exactly_one_result_each()
+    assert len(job.done("node-loss")) == len(job.ids)
+    print(f"node loss timeline (s from submit): first passport {t_first}; node {node[-5:]} killed at {t_kill} "
+          f"({len(procs)} processes: {', '.join(killed)}) after {done_at_kill}/{len(job.ids)} scans; replacement "
+          f"node {replacement[-5:]} up at {t_replacement}; actor on it at {t_actor}; job done at {t_done}; "
+          f"exactly one passport and one mask for each of the {len(job.ids)} scans")
 
 
 def test_a_killed_driver_then_a_rerun_finishes_the_rest_and_duplicates_nothing(moto_server, ray_cluster, tmp_path):
