@@ -54,6 +54,24 @@ def body_box(data: np.ndarray) -> tuple[slice, ...]:
                  for i, n in zip(inside, data.shape))
 
 
+def resample_labels(seg: np.ndarray, target_shape) -> np.ndarray:
+    """TotalSegmentator's order-0 ``change_spacing`` to ``target_shape`` as an index gather, voxel for voxel.
+
+    ``change_spacing`` calls ``scipy.ndimage.zoom(order=0, mode="nearest")`` on a float64 copy: output voxel k
+    takes input voxel ``floor(k * (n_in - 1) / (n_out - 1) + 0.5)`` on every axis (scipy's ``NI_ZoomShift``
+    with ``grid_mode=False``). Gathering those indices gives the same uint8 array without the 8-byte volume
+    (630 MB on a 512x512x300 CT) and several times faster.
+    """
+    zoom = np.asarray(target_shape, dtype=np.float64) / np.asarray(seg.shape)
+    out_shape = [round(float(n * z)) for n, z in zip(seg.shape, zoom)]  # as scipy derives it from the zoom
+    out = seg
+    for axis, (n_in, n_out) in enumerate(zip(seg.shape, out_shape)):
+        factor = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
+        index = np.floor(np.arange(n_out, dtype=np.float64) * factor + 0.5).astype(np.intp)
+        out = np.take(out, np.clip(index, 0, n_in - 1), axis=axis)
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
 class Segmenter:
     """Owns the nnU-Net model(s) of one TotalSegmentator task, loaded once, and segments any number of scans.
 
@@ -188,8 +206,9 @@ class Segmenter:
         img_in = as_closest_canonical(img_in)
         resample = stages[0].resample
         if resample is not None:
-            img_in_shape = img_in.shape
+            img_in_shape, img_in_affine = img_in.shape, img_in.affine
             img_in_rsp = change_spacing(img_in, [resample] * 3, order=1, dtype=np.int32, nr_cpus=1)
+            del img_in  # the full-resolution float64 copy: 630 MB on a 512x512x300 CT, not needed by the network
         else:
             img_in_rsp = img_in
         timings[prefix + "resample_in_s"] = time.perf_counter() - t
@@ -203,10 +222,11 @@ class Segmenter:
         timings[prefix + "network_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        img_pred = nib.Nifti1Image(seg, img_in_rsp.affine)
         if resample is not None:
-            img_pred = change_spacing(img_pred, [resample] * 3, img_in_shape, order=0, dtype=np.uint8, nr_cpus=1,
-                                      force_affine=img_in.affine)
+            # TotalSegmentator resamples back with change_spacing(order=0, target_shape, force_affine=img_in's)
+            img_pred = nib.Nifti1Image(resample_labels(seg, img_in_shape), img_in_affine)
+        else:
+            img_pred = nib.Nifti1Image(seg, img_in_rsp.affine)
         img_pred = undo_canonical(img_pred, img_orig)
         out = np.asanyarray(img_pred.dataobj).astype(np.uint8)
         timings[prefix + "resample_out_s"] = time.perf_counter() - t
