@@ -493,8 +493,8 @@ class SegmentService:
             return 403
         if code == storage.StorageError.code:
             return 502
-        if code == errors.WeightsMissing.code:
-            return 503
+        if code in (errors.WeightsMissing.code, "out_of_memory"):
+            return 503  # out of memory: this replica, now; another one (or a retry) may have room
         return 500
 
     def _passports(self):
