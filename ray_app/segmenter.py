@@ -177,7 +177,7 @@ class Segmenter:
                 crop_mask = np.isin(rough, [inv[r] for r in spec.roi_subset]).astype(np.uint8)
                 if crop_mask.sum() == 0:
                     return SegmentationResult(self._as_mask_image(np.zeros(img_orig.shape, np.uint8), img_orig), timings)
-                img_in = nib.Nifti1Image(img_orig.get_fdata(), img_orig.affine)
+                img_in = nib.Nifti1Image(img_orig.get_fdata(caching="unchanged"), img_orig.affine)
                 img_in, crop_bbox = crop_to_mask(img_in, nib.Nifti1Image(crop_mask, img_orig.affine),
                                                  addon=list(totalseg.ROI_CROP_ADDON), dtype=np.int32)
                 seg = self._predict(img_in, spec.stages, timings, "", copy_input=False)
@@ -202,7 +202,7 @@ class Segmenter:
         from totalsegmentator.resampling import change_spacing
 
         t = time.perf_counter()
-        img_in = nib.Nifti1Image(img_orig.get_fdata(), img_orig.affine) if copy_input else img_orig
+        img_in = nib.Nifti1Image(img_orig.get_fdata(caching="unchanged"), img_orig.affine) if copy_input else img_orig
         img_in = as_closest_canonical(img_in)
         resample = stages[0].resample
         if resample is not None:
