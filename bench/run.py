@@ -5,7 +5,11 @@
     .venv/bin/python bench/run.py --scans example_ct_sm --repeats 2 --device cuda
 
 Every (variant, scan) runs in a fresh child process, so peak RSS is that run's own (children included, for
-vanilla's preprocessing and export processes). Figures go to ``bench/results/latest.json`` and a table.
+vanilla's preprocessing and export processes). "forward share" is the network forward's share of the worker's
+seconds (segmentation and passport: what a batch actor or Serve replica spends per scan; decoding and writing
+run in other tasks). Then the Ray Data batch job runs N copies of one scan on a local Ray with k one-CPU
+actors, against k times the rate of one warm one-thread segmenter. Figures go to ``bench/results/latest.json``
+and a table.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -33,24 +38,33 @@ PHANTOM_WEIGHTS = REPO / "ray_app" / "phantom_weights"
 DEFAULT_RANDOM_WEIGHTS = Path(tempfile.gettempdir()) / "ray_app_bench_weights"
 
 
-def synthetic_ct():
-    """512x512x300 at 0.78x0.78x1.5 mm: a phantom body with air around it and a table, as a scanner writes it."""
+SYNTHETIC = Path(tempfile.gettempdir()) / "ray_app_bench_synthetic_512x512x300.nii"
+
+
+def synthetic_ct() -> Path:
+    """512x512x300 at 0.78x0.78x1.5 mm: a phantom body with air around it and a table, as a scanner writes it.
+
+    Made once, in the parent, so that no child's peak RSS includes building the phantom."""
     import nibabel as nib
 
     from ray_app.phantom import make_phantom
 
-    affine = np.diag([-0.78, -0.78, 1.5, 1.0])
-    affine[:3, 3] = [200.0, 200.0, -225.0]
-    ct, _ = make_phantom(4242, shape=(512, 512, 300), affine=affine)
-    return nib.Nifti1Image(np.asanyarray(ct.dataobj), ct.affine)
+    if not SYNTHETIC.exists():
+        affine = np.diag([-0.78, -0.78, 1.5, 1.0])
+        affine[:3, 3] = [200.0, 200.0, -225.0]
+        ct, _ = make_phantom(4242, shape=(512, 512, 300), affine=affine)
+        partial = SYNTHETIC.with_suffix(".partial.nii")
+        nib.save(nib.Nifti1Image(np.asanyarray(ct.dataobj), ct.affine), partial)
+        partial.replace(SYNTHETIC)
+    return SYNTHETIC
 
 
 def load_input(name: str):
+    """The scan in memory, as a caller would hand it over (int16 HU, nothing memory-mapped)."""
     import nibabel as nib
 
-    if name == "synthetic":
-        return synthetic_ct()
-    return nib.load(EXAMPLES / f"{name}.nii.gz")
+    img = nib.load(SYNTHETIC if name == "synthetic" else EXAMPLES / f"{name}.nii.gz")
+    return nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header)
 
 
 class ForwardClock:
@@ -124,7 +138,7 @@ def child(variant: str, scan: str, device: str, repeats: int, out_mask: str) -> 
             forwards.append((clock.seconds, clock.calls))
         mask = np.asanyarray(out.dataobj).astype(np.uint8)
     else:
-        from ray_app import outputs, passport
+        from ray_app import outputs, pipeline
         from ray_app.scan import scan_from_image
         from ray_app.segmenter import Segmenter
 
@@ -134,24 +148,21 @@ def child(variant: str, scan: str, device: str, repeats: int, out_mask: str) -> 
         for _ in range(repeats):
             clock.seconds = clock.calls = 0
             t, c = time.perf_counter(), _cpu()
-            t0 = time.perf_counter()
             s = scan_from_image(img, "bench")
-            read = time.perf_counter() - t0
-            result = seg.segment(s.image)
-            m = np.asanyarray(result.mask.dataobj)
+            read = time.perf_counter() - t
+            t_worker = time.perf_counter()
+            result = pipeline.segment_scan(seg, s)  # what a batch actor or a Serve replica does per scan
+            worker = time.perf_counter() - t_worker
+            assert result.ok, result.passport.get("error")
             t0 = time.perf_counter()
-            doc = passport.build_passport(s, m, label_map=seg.spec.output_labels, model=seg.model_info,
-                                          timings=result.timings)
-            pas = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            outputs.mask_to_nifti_bytes(m, s)
+            outputs.mask_to_nifti_bytes(result.mask, s)
             write = time.perf_counter() - t0
             walls.append(time.perf_counter() - t)
             cpus.append(_cpu() - c)
             forwards.append((clock.seconds, clock.calls))
-            stages.update({"read_decode_s": read, **result.timings, "passport_s": pas, "write_s": write})
-        mask = m
-        assert doc["status"] == "ok"
+            stages.update({"read_decode_s": read, **result.passport["timings"], "worker_s": worker,
+                           "write_s": write})
+        mask = result.mask
     np.save(out_mask, mask)
     net = networks[-1]
     gflop = tile_gflop(net.network, net.configuration_manager.patch_size, net.device)
@@ -161,11 +172,37 @@ def child(variant: str, scan: str, device: str, repeats: int, out_mask: str) -> 
     return {
         "variant": variant, "scan": scan, "device": device, "shape": list(img.shape),
         "wall_s": walls, "cpu_s": cpus, "forward_s": fwd_s, "forward_calls": calls,
-        "forward_share": fwd_s / walls[-1], "tile_gflop": gflop,
+        "forward_share": fwd_s / stages.get("worker_s", walls[-1]), "tile_gflop": gflop,
         "gflops_per_s": gflop * calls / fwd_s if fwd_s else None,
         "peak_rss_mb": self_rss, "peak_rss_children_mb": child_rss, "stages": stages,
         "threads": torch.get_num_threads(),
     }
+
+
+def batch_child(scan: str, n: int, actors: int, device: str) -> dict:
+    """The Ray Data job over ``n`` copies of ``scan`` with ``actors`` one-CPU actors, steady-state rate.
+
+    The rate counts the scans after the first ``actors`` (the pool's warm-up: Ray start, model load) over the
+    time between the ``actors``-th and the last finished passport."""
+    import nibabel as nib
+
+    from ray_app import batch
+
+    work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
+    path = work / f"{scan}.nii.gz"
+    nib.save(load_input(scan), path)
+    (work / "manifest.csv").write_text("scan_id,uri\n" + "".join(f"s{i:03d},{path}\n" for i in range(n)))
+    batch.init_ray(num_cpus=actors + 1)  # one CPU per actor, one for decoding and writing
+    t = time.time()
+    report = batch.run_batch(batch.BatchConfig(manifest=str(work / "manifest.csv"), output=str(work / "out"),
+                                               device=device, min_actors=actors, max_actors=actors,
+                                               cpus_per_actor=1.0, gpus_per_actor=1.0 if device == "cuda" else 0))
+    wall = time.time() - t
+    assert report.succeeded == n, report.rows
+    # finished_at: when the actor finished each passport (segmentation done; the write overlaps the next scan)
+    arrivals = sorted(datetime.strptime(r["finished_at"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp() for r in report.rows)
+    steady = (n - actors) / (arrivals[-1] - arrivals[actors - 1]) if n > actors else None
+    return {"scan": scan, "scans": n, "actors": actors, "wall_s": wall, "steady_scans_per_s": steady}
 
 
 def _cpu() -> float:
@@ -205,28 +242,41 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=2, help="calls per run; the last one is reported (warm)")
     p.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    p.add_argument("--batch", default="example_ct:6:2", help="SCAN:N:K for the Ray Data step ('' to skip)")
     p.add_argument("--child", nargs=3, metavar=("VARIANT", "SCAN", "MASK"), help=argparse.SUPPRESS)
+    p.add_argument("--batch-child", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     weights = {"phantom": PHANTOM_WEIGHTS, "random": DEFAULT_RANDOM_WEIGHTS}.get(args.weights, Path(args.weights))
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.device, args.repeats, args.child[2])))
         return
+    if args.batch_child:
+        scan, n, k = args.batch_child.split(":")
+        print(json.dumps(batch_child(scan, int(n), int(k), args.device)))
+        return
     if args.weights == "random" and not (weights / "Dataset297_TotalSegmentator_total_3mm_1559subj").exists():
         subprocess.run([sys.executable, str(HERE / "make_random_weights.py"), str(weights)], check=True)
     env = {**os.environ, "TOTALSEG_WEIGHTS_PATH": str(weights),
            "TOTALSEG_HOME_DIR": tempfile.mkdtemp(prefix="bench-totalseg-home-")}
+    if "synthetic" in args.scans.split(","):
+        synthetic_ct()
     results, masks = [], {}
     tmp = Path(tempfile.mkdtemp(prefix="bench-masks-"))
+    def run_child(*child_args: str, threads: int | None = None) -> dict:
+        cmd = [sys.executable, __file__, "--weights", args.weights, "--device", args.device,
+               "--repeats", str(args.repeats), *child_args]
+        child_env = {**env, "OMP_NUM_THREADS": str(threads)} if threads else env
+        proc = subprocess.run(cmd, check=False, env=child_env, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode:
+            sys.exit(f"{' '.join(child_args)} failed:\n{proc.stderr[-4000:]}")
+        # the figures are the last JSON line: Ray may forward worker output to stdout after it
+        return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
+
     for scan in args.scans.split(","):
         for variant in args.variants.split(","):
             mask_path = tmp / f"{variant}-{scan}.npy"
-            cmd = [sys.executable, __file__, "--weights", args.weights, "--device", args.device,
-                   "--repeats", str(args.repeats), "--child", variant, scan, str(mask_path)]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-            if proc.returncode:
-                sys.exit(f"{variant} on {scan} failed:\n{proc.stderr[-4000:]}")
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            results.append(run_child("--child", variant, scan, str(mask_path)))
             masks[variant, scan] = np.load(mask_path)
         if ("vanilla", scan) in masks:
             for variant in args.variants.split(","):
@@ -240,8 +290,24 @@ def main() -> None:
             "device": args.device, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "matmul_fp32_gflops": matmul_peak_gflops() if args.device == "cpu" else None}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(table(meta, results))
+
+    def save(batch_result) -> None:
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "batch": batch_result}, indent=1))
+
+    save(None)  # the per-scan figures are kept even if the batch step fails
+    print(table(meta, results), flush=True)
+    batch_result = None
+    if args.batch:
+        scan, n, k = args.batch.split(":")
+        single = run_child("--child", "ours", scan, str(tmp / "single.npy"), threads=1)
+        batch_result = run_child("--batch-child", args.batch)
+        batch_result["single_worker_scans_per_s"] = 1 / single["stages"]["worker_s"]
+        batch_result["efficiency"] = batch_result["steady_scans_per_s"] / (int(k) / single["stages"]["worker_s"])
+        save(batch_result)
+        b = batch_result
+        print(f"Ray Data: {b['scans']} x {b['scan']}, {b['actors']} one-CPU actors: {b['steady_scans_per_s']:.4f} "
+              f"scans/s steady ({b['wall_s']:.0f} s wall incl. start); one warm one-thread worker "
+              f"{b['single_worker_scans_per_s']:.4f} scans/s; efficiency vs k x single: {b['efficiency']:.0%}")
 
 
 def table(meta: dict, results: list[dict]) -> str:
