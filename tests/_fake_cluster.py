@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+
+from tests._ray import free_port, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -81,12 +82,6 @@ def fake_config(cluster: dict, gcs_port: int, max_workers_per_type: int = 1) -> 
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def processes_mentioning(text: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -142,12 +137,7 @@ def fake_cluster(tmp_path: Path, head_cpus: int = 0, max_workers_per_type: int =
     try:
         yield cluster
     finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
+        stop_process(head)
         deadline = time.monotonic() + 30
         while processes_mentioning(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.5)

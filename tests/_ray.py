@@ -25,6 +25,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after ``timeout`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def ray_head(num_cpus: int = 1, env: dict[str, str] | None = None,
              before_stop: Callable[[dict], None] | None = None) -> Iterator[dict]:
@@ -59,10 +69,5 @@ def ray_head(num_cpus: int = 1, env: dict[str, str] | None = None,
     finally:
         if before_stop is not None:
             before_stop(head)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -24,7 +24,6 @@ from tests import guards  # noqa: E402
 guards.install()  # tests may talk to loopback only
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ import urllib.request
 import uuid
 
 import pytest
+
+from tests._ray import free_port, stop_process  # noqa: E402
 
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -45,12 +46,6 @@ _AWS_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
 _AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "RAY_APP_AWS_ENDPOINT_URL")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clear_caches() -> None:
@@ -71,7 +66,7 @@ def moto_server(tmp_path_factory):
     exe = str(exe) if exe.exists() else shutil.which("moto_server")
     if not exe:
         pytest.fail("moto_server is not installed (pip install 'moto[server]')")
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("moto") / "moto_server.log", "wb")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
@@ -105,12 +100,7 @@ def moto_server(tmp_path_factory):
                     os.environ[k] = v
             _clear_caches()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
         log.close()
 
 

@@ -274,6 +274,8 @@ def test_a_worker_node_lost_mid_job_is_replaced_and_no_scan_is_lost_or_done_twic
                 except ProcessLookupError:
                     pass
             t_kill = at()
+            _wait(lambda: not any(pid in pids for pids in node_processes().values() for pid in procs), 10,
+                  "the killed processes to exit", poll=0.1)
             killed = sorted({t.split()[0].rsplit("/", 1)[-1] for t in procs.values()})
             assert done_at_kill < len(job.ids), "the job ended before the node could be killed"
             assert any("raylet" in t for t in procs.values()), f"the node's raylet was not found: {procs}"
@@ -283,7 +285,6 @@ def test_a_worker_node_lost_mid_job_is_replaced_and_no_scan_is_lost_or_done_twic
             while driver.poll() is None:
                 assert at() < 400, "the job did not finish"
                 nodes = node_processes()
-                assert node not in nodes or not any(p in nodes[node] for p in procs), "a killed process lives on"
                 if replacement is None:
                     replacement = next((n for n in nodes if n not in before and any("raylet" in t for t in
                                                                                      nodes[n].values())), None)
