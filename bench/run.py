@@ -59,11 +59,15 @@ def synthetic_ct() -> Path:
     return SYNTHETIC
 
 
+def input_path(name: str) -> Path:
+    return SYNTHETIC if name == "synthetic" else EXAMPLES / f"{name}.nii.gz"
+
+
 def load_input(name: str):
     """The scan in memory, as a caller would hand it over (int16 HU, nothing memory-mapped)."""
     import nibabel as nib
 
-    img = nib.load(SYNTHETIC if name == "synthetic" else EXAMPLES / f"{name}.nii.gz")
+    img = nib.load(input_path(name))
     return nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header)
 
 
@@ -184,13 +188,10 @@ def batch_child(scan: str, n: int, actors: int, device: str) -> dict:
 
     The rate counts the scans after the first ``actors`` (the pool's warm-up: Ray start, model load) over the
     time between the ``actors``-th and the last finished passport."""
-    import nibabel as nib
-
     from ray_app import batch
 
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
-    path = work / f"{scan}.nii.gz"
-    nib.save(load_input(scan), path)
+    path = input_path(scan)
     (work / "manifest.csv").write_text("scan_id,uri\n" + "".join(f"s{i:03d},{path}\n" for i in range(n)))
     batch.init_ray(num_cpus=actors + 1)  # one CPU per actor, one for decoding and writing
     t = time.time()
@@ -200,7 +201,7 @@ def batch_child(scan: str, n: int, actors: int, device: str) -> dict:
     wall = time.time() - t
     assert report.succeeded == n, report.rows
     # finished_at: when the actor finished each passport (segmentation done; the write overlaps the next scan)
-    arrivals = sorted(datetime.strptime(r["finished_at"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp() for r in report.rows)
+    arrivals = sorted(datetime.fromisoformat(r["finished_at"]).timestamp() for r in report.rows)
     steady = (n - actors) / (arrivals[-1] - arrivals[actors - 1]) if n > actors else None
     return {"scan": scan, "scans": n, "actors": actors, "wall_s": wall, "steady_scans_per_s": steady}
 

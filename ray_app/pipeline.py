@@ -36,12 +36,16 @@ class ScanResult:
         return self.passport.get("status") == "ok"
 
 
+#: The code of a scan that needed more memory than its worker has (Serve answers it with 503).
+OUT_OF_MEMORY = "out_of_memory"
+
+
 def error_fields(exc: BaseException) -> tuple[str, str]:
     """A stable code and a message for failure records; unexpected errors keep their type name."""
     if isinstance(exc, RayAppError):
         return exc.code, exc.message
     if isinstance(exc, MemoryError) or _is_torch_oom(exc):
-        return "out_of_memory", "the scan needed more memory than the worker has"
+        return OUT_OF_MEMORY, "the scan needed more memory than the worker has"
     return "internal_error", f"{type(exc).__name__}: {exc}"
 
 

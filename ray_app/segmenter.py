@@ -181,10 +181,10 @@ class Segmenter:
                 img_in, crop_bbox = crop_to_mask(img_in, nib.Nifti1Image(crop_mask, img_orig.affine),
                                                  addon=list(totalseg.ROI_CROP_ADDON), dtype=np.int32)
                 seg = self._predict(img_in, spec.stages, timings, "", copy_input=False)
-                full = np.zeros(img_orig.shape, dtype=np.float64)
+                full = np.zeros(img_orig.shape, dtype=np.uint8)  # label ids: no float64 volume needed
                 (x0, x1), (y0, y1), (z0, z1) = crop_bbox
                 full[x0:x1, y0:y1, z0:z1] = seg
-                seg = full.astype(np.uint8)
+                seg = full
                 seg *= np.isin(seg, list(spec.output_labels)).astype(np.uint8)
             else:
                 seg = self._predict(img_orig, spec.stages, timings, "")

@@ -493,7 +493,7 @@ class SegmentService:
             return 403
         if code == storage.StorageError.code:
             return 502
-        if code in (errors.WeightsMissing.code, "out_of_memory"):
+        if code in (errors.WeightsMissing.code, pipeline.OUT_OF_MEMORY):
             return 503  # out of memory: this replica, now; another one (or a retry) may have room
         return 500
 

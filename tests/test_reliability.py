@@ -152,6 +152,9 @@ def test_a_killed_segmentation_actor_loses_no_scan(moto_server, ray_cluster):
     print(f"actor pid {actor['Pid']} killed after {done_at_kill}/{len(job.ids)} scans; all {len(job.ids)} done once")
 
 
+SEGMENT_ACTOR_TITLE = "ray::MapWorker(MapBatches(SegmentActor))"
+
+
 class ActorKiller:
     """SIGKILL the segmentation actor's process whenever it has been segmenting for ``after`` seconds, as the
     kernel's OOM killer or a native crash would. Ray titles an actor worker
@@ -159,7 +162,7 @@ class ActorKiller:
     model, no suffix when idle), seen in /proc/PID/cmdline. The delay spares a delivery that only answers with a
     failure record (milliseconds), not one that segments (seconds)."""
 
-    TITLE = b"ray::MapWorker(MapBatches(SegmentActor)).submit"
+    TITLE = f"{SEGMENT_ACTOR_TITLE}.submit".encode()
 
     def __init__(self, after: float = 0.5):
         self.after = after
@@ -231,9 +234,6 @@ def test_a_scan_that_kills_its_actor_every_time_fails_as_worker_lost_and_the_job
         (sid, "failed", "worker_lost", None)]
     print(f"actor killed {len(killer.kills)} times (pids {killer.kills}); job ended in {elapsed:.1f} s with exit "
           f"code {code}: {doc['error']['message']}")
-
-
-SEGMENT_ACTOR_TITLE = "ray::MapWorker(MapBatches(SegmentActor))"
 
 
 @pytest.mark.timeout(480)
