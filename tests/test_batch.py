@@ -113,8 +113,8 @@ def test_every_good_scan_has_mask_passport_and_summary_row_and_failures_are_reco
         doc = store.get(sid, MODEL)
         assert doc["status"] == "failed" and doc["error"]["code"] == code, doc
         assert not any(k.startswith(f"out/{sid}/{MODEL}/mask") for k in _keys(s3, bucket))
-    summary = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key="out/_jobs/job-1/summary.parquet")
-                                       ["Body"].read())).to_pylist()
+    summary = pq.ParquetFile(io.BytesIO(s3.get_object(Bucket=bucket, Key="out/_jobs/job-1/summary.parquet")
+                                        ["Body"].read())).read().to_pylist()
     by_id = {r["scan_id"]: r for r in summary}
     assert set(by_id) == set(GOOD) | set(BAD)
     assert all(by_id[s]["status"] == "ok" and by_id[s]["liver_ml"] is not None for s in GOOD)

@@ -257,8 +257,8 @@ def batch_job(moto_server, ray_cluster, kinds, good_scans, listener):
     s3.put_object(Bucket=bucket, Key="in/manifest.csv", Body=manifest)
     code = cli.main(["batch", "--manifest", f"s3://{bucket}/in/manifest.csv", "--output", f"s3://{bucket}/out",
                      "--table", table, "--job-id", "hostile-1", "--max-actors", "1"])
-    summary = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key="out/_jobs/hostile-1/summary.parquet")
-                                       ["Body"].read())).to_pylist()
+    summary = pq.ParquetFile(io.BytesIO(s3.get_object(Bucket=bucket, Key="out/_jobs/hostile-1/summary.parquet")
+                                        ["Body"].read())).read().to_pylist()
     yield {"s3": s3, "bucket": bucket, "store": open_passport_store(f"dynamodb://{table}"), "exit_code": code,
            "summary": summary, "rejected": rejected}
     boto3.client("dynamodb").delete_table(TableName=table)

@@ -229,7 +229,7 @@ def test_a_scan_that_kills_its_actor_every_time_fails_as_worker_lost_and_the_job
     import pyarrow.parquet as pq
 
     fs, path = pyarrow.fs.FileSystem.from_uri(f"s3://{job.bucket}/out/_jobs/killer/summary.parquet")
-    summary = pq.read_table(path, filesystem=fs).to_pylist()
+    summary = pq.ParquetFile(path, filesystem=fs).read().to_pylist()
     assert [(r["scan_id"], r["status"], r["error_code"], r["mask_uri"]) for r in summary] == [
         (sid, "failed", "worker_lost", None)]
     print(f"actor killed {len(killer.kills)} times (pids {killer.kills}); job ended in {elapsed:.1f} s with exit "

@@ -139,7 +139,7 @@ def test_batch_outputs_keys_records_and_report_carry_no_patient_identifiers(batc
         if key.endswith(".nii.gz"):
             body = gzip.decompress(body)
         if key.endswith(".parquet"):
-            body = str(pq.read_table(io.BytesIO(body)).to_pylist()).encode()
+            body = str(pq.ParquetFile(io.BytesIO(body)).read().to_pylist()).encode()
         assert _phi_in(body) == [], key
     items = boto3.client("dynamodb").scan(TableName=batch_run["table"])["Items"]
     documents = [store.get(i["scan_id"]["S"], i["model_key"]["S"]) for i in items]  # decompressed if stored gzipped

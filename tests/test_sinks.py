@@ -243,9 +243,9 @@ def check_summary(table):
 
 def test_summary_parquet_local(tmp_path):
     uri = write_summary(ROWS, str(tmp_path / "summary.parquet"))
-    check_summary(pq.read_table(uri))
+    check_summary(pq.ParquetFile(uri).read())
     write_summary([], str(tmp_path / "empty.parquet"))
-    assert pq.read_table(tmp_path / "empty.parquet").schema.equals(SUMMARY_SCHEMA, check_metadata=False)
+    assert pq.ParquetFile(tmp_path / "empty.parquet").schema_arrow.equals(SUMMARY_SCHEMA, check_metadata=False)
 
 
 def test_summary_parquet_on_s3(s3_bucket, moto_server):
@@ -253,10 +253,10 @@ def test_summary_parquet_on_s3(s3_bucket, moto_server):
     write_summary(ROWS, uri)
     head = boto3.client("s3").head_object(Bucket=s3_bucket, Key="jobs/job-1/summary.parquet")
     assert head["ServerSideEncryption"] == "AES256"
-    check_summary(pq.read_table(io.BytesIO(storage.read_bytes(uri))))
+    check_summary(pq.ParquetFile(io.BytesIO(storage.read_bytes(uri))).read())
     # What Athena-like readers do: read it straight from S3 with pyarrow's own S3 client.
     fs = pafs.S3FileSystem(endpoint_override=moto_server, scheme="http", region="us-east-1")
-    check_summary(pq.read_table(f"{s3_bucket}/jobs/job-1/summary.parquet", filesystem=fs))
+    check_summary(pq.ParquetFile(f"{s3_bucket}/jobs/job-1/summary.parquet", filesystem=fs).read())
 
 
 def test_summary_rejects_rows_that_do_not_fit(tmp_path):
