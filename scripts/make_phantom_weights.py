@@ -15,8 +15,11 @@ parts therefore also share intensity properties, fingerprinted over all their fo
 
 The part models do not segment phantoms well yet: at 1.5 mm the 80x80x96 patch sees a fraction of the body,
 and even 2400 steps of a (8..64)-feature trunk on 16 phantoms (38 min on one core) reached a held-out Dice of
-only 0.27 on average for part 1 (liver 0.73, lungs about 0). Normal mode is tested for equality with vanilla
-on the same weights, which holds whatever they are; its accuracy is not tested.
+only 0.27 on average for part 1 (liver 0.73, lungs about 0). Giving the parts the 3 mm model's context (a
+six-stage (4..64) trunk whose full-resolution stage uses 1x1x1 kernels, patch 160x128x160, 24 phantoms) and
+1000 steps (1.7 h on one core) brought heart and aorta to 0.91 but left/right and vertebra levels stayed far
+below (part means 0.18, 0.23, 0.92, 0.62, 0.31): what is missing is training time, or a GPU. Normal mode is
+tested for equality with vanilla on the same weights, which holds whatever they are; its accuracy is not tested.
 
     .venv/bin/python scripts/make_phantom_weights.py            # all models (~25 min on 2 idle cores)
     .venv/bin/python scripts/make_phantom_weights.py --only 297
