@@ -14,7 +14,6 @@ Standard throughout.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -93,15 +92,9 @@ def _mean(values: list[float]) -> float | None:
 
 def measure(summary_uris: list[str]) -> Measured:
     """Read job summaries (Parquet, local or s3://) and size the masks and passports they name."""
-    import pyarrow.parquet as pq
+    from ray_app.sinks import read_summary
 
-    from ray_app import storage
-
-    rows: list[dict] = []
-    for uri in summary_uris:
-        # ParquetFile, not read_table: read_table's dataset scanner leaves Arrow threads that abort the process at
-        # exit about half the time (apache/arrow#34314; measured 20 of 40 runs with pyarrow 26, 0 of 120 this way).
-        rows.extend(pq.ParquetFile(io.BytesIO(storage.read_bytes(uri))).read().to_pylist())
+    rows = [row for uri in summary_uris for row in read_summary(uri)]
     ok = [r for r in rows if r.get("status") == "ok" and r.get("total_s") is not None]
     if not ok:
         raise CostInputError(f"no successful scans with timings in {', '.join(summary_uris)}")

@@ -208,7 +208,7 @@ def _jsonl_records(data: bytes) -> tuple[list[str], Records]:
 
 def _parquet_records(data: bytes) -> tuple[list[str], Records]:
     try:
-        table = pq.ParquetFile(pa.BufferReader(data)).read()  # not read_table: see cost.measure
+        table = pq.ParquetFile(pa.BufferReader(data)).read()  # read_table's threads can abort the exit: read_summary
     except (pa.ArrowException, OSError) as exc:
         raise ManifestError(f"manifest is not a readable Parquet file: {exc}") from exc
     return table.column_names, list(enumerate(table.to_pylist(), start=1))

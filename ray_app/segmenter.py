@@ -169,7 +169,6 @@ class Segmenter:
         with torch.inference_mode():
             img_orig = image
             spec = self.spec
-            crop_bbox = None
             if spec.crop_stage is not None:
                 # TotalSegmentator: a rough 6 mm segmentation, the ROIs' union as crop mask, 20 voxels margin.
                 rough = self._predict(img_orig, (spec.crop_stage,), timings, "crop_")
@@ -180,11 +179,9 @@ class Segmenter:
                 img_in = nib.Nifti1Image(img_orig.get_fdata(caching="unchanged"), img_orig.affine)
                 img_in, crop_bbox = crop_to_mask(img_in, nib.Nifti1Image(crop_mask, img_orig.affine),
                                                  addon=list(totalseg.ROI_CROP_ADDON), dtype=np.int32)
-                seg = self._predict(img_in, spec.stages, timings, "", copy_input=False)
-                full = np.zeros(img_orig.shape, dtype=np.uint8)  # label ids: no float64 volume needed
+                seg = np.zeros(img_orig.shape, dtype=np.uint8)  # label ids: no float64 volume needed
                 (x0, x1), (y0, y1), (z0, z1) = crop_bbox
-                full[x0:x1, y0:y1, z0:z1] = seg
-                seg = full
+                seg[x0:x1, y0:y1, z0:z1] = self._predict(img_in, spec.stages, timings, "", copy_input=False)
                 seg *= np.isin(seg, list(spec.output_labels)).astype(np.uint8)
             else:
                 seg = self._predict(img_orig, spec.stages, timings, "")

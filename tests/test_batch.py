@@ -9,13 +9,12 @@ import zipfile
 
 import boto3
 import nibabel as nib
-import pyarrow.parquet as pq
 import pytest
 
 from ray_app import cli
 from ray_app.batch import BatchConfig, run_batch
 from ray_app.phantom import make_phantom
-from ray_app.sinks import open_passport_store
+from ray_app.sinks import open_passport_store, read_summary
 
 pytestmark = pytest.mark.slow
 
@@ -113,8 +112,7 @@ def test_every_good_scan_has_mask_passport_and_summary_row_and_failures_are_reco
         doc = store.get(sid, MODEL)
         assert doc["status"] == "failed" and doc["error"]["code"] == code, doc
         assert not any(k.startswith(f"out/{sid}/{MODEL}/mask") for k in _keys(s3, bucket))
-    summary = pq.ParquetFile(io.BytesIO(s3.get_object(Bucket=bucket, Key="out/_jobs/job-1/summary.parquet")
-                                        ["Body"].read())).read().to_pylist()
+    summary = read_summary(f"s3://{bucket}/out/_jobs/job-1/summary.parquet")
     by_id = {r["scan_id"]: r for r in summary}
     assert set(by_id) == set(GOOD) | set(BAD)
     assert all(by_id[s]["status"] == "ok" and by_id[s]["liver_ml"] is not None for s in GOOD)

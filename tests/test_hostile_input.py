@@ -21,12 +21,11 @@ import uuid
 import boto3
 import nibabel as nib
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from ray_app import cli
 from ray_app.phantom import make_phantom
-from ray_app.sinks import create_table, open_passport_store
+from ray_app.sinks import create_table, open_passport_store, read_summary
 from tests import _scan_factory as f
 from tests._service import running_service
 
@@ -257,8 +256,7 @@ def batch_job(moto_server, ray_cluster, kinds, good_scans, listener):
     s3.put_object(Bucket=bucket, Key="in/manifest.csv", Body=manifest)
     code = cli.main(["batch", "--manifest", f"s3://{bucket}/in/manifest.csv", "--output", f"s3://{bucket}/out",
                      "--table", table, "--job-id", "hostile-1", "--max-actors", "1"])
-    summary = pq.ParquetFile(io.BytesIO(s3.get_object(Bucket=bucket, Key="out/_jobs/hostile-1/summary.parquet")
-                                        ["Body"].read())).read().to_pylist()
+    summary = read_summary(f"s3://{bucket}/out/_jobs/hostile-1/summary.parquet")
     yield {"s3": s3, "bucket": bucket, "store": open_passport_store(f"dynamodb://{table}"), "exit_code": code,
            "summary": summary, "rejected": rejected}
     boto3.client("dynamodb").delete_table(TableName=table)

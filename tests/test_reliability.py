@@ -27,7 +27,7 @@ import pytest
 from ray_app import cli
 from ray_app.batch import BatchConfig, run_batch
 from ray_app.phantom import make_phantom
-from ray_app.sinks import create_table, open_passport_store
+from ray_app.sinks import create_table, open_passport_store, read_summary
 from tests._fake_cluster import fake_cluster, node_processes
 from tests.faultproxy import FAULTS, FaultProxy
 
@@ -225,11 +225,7 @@ def test_a_scan_that_kills_its_actor_every_time_fails_as_worker_lost_and_the_job
     assert [k for k in written if not k.startswith("out/_jobs/")] == [f"out/{sid}/{MODEL}/passport.json"], \
         "a failure passport.json, no mask"
 
-    import pyarrow.fs
-    import pyarrow.parquet as pq
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(f"s3://{job.bucket}/out/_jobs/killer/summary.parquet")
-    summary = pq.ParquetFile(path, filesystem=fs).read().to_pylist()
+    summary = read_summary(f"s3://{job.bucket}/out/_jobs/killer/summary.parquet")
     assert [(r["scan_id"], r["status"], r["error_code"], r["mask_uri"]) for r in summary] == [
         (sid, "failed", "worker_lost", None)]
     print(f"actor killed {len(killer.kills)} times (pids {killer.kills}); job ended in {elapsed:.1f} s with exit "
