@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, for an uninstalled one
 
-from ray_app import aws_setup, storage  # noqa: E402
+from ray_app import storage  # noqa: E402
+from ray_app.ops import aws_setup  # noqa: E402
 from ray_app.settings import get_settings  # noqa: E402
 
 

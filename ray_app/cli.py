@@ -178,8 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    """Price a finished job's measured per-scan figures for a monthly volume (see ``ray_app.cost``)."""
-    from ray_app.cost import run
+    """Price a finished job's measured per-scan figures for a monthly volume (see ``ray_app.ops.cost``)."""
+    from ray_app.ops.cost import run
 
     return run(args)
 
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
 
-    from ray_app.cost import add_arguments as add_cost_arguments
+    from ray_app.ops.cost import add_arguments as add_cost_arguments
 
     p = sub.add_parser("cost", help="monthly AWS cost and cost per 1,000 scans from a finished job's summary")
     add_cost_arguments(p)

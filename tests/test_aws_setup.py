@@ -14,7 +14,7 @@ import boto3
 import pytest
 import yaml
 
-from ray_app import aws_setup
+from ray_app.ops import aws_setup
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import botocore.session
 import pytest
 from botocore.validate import ParamValidator
 
-from ray_app import aws_setup
+from ray_app.ops import aws_setup
 from tests._fake_cluster import (
     LABELS,
     REPO,

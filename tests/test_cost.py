@@ -11,7 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from ray_app import cost
+from ray_app.ops import cost
 from ray_app.cli import main as cli_main
 from ray_app.sinks import write_summary
 

@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-PRICES_FILE = Path(__file__).resolve().parent / "data" / "prices.json"
+PRICES_FILE = Path(__file__).resolve().parent.parent / "data" / "prices.json"
 HOURS_PER_MONTH = 730  # AWS's own convention for monthly estimates
 GB = 1024**3  # AWS bills storage and transfer per GiB ("GB")
 MAX_SIZED_OBJECTS = 200  # HEAD at most this many results per summary to measure sizes

@@ -22,7 +22,7 @@ from botocore.exceptions import ClientError
 from ray_app import storage
 from ray_app.sinks import create_table
 
-DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"  # the checkout's deploy/, beside the package
 DATA_POLICY = "iam-policy.json"
 HEAD_POLICY = "iam-head-policy.json"
 HEAD_ROLE = "ray-app-head"

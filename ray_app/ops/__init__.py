@@ -1,0 +1,1 @@
+"""Operations: AWS resources, cluster lifecycle and cost. Nothing in the scan pipeline imports from here."""
