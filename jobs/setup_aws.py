@@ -4,8 +4,8 @@
         [--iam --input s3://my-scans --cluster-name ray-app]
 
 Prints what it found or made as JSON; exits 1 when a check fails (e.g. the table exists in provisioned mode).
-Uses the ordinary AWS credential chain; the region and endpoint come from RAY_APP_AWS_REGION /
-RAY_APP_AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL).
+Uses the ordinary AWS credential chain; the region and endpoint come from RAY_APP_AWS_REGION, else
+AWS_REGION / the profile (ray_app.storage.aws_region); the endpoint from RAY_APP_AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL).
 """
 
 import argparse
@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--iam needs --input s3://INPUT_BUCKET")
         iam = aws_setup.IamParams(
             input_bucket=_bucket_and_prefix(args.input)[0], output_bucket=bucket, output_prefix=prefix,
-            table=args.table, region=settings.aws_region, account_id=aws_setup.account_id(),
+            table=args.table, region=storage.aws_region()[0], account_id=aws_setup.account_id(),
             cluster_name=args.cluster_name, head_role=args.head_role, worker_role=args.worker_role)
-    report = aws_setup.setup(args.table, bucket, prefix, region=settings.aws_region, sse=settings.s3_sse, iam=iam)
+    report = aws_setup.setup(args.table, bucket, prefix, region=storage.aws_region()[0], sse=settings.s3_sse,
+                             iam=iam)
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
 

@@ -18,14 +18,14 @@ from functools import lru_cache
 from typing import Any
 
 from ray_app import pipeline, storage
-from ray_app.errors import RayAppError, WorkerLost
+from ray_app.errors import PreflightError, RayAppError, WorkerLost
 from ray_app.manifest import read_manifest
 from ray_app.settings import Settings, get_settings
-from ray_app.sinks import ArtifactSink, open_passport_store, write_summary
-from ray_app.totalseg import task_spec
+from ray_app.sinks import ArtifactSink, PassportStore, open_passport_store, write_summary
+from ray_app.totalseg import TaskSpec, missing_weights, task_spec
 
-# Environment a worker needs to see what the driver sees (weights, AWS endpoint, settings).
-_PROPAGATED_ENV_PREFIXES = ("TOTALSEG_", "RAY_APP_", "AWS_")
+#: The key a preflight reads from the passport store: it proves the store exists and answers, and is never written.
+PREFLIGHT_SCAN_ID = "_preflight"
 
 
 @dataclass
@@ -51,6 +51,8 @@ class BatchConfig:
     #: Times a scan is segmented again after the actor segmenting it died (a Spot loss, the OOM killer, a native
     #: crash). Bounded, so a scan that kills its worker every time fails as ``worker_lost`` and the job ends.
     max_task_retries: int = 3
+    #: Run only the first ``limit`` runnable manifest rows: a pilot whose measured figures price the whole month.
+    limit: int | None = None
 
     @property
     def passport_store_uri(self) -> str:
@@ -94,12 +96,33 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": _worker_env()})
+    # The local cluster's workers inherit this process's environment (weights path, AWS endpoint and credentials,
+    # settings). Nothing goes into a runtime_env: Ray writes those into its logs.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
-def _worker_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(_PROPAGATED_ENV_PREFIXES)}
+def preflight(cfg: BatchConfig, store: PassportStore, spec: TaskSpec, settings: Settings, *,
+              weights: bool = True) -> None:
+    """Prove the job's destinations before any scan runs: the store answers, the output takes a write (a small
+    marker under the job's own ``_jobs/`` folder, with the credentials the job writes with), and (``weights``) the
+    weights are where the segmenter looks when it may not download them. A mistake costs seconds, not a job of
+    failures."""
+    region, source = storage.aws_region()
+    try:
+        store.get(PREFLIGHT_SCAN_ID, spec.key)
+    except storage.StorageError as exc:
+        raise PreflightError(f"passport store {cfg.passport_store_uri} is not usable: {exc.message} (AWS region "
+                             f"{region}, from {source})") from exc
+    marker = f"{cfg.output.rstrip('/')}/_jobs/{cfg.job_id}/preflight.json"
+    try:
+        storage.write_bytes(marker, b'{"preflight": "ok"}', "application/json")
+    except storage.StorageError as exc:
+        raise PreflightError(f"cannot write under {cfg.output}: {exc.message}. On AWS the nodes' role may write "
+                             "only under the prefix jobs/setup_aws.py --output was given") from exc
+    missing = [] if settings.download_weights or not weights else missing_weights(spec)
+    if missing:
+        raise PreflightError(f"model weights {', '.join(missing)} are not in TotalSegmentator's weights folder and "
+                             "downloads are off (RAY_APP_DOWNLOAD_WEIGHTS=false)")
 
 
 def _fetch(row: dict[str, Any]) -> dict[str, Any]:
@@ -247,10 +270,11 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     store_uri = cfg.passport_store_uri
     store = open_passport_store(store_uri)
     manifest = read_manifest(cfg.manifest)
+    preflight(cfg, store, spec, settings)
 
     rows: list[dict[str, Any]] = [_rejected_row(p, cfg.job_id, spec.key) for p in manifest.problems]
     todo, skipped = [], []
-    for row in manifest.rows:
+    for row in manifest.rows[:cfg.limit]:
         if cfg.force or not _already_recorded(store, row["scan_id"], spec.key, cfg.retry_failed):
             todo.append({"scan_id": row["scan_id"], "uri": row["uri"]})
         else:

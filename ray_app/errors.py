@@ -14,6 +14,12 @@ class RayAppError(Exception):
         super().__init__(f"[{scan_id}] {message}" if scan_id else message)
 
 
+class PreflightError(RayAppError):
+    """A job's destination, input or cluster does not fit the job: found before anything runs."""
+
+    code = "preflight_failed"
+
+
 class WeightsMissing(RayAppError):
     """TotalSegmentator weights are absent and could not be downloaded."""
 

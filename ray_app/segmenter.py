@@ -106,11 +106,10 @@ class Segmenter:
         self.crop_to_body = settings.crop_to_body if crop_to_body is None else crop_to_body
         torch.set_num_threads(1 if self.device.type == "cuda" else self.num_threads)
 
-        stages = self.spec.stages + ((self.spec.crop_stage,) if self.spec.crop_stage else ())
         self.checkpoint_loads = 0
         self._predictors = {}
         self._model_dirs = {}
-        for stage in stages:
+        for stage in self.spec.all_stages:
             model_dir = totalseg.ensure_weights(stage, allow_download=settings.download_weights)
             self._model_dirs[stage.task_id] = model_dir
             self._predictors[stage.task_id] = self._load_predictor(model_dir, stage)
@@ -140,7 +139,7 @@ class Segmenter:
     def model_info(self) -> dict:
         """Identity of the weights and code that made a mask, for the passport."""
         datasets = []
-        for stage in self.spec.stages + ((self.spec.crop_stage,) if self.spec.crop_stage else ()):
+        for stage in self.spec.all_stages:
             ckpt = self._model_dirs[stage.task_id] / f"fold_{stage.folds[0]}" / "checkpoint_final.pth"
             datasets.append({"task_id": stage.task_id, "folder": stage.folder_name, "trainer": stage.trainer,
                              "sha256": totalseg.checkpoint_sha256(ckpt)})

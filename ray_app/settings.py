@@ -50,7 +50,10 @@ class Settings(BaseSettings):
 
     # AWS (boto3 also honours AWS_ENDPOINT_URL / AWS_REGION on its own)
     aws_endpoint_url: str | None = None
-    aws_region: str = "us-east-1"
+    aws_region: str | None = Field(
+        default=None, description="Overrides boto3's own region chain (AWS_REGION, AWS_DEFAULT_REGION, the profile); "
+        "see ray_app.storage.aws_region."
+    )
     s3_sse: Literal["AES256", "aws:kms"] = "AES256"
 
     # Serve

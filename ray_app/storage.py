@@ -84,16 +84,37 @@ def _client(service: str, endpoint_url: str | None, region: str, pid: int):
     return boto3.session.Session().client(service, endpoint_url=endpoint_url, region_name=region, config=RETRY_CONFIG)
 
 
-def client(service: str = "s3"):
-    """A cached boto3 client; the endpoint is ``settings.aws_endpoint_url``, else boto3's own
-    ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_<SERVICE>`` handling applies."""
+DEFAULT_REGION = "us-east-1"
+
+
+@lru_cache(maxsize=1)
+def _boto_region() -> str | None:
+    return boto3.session.Session().region_name
+
+
+def aws_region() -> tuple[str, str]:
+    """The region every client uses, and where it came from (preflight names it in its errors):
+    ``RAY_APP_AWS_REGION``, else boto3's own chain (``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's region),
+    else us-east-1."""
     settings = get_settings()
-    return _client(service, settings.aws_endpoint_url, settings.aws_region, os.getpid())
+    if settings.aws_region:
+        return settings.aws_region, "RAY_APP_AWS_REGION"
+    found = _boto_region()
+    if found:
+        return found, "AWS_REGION / AWS_DEFAULT_REGION / the AWS profile"
+    return DEFAULT_REGION, "the default"
+
+
+def client(service: str = "s3"):
+    """A cached boto3 client in :func:`aws_region`; the endpoint is ``settings.aws_endpoint_url``, else boto3's own
+    ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_<SERVICE>`` handling applies."""
+    return _client(service, get_settings().aws_endpoint_url, aws_region()[0], os.getpid())
 
 
 def clear_client_cache() -> None:
     """Forget cached clients (and settings), e.g. after tests change the endpoint in the environment."""
     _client.cache_clear()
+    _boto_region.cache_clear()
     get_settings.cache_clear()
 
 

@@ -112,6 +112,11 @@ class TaskSpec:
         return ModelStage(ROI_CROP_TASK_ID, ROI_CROP_TRAINER, ROI_CROP_SPACING)
 
     @property
+    def all_stages(self) -> tuple[ModelStage, ...]:
+        """Every model the task loads, the crop model included."""
+        return self.stages + ((self.crop_stage,) if self.crop_stage else ())
+
+    @property
     def output_labels(self) -> dict[int, str]:
         if not self.roi_subset:
             return self.label_map
@@ -158,6 +163,13 @@ def weights_dir() -> Path:
     from totalsegmentator.config import get_weights_dir
 
     return Path(get_weights_dir())
+
+
+def missing_weights(spec: TaskSpec) -> list[str]:
+    """Model folders of ``spec`` that are not where TotalSegmentator looks: checked before a job starts, so a node
+    without its weights costs seconds instead of a failed scan per actor."""
+    root = weights_dir()
+    return [stage.folder_name for stage in spec.all_stages if not (root / stage.folder_name).exists()]
 
 
 def ensure_weights(stage: ModelStage, *, allow_download: bool = True) -> Path:
