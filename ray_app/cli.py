@@ -78,6 +78,8 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actor-memory-gb", type=float, default=None,
                    help="memory per segmentation actor, reserved with Ray and enforced as its heap limit: a scan "
                         "that does not fit fails as out_of_memory instead of getting the worker OOM-killed")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="run only the first N scans of the manifest: a pilot whose measured figures price the month")
     p.add_argument("--max-task-retries", type=int, default=3,
                    help="times a scan is retried after the actor segmenting it died (Spot loss, OOM killer, crash); "
                         "then it fails as worker_lost and the job goes on")
@@ -106,7 +108,7 @@ def batch_config(args: argparse.Namespace):
         min_actors=args.min_actors, max_actors=args.max_actors, cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor, actor_resources=resources,
         memory_per_actor=int(args.actor_memory_gb * 1024**3) if args.actor_memory_gb else None,
-        max_task_retries=args.max_task_retries, **kwargs)
+        max_task_retries=args.max_task_retries, limit=args.limit, **kwargs)
 
 
 def _resource(text: str) -> tuple[str, float]:
@@ -117,8 +119,13 @@ def _resource(text: str) -> tuple[str, float]:
 def cmd_batch(args: argparse.Namespace) -> int:
     """Run the Ray Data batch job; exit 1 when any scan failed."""
     from ray_app.batch import format_report, run_batch
+    from ray_app.errors import RayAppError
 
-    report = run_batch(batch_config(args))
+    try:
+        report = run_batch(batch_config(args))
+    except RayAppError as exc:  # the job as a whole cannot run (manifest, destinations, weights): nothing ran
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
     print(format_report(report))
     return 1 if report.failed else 0
 
@@ -177,6 +184,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
+def _absolute_paths(argv: list[str]) -> list[str]:
+    """The job runs on the head in a directory of Ray's: local ``--manifest``/``--output`` paths are made absolute."""
+    from ray_app import storage
+
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg in ("--manifest", "--output") and storage.parse_uri(out[i + 1]).scheme == "local":
+            out[i + 1] = os.path.abspath(out[i + 1])
+    return out
+
+
+def cmd_cluster_run(args: argparse.Namespace) -> int:
+    """Preflight, then a job-scoped cluster: up, the batch job, down (``ray_app.ops.cluster``)."""
+    import yaml
+
+    from ray_app.errors import RayAppError
+    from ray_app.ops import cluster, preflight
+    from ray_app.settings import get_settings
+
+    batch_argv = _absolute_paths([a for a in args.batch_args if a != "--"]) if args.local else \
+        [a for a in args.batch_args if a != "--"]
+    cfg = batch_config(build_parser().parse_args(["batch", *batch_argv]))
+    print(f"job {cfg.job_id}", flush=True)
+    if not args.no_preflight:
+        try:
+            conf = yaml.safe_load(Path(args.config).read_text())
+            for line in preflight.run(conf, cfg, get_settings(), worker_role=None if args.local else args.worker_role):
+                print(f"preflight: {line}", flush=True)
+        except RayAppError as exc:
+            print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+            return 2
+    if args.local:
+        launcher = cluster.LocalLauncher(args.config, idle_s=args.idle_minutes * 60,
+                                         max_lifetime_s=args.max_hours * 3600)
+    else:
+        launcher = cluster.AwsLauncher(args.config)
+    return cluster.run_job(launcher, batch_argv, job_id=cfg.job_id, env=cluster.job_env(), keep=args.keep)
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    """Remove every node of the cluster (``ray down``), e.g. after ``cluster run --keep``."""
+    from ray_app.ops.cluster import AwsLauncher
+
+    AwsLauncher(args.config).down()
+    return 0
+
+
 def cmd_cost(args: argparse.Namespace) -> int:
     """Price a finished job's measured per-scan figures for a monthly volume (see ``ray_app.ops.cost``)."""
     from ray_app.ops.cost import run
@@ -214,12 +268,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
 
+    _add_cluster_parser(sub)
+
     from ray_app.ops.cost import add_arguments as add_cost_arguments
 
     p = sub.add_parser("cost", help="monthly AWS cost and cost per 1,000 scans from a finished job's summary")
     add_cost_arguments(p)
     p.set_defaults(func=cmd_cost)
     return parser
+
+
+def _add_cluster_parser(sub) -> None:
+    from ray_app.ops.cluster import CLUSTER_YAML
+    from ray_app.ops.aws_setup import WORKER_ROLE
+
+    cluster = sub.add_parser("cluster", help="job-scoped clusters: up, one batch job, down").add_subparsers(
+        dest="cluster_command", required=True)
+    p = cluster.add_parser("run", help="preflight, start the cluster, run the batch job on it, remove every node",
+                           description="Everything after -- is `ray-app batch`'s options, e.g. "
+                                       "ray-app cluster run -- --manifest s3://in/m.csv --output s3://out/ct/ "
+                                       "--table passports --limit 20")
+    p.add_argument("--config", default=str(CLUSTER_YAML), help="the cluster.yaml to launch (default: the checkout's)")
+    p.add_argument("--local", action="store_true",
+                   help="rehearse on this machine: Ray's fake multinode provider stands in for EC2")
+    p.add_argument("--keep", action="store_true", help="leave the cluster up after the job (the dead-man's switch "
+                   "still ends it once idle); `ray-app cluster down` removes it")
+    p.add_argument("--worker-role", default=WORKER_ROLE, help="role whose policy must allow writing the output")
+    p.add_argument("--no-preflight", action="store_true", help="skip the checks before the cluster starts")
+    p.add_argument("--idle-minutes", type=float, default=15.0,
+                   help="--local: the dead-man's switch's idle limit (on AWS: cluster.yaml's head_start_ray_commands)")
+    p.add_argument("--max-hours", type=float, default=12.0, help="--local: the head's maximum lifetime (likewise)")
+    p.add_argument("batch_args", nargs=argparse.REMAINDER, help="-- then the batch job's options")
+    p.set_defaults(func=cmd_cluster_run)
+    p = cluster.add_parser("down", help="remove every node of the cluster (ray down)")
+    p.add_argument("--config", default=str(CLUSTER_YAML))
+    p.set_defaults(func=cmd_cluster_down)
 
 
 def main(argv: list[str] | None = None) -> int:

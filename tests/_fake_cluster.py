@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from tests._ray import free_port, stop_process
+from ray_app.ops.cluster import fake_multinode_config, free_port, processes_mentioning
+from tests._ray import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -50,50 +51,6 @@ def label_of(node_type: dict) -> str:
     return label
 
 
-def fake_config(cluster: dict, gcs_port: int, max_workers_per_type: int = 1) -> dict:
-    """cluster.yaml's node types and labels on Ray's fake multinode provider, sized for this machine: one CPU (and
-    one GPU for the GPU types) per worker, at most ``max_workers_per_type`` of each type, a 6 s idle timeout."""
-    assert cluster["head_node_type"] == "ray.head.default"  # the only head type name the fake provider knows
-    types: dict[str, dict] = {
-        "ray.head.default": {"resources": dict(cluster["available_node_types"]["ray.head.default"]["resources"]),
-                             "node_config": {}, "max_workers": 0}}
-    for name, node_type in workers(cluster).items():
-        resources = {**node_type["resources"], "CPU": 1, "object_store_memory": 100 * 1024**2}
-        if label_of(node_type) == "spot_gpu":
-            resources["GPU"] = 1
-        types[name] = {"resources": resources, "node_config": {}, "min_workers": node_type["min_workers"],
-                       "max_workers": max_workers_per_type}
-    return {
-        "cluster_name": "ray-app-fake",
-        "max_workers": (len(types) - 1) * max_workers_per_type,
-        "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 0.1,
-        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True},
-        "auth": {},
-        "docker": {},
-        "head_node_type": "ray.head.default",
-        "available_node_types": types,
-        **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands",
-                           "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
-                           "cluster_synced_files", "rsync_exclude", "rsync_filter")},
-        "file_mounts": {},
-        "file_mounts_sync_continuously": False,
-    }
-
-
-def processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
 def node_processes() -> dict[str, dict[int, str]]:
     """Live processes of each fake worker node: node id -> {pid: title or command}."""
     nodes: dict[str, dict[int, str]] = {}
@@ -121,7 +78,7 @@ def fake_cluster(tmp_path: Path, head_cpus: int = 0, max_workers_per_type: int =
     dir (``leftovers`` is filled in on exit: Ray processes that outlived the head, then killed)."""
     port = free_port()
     fake_yaml = tmp_path / "fake-cluster.yaml"
-    fake_yaml.write_text(yaml.safe_dump(fake_config(prepared_cluster(), port, max_workers_per_type)))
+    fake_yaml.write_text(yaml.safe_dump(fake_multinode_config(prepared_cluster(), port, max_workers_per_type)))
     temp_dir = tempfile.mkdtemp(prefix="rayfake-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", **(env or {})}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,11 +12,9 @@ from typing import Any
 
 import httpx
 
+from ray_app.ops.cluster import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 @contextlib.contextmanager

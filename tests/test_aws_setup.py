@@ -90,6 +90,9 @@ DATA_ACTIONS = {
     "dynamodb:PutItem": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports"},
     "dynamodb:Query": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports",
                        "arn:aws:dynamodb:us-east-1:123456789012:table/passports/index/job_id-index"},
+    "ecr:GetAuthorizationToken": {"*"},  # ECR's login has no resource; it grants no pull by itself
+    "ecr:BatchGetImage": {"arn:aws:ecr:us-east-1:123456789012:repository/ray-app"},
+    "ecr:GetDownloadUrlForLayer": {"arn:aws:ecr:us-east-1:123456789012:repository/ray-app"},
 }
 READ_ONLY_PREFIXES = ("Describe", "Get", "List")
 
@@ -134,7 +137,10 @@ def test_data_policy_grants_only_the_listed_actions_on_the_listed_resources():
 def test_head_policy_only_manages_this_clusters_workers():
     policy = aws_setup.render_policy(aws_setup.HEAD_POLICY, **PARAMS.template_values())
     granted = grants(policy)
-    assert set(granted) == {"ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:RunInstances",
+    # Describe* of subnets and groups: `ray down` on the head re-reads the cluster's network before it terminates
+    # the nodes (the dead-man's switch runs it there).
+    assert set(granted) == {"ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeSubnets",
+                            "ec2:DescribeSecurityGroups", "ec2:RunInstances",
                             "ec2:CreateTags", "ec2:TerminateInstances", "iam:PassRole", "ssm:GetParameters"}
     assert granted["iam:PassRole"] == {f"arn:aws:iam::123456789012:role/{aws_setup.WORKER_ROLE}"}
     by_sid = {st["Sid"]: st for st in policy["Statement"]}

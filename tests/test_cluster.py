@@ -47,11 +47,32 @@ def test_cluster_yaml_passes_rays_schema_and_has_the_intended_shape():
     assert sorted(by_label) == ["spot_cpu", "spot_gpu"]
     assert config["idle_timeout_minutes"] > 0 and config["provider"]["cache_stopped_nodes"] is False
 
-    setup = " ; ".join(config["setup_commands"])
-    assert "totalseg_download_weights -t total_fast" in setup and "totalseg_download_weights -t total" in setup
-    assert "disable_usage_stats()" in setup
+    assert all(t["node_config"]["InstanceInitiatedShutdownBehavior"] == "terminate"
+               for t in config["available_node_types"].values()), "a node that shuts itself down must not linger"
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("--disable-usage-stats" in c for c in starts if "ray start" in c)
+
+
+def test_every_node_ends_by_itself_and_starts_from_the_prebuilt_image():
+    """The head's dead-man's switch ends the cluster with Ray's own teardown; every host's own shutdown backs it up
+    after the switch's maximum lifetime; nodes install nothing at boot (the Dockerfile's image has it all)."""
+    config = prepared_cluster()
+    (deadman,) = [c for c in config["head_start_ray_commands"] if "ray_app.ops.deadman" in c]
+    args = deadman.split()
+    assert args[args.index("--") + 1:args.index("--") + 5] == ["ray", "down", "~/ray_bootstrap_config.yaml", "--yes"]
+    max_hours = float(args[args.index("--max-hours") + 1])
+    assert 0 < float(args[args.index("--idle-minutes") + 1]) <= 60
+    assert deadman.startswith("setsid nohup") and deadman.rstrip().endswith("&"), "must outlive the SSH session"
+    (backstop,) = [c for c in config["initialization_commands"] if "shutdown -h" in c]
+    assert max_hours * 60 < int(backstop.split("+")[1]) <= max_hours * 60 + 120
+
+    assert config["setup_commands"] == [], "nothing installed or downloaded per node"
+    images = [config["docker"]["image"]] + [t["docker"]["worker_image"] for t in
+                                            config["available_node_types"].values() if "docker" in t]
+    assert all(".dkr.ecr." in i and i.split("/")[-1].startswith("ray-app:") for i in images), images
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "totalseg_download_weights -t total_fast" in dockerfile and "totalseg_download_weights -t total" in dockerfile
+    assert "disable_usage_stats()" in dockerfile and "ENV RAY_APP_DOWNLOAD_WEIGHTS=false" in dockerfile
 
 
 def _run_instances_input():

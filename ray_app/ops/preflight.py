@@ -1,0 +1,94 @@
+"""Checks a cluster job must pass before any node starts: each names the problem and what to change.
+
+Run by ``ray-app cluster run`` with the operator's credentials, before the launcher is called. The job's driver
+then repeats the destination checks with the credentials the job really writes with (``batch.preflight``), still
+before any scan is segmented.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from botocore.exceptions import ClientError
+
+from ray_app import storage
+from ray_app.batch import BatchConfig, preflight
+from ray_app.errors import PreflightError
+from ray_app.manifest import read_manifest
+from ray_app.settings import Settings
+from ray_app.sinks import open_passport_store
+from ray_app.totalseg import task_spec
+
+DATA_POLICY_NAME = "ray-app-data"  # the inline policy jobs/setup_aws.py puts on both roles
+
+
+def policy_allows(document: dict, action: str, resource: str) -> bool:
+    """Whether an identity policy allows ``action`` on ``resource``: IAM's ``*``/``?`` wildcards, an explicit Deny
+    wins, and an Allow with a Condition is not counted (it cannot be evaluated here)."""
+    def matches(patterns, value: str) -> bool:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        return any(fnmatch.fnmatchcase(value, p) for p in patterns)
+
+    allowed = False
+    for st in document.get("Statement", []):
+        if not (matches(st.get("Action", []), action) and matches(st.get("Resource", []), resource)):
+            continue
+        if st.get("Effect") == "Deny":
+            return False
+        allowed = allowed or ("Condition" not in st)
+    return allowed
+
+
+def check_region(cluster: dict) -> str:
+    """The cluster launches in ``provider.region``; the job's table and bucket are looked up in the region resolved
+    here, which the job also takes to the nodes. They must be one."""
+    region, source = storage.aws_region()
+    launch = cluster.get("provider", {}).get("region")
+    if launch and launch != region:
+        raise PreflightError(f"cluster.yaml launches in {launch}, but the job's table and bucket would be used in "
+                             f"{region} (from {source}): set AWS_REGION={launch} or change provider.region")
+    return f"region {region} (from {source})"
+
+
+def check_resources(cluster: dict, cfg: BatchConfig) -> str:
+    """Every custom resource the actors ask for must be offered by some worker type, or no node ever fits them."""
+    offered = {name for t in cluster["available_node_types"].values() for name in t.get("resources", {})}
+    missing = sorted(set(cfg.actor_resources or {}) - offered)
+    if missing:
+        raise PreflightError(f"--actor-resource {', '.join(missing)}: no node type in the cluster offers it "
+                             f"(offered: {', '.join(sorted(offered))})")
+    return "actor resources offered"
+
+
+def check_worker_role(role: str, cfg: BatchConfig) -> str:
+    """The workers' role may write under the job's output: ``jobs/setup_aws.py --output`` bakes one prefix into its
+    policy, and a job with another ``--output`` would segment every scan and then fail every write."""
+    loc = storage.parse_uri(cfg.output)
+    if loc.scheme != "s3":
+        raise PreflightError(f"--output {cfg.output} is not on S3: cluster nodes cannot write to this machine")
+    probe = f"arn:aws:s3:::{loc.bucket}/{loc.key.rstrip('/')}/_jobs/{cfg.job_id}/preflight.json"
+    try:
+        doc = storage.client("iam").get_role_policy(RoleName=role, PolicyName=DATA_POLICY_NAME)["PolicyDocument"]
+    except ClientError as exc:
+        raise PreflightError(f"cannot read the policy {DATA_POLICY_NAME} of role {role}: "
+                             f"{exc.response['Error']['Code']} (made by jobs/setup_aws.py --iam)") from exc
+    if not policy_allows(doc, "s3:PutObject", probe):
+        raise PreflightError(f"role {role} may not write under {cfg.output}: re-run jobs/setup_aws.py --iam with "
+                             "this --output, or use the output prefix it was set up for")
+    return f"role {role} may write under {cfg.output}"
+
+
+def run(cluster: dict, cfg: BatchConfig, settings: Settings, *, worker_role: str | None) -> list[str]:
+    """All checks in order of cost; returns what each found, or raises the first :class:`PreflightError`."""
+    found = []
+    if worker_role:
+        found.append(check_region(cluster))
+    found.append(check_resources(cluster, cfg))
+    manifest = read_manifest(cfg.manifest)
+    found.append(f"manifest: {len(manifest.rows)} runnable rows, {len(manifest.problems)} rejected")
+    spec = task_spec("total", fast=cfg.fast, roi_subset=cfg.roi_subset)
+    preflight(cfg, open_passport_store(cfg.passport_store_uri), spec, settings, weights=False)
+    found.append(f"passport store {cfg.passport_store_uri} answers; {cfg.output} takes a write")
+    if worker_role:
+        found.append(check_worker_role(worker_role, cfg))
+    return found
