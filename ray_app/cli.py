@@ -216,7 +216,7 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
             print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
             return 2
     if args.local:
-        launcher = cluster.LocalLauncher(args.config, idle_s=args.idle_minutes * 60,
+        launcher = cluster.LocalLauncher(args.config, head_cpus=args.head_cpus, idle_s=args.idle_minutes * 60,
                                          max_lifetime_s=args.max_hours * 3600)
     else:
         launcher = cluster.AwsLauncher(args.config)
@@ -298,6 +298,8 @@ def _add_cluster_parser(sub) -> None:
     p.add_argument("--idle-minutes", type=float, default=15.0,
                    help="--local: the dead-man's switch's idle limit (on AWS: cluster.yaml's head_start_ray_commands)")
     p.add_argument("--max-hours", type=float, default=12.0, help="--local: the head's maximum lifetime (likewise)")
+    p.add_argument("--head-cpus", type=int, default=0,
+                   help="--local: CPUs the head offers to fetch and write tasks (cluster.yaml's head: 0)")
     p.add_argument("batch_args", nargs=argparse.REMAINDER, help="-- then the batch job's options")
     p.set_defaults(func=cmd_cluster_run)
     p = cluster.add_parser("down", help="remove every node of the cluster (ray down)")

@@ -44,7 +44,7 @@ def jobs_busy(dashboard: str) -> bool:
     try:
         jobs = JobSubmissionClient(dashboard).list_jobs()
     except Exception as exc:  # noqa: BLE001 - a head that cannot list its jobs runs none that anyone can watch
-        log.info("job API not answering (%s): counted as idle", type(exc).__name__)
+        log.info("job API not answering (%s: %s): counted as idle", type(exc).__name__, exc)
         return False
     return any(str(job.status) in BUSY for job in jobs)
 
