@@ -279,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_cluster_parser(sub) -> None:
-    from ray_app.ops.cluster import CLUSTER_YAML
     from ray_app.ops.aws_setup import WORKER_ROLE
+    from ray_app.ops.cluster import CLUSTER_YAML
 
     cluster = sub.add_parser("cluster", help="job-scoped clusters: up, one batch job, down").add_subparsers(
         dest="cluster_command", required=True)

@@ -94,14 +94,16 @@ def _boto_region() -> str | None:
 
 def aws_region() -> tuple[str, str]:
     """The region every client uses, and where it came from (preflight names it in its errors):
-    ``RAY_APP_AWS_REGION``, else boto3's own chain (``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's region),
-    else us-east-1."""
+    ``RAY_APP_AWS_REGION``, else ``AWS_REGION`` (the AWS CLI's and most SDKs' variable, which boto3 ignores), else
+    boto3's own chain (``AWS_DEFAULT_REGION``, the profile's region), else us-east-1."""
     settings = get_settings()
     if settings.aws_region:
         return settings.aws_region, "RAY_APP_AWS_REGION"
+    if os.environ.get("AWS_REGION"):
+        return os.environ["AWS_REGION"], "AWS_REGION"
     found = _boto_region()
     if found:
-        return found, "AWS_REGION / AWS_DEFAULT_REGION / the AWS profile"
+        return found, "AWS_DEFAULT_REGION / the AWS profile"
     return DEFAULT_REGION, "the default"
 
 

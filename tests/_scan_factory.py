@@ -89,3 +89,13 @@ def zip_bytes(members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> by
         for name, data in members.items():
             zf.writestr(name, data)
     return buf.getvalue()
+
+
+def small_phantom(seed: int) -> bytes:
+    """A 64x64x48 phantom CT at 3 mm as .nii.gz: a second or two of segmentation with the phantom weights."""
+    from ray_app.phantom import make_phantom
+
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = (-96.0, -96.0, -72.0)
+    ct = make_phantom(seed, affine=affine, shape=(64, 64, 48))[0]
+    return gzip.compress(nib.Nifti1Image(np.asanyarray(ct.dataobj).astype(np.int16), ct.affine).to_bytes(), 1)

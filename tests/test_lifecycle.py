@@ -5,7 +5,6 @@ a failed job, and a job whose starting process was killed (the head's dead-man's
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import shutil
@@ -15,13 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 
 from ray_app.ops.cluster import processes_mentioning
-from ray_app.phantom import make_phantom
 from ray_app.sinks import open_passport_store, read_summary
+from tests._scan_factory import small_phantom
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -29,21 +26,16 @@ RAY_APP = str(Path(sys.executable).with_name("ray-app"))
 MODEL = "total_fast"
 
 
-def _small_scan(seed: int) -> bytes:
-    affine = np.diag([3.0, 3.0, 3.0, 1.0])
-    affine[:3, 3] = (-96.0, -96.0, -72.0)
-    ct = make_phantom(seed, affine=affine, shape=(64, 64, 48))[0]
-    return gzip.compress(nib.Nifti1Image(np.asanyarray(ct.dataobj).astype(np.int16), ct.affine).to_bytes(), 1)
 
 
 def _manifest(folder: Path, ids: list[str], truncated: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["scan_id,uri"]
     for i, sid in enumerate(ids):
-        (folder / f"{sid}.nii.gz").write_bytes(_small_scan(300 + i))
+        (folder / f"{sid}.nii.gz").write_bytes(small_phantom(300 + i))
         lines.append(f"{sid},{folder / f'{sid}.nii.gz'}")
     if truncated:
-        (folder / "cut.nii.gz").write_bytes(_small_scan(399)[:2000])
+        (folder / "cut.nii.gz").write_bytes(small_phantom(399)[:2000])
         lines.append(f"cut,{folder / 'cut.nii.gz'}")
     manifest = folder / f"manifest-{len(ids)}.csv"
     manifest.write_text("\n".join(lines) + "\n")

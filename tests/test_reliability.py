@@ -26,9 +26,9 @@ import pytest
 
 from ray_app import cli
 from ray_app.batch import BatchConfig, run_batch
-from ray_app.phantom import make_phantom
 from ray_app.sinks import create_table, open_passport_store, read_summary
 from tests._fake_cluster import fake_cluster, node_processes
+from tests._scan_factory import small_phantom
 from tests.faultproxy import FAULTS, FaultProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -37,12 +37,6 @@ MODEL = "total_fast"
 RAY_APP = str(Path(sys.executable).with_name("ray-app"))
 
 
-def _small_scan(seed: int) -> bytes:
-    """A 64x64x48 phantom at 3 mm: about two seconds of segmentation."""
-    affine = np.diag([3.0, 3.0, 3.0, 1.0])
-    affine[:3, 3] = (-96.0, -96.0, -72.0)
-    ct = make_phantom(seed, affine=affine, shape=(64, 64, 48))[0]
-    return gzip.compress(nib.Nifti1Image(np.asanyarray(ct.dataobj).astype(np.int16), ct.affine).to_bytes(), 1)
 
 
 class Job:
@@ -57,7 +51,7 @@ class Job:
         self.ids = [f"scan-{i:02d}" for i in range(n)]
         lines = ["scan_id,uri"]
         for i, sid in enumerate(self.ids):
-            self.s3.put_object(Bucket=self.bucket, Key=f"in/{sid}.nii.gz", Body=_small_scan(100 + i))
+            self.s3.put_object(Bucket=self.bucket, Key=f"in/{sid}.nii.gz", Body=small_phantom(100 + i))
             lines.append(f"{sid},s3://{self.bucket}/in/{sid}.nii.gz")
         self.s3.put_object(Bucket=self.bucket, Key="in/manifest.csv", Body="\n".join(lines).encode() + b"\n")
         self.store = open_passport_store(f"dynamodb://{self.table}")
@@ -375,7 +369,7 @@ def test_a_scan_that_exhausts_its_actors_memory_fails_alone_with_a_failure_recor
     rows = []
     for i, sid in enumerate(["small-1", "too-big", "small-2"]):
         path = tmp_path / "in" / f"{sid}.nii.gz"
-        path.write_bytes(_oversized_scan() if sid == "too-big" else _small_scan(200 + i))
+        path.write_bytes(_oversized_scan() if sid == "too-big" else small_phantom(200 + i))
         rows.append({"scan_id": sid, "uri": str(path)})
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,136 @@
+"""Preflight: a job whose output, table, region or cluster does not fit is refused within seconds, before any
+node starts or any scan is segmented. IAM is enforced by the moto server (its ``reset-auth`` switch) for a user
+holding the workers' policy as ``jobs/setup_aws.py`` renders it from ``deploy/iam-policy.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from ray_app.ops import aws_setup
+from ray_app.ops.preflight import policy_allows
+from tests._scan_factory import small_phantom
+
+RAY_APP = str(Path(sys.executable).with_name("ray-app"))
+MODEL = "total_fast"
+
+
+def _set_auth(endpoint: str, count: str) -> None:
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST",
+                                     headers={"Content-Type": "text/plain"})  # moto reads the raw body
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+@pytest.fixture
+def aws(moto_server):
+    """Input and output buckets, a passport table, the roles, and an IAM user with the workers' data policy."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {"scans": f"scans-{suffix}", "results": f"results-{suffix}", "table": f"passports-{suffix}"}
+    s3 = boto3.client("s3")
+    aws_setup.setup(names["table"], names["results"], "ct/")
+    s3.create_bucket(Bucket=names["scans"])
+    s3.put_object(Bucket=names["scans"], Key="in/scan-0.nii.gz", Body=small_phantom(500))
+    s3.put_object(Bucket=names["scans"], Key="in/manifest.csv",
+                  Body=f"scan_id,uri\nscan-0,s3://{names['scans']}/in/scan-0.nii.gz\n".encode())
+    params = aws_setup.IamParams(input_bucket=names["scans"], output_bucket=names["results"], output_prefix="ct/",
+                                 table=names["table"], region="us-east-1", account_id=aws_setup.account_id())
+    aws_setup.ensure_iam(params)
+    policy = aws_setup.render_policy(aws_setup.DATA_POLICY, **params.template_values())
+    # moto authorises a DynamoDB request against the resource "*" (it resolves no table ARNs; S3 it checks by
+    # bucket and key), so the table statements are repeated for "*" here; the S3 prefix rules stay exact.
+    policy["Statement"].append({"Effect": "Allow", "Action": ["dynamodb:GetItem", "dynamodb:PutItem",
+                                                                "dynamodb:Query"], "Resource": "*"})
+    iam = boto3.client("iam")
+    user = f"worker-{suffix}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="ray-app-data", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    names["worker_env"] = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    return names
+
+
+@pytest.fixture
+def enforced(aws, moto_server):
+    _set_auth(moto_server, "0")
+    try:
+        yield aws
+    finally:
+        _set_auth(moto_server, "inf")
+
+
+def _batch(aws: dict, output: str, *, table: str | None = None, env: dict | None = None,
+           timeout: float = 300) -> tuple[int, str, float]:
+    start = time.monotonic()
+    proc = subprocess.run(
+        [RAY_APP, "batch", "--manifest", f"s3://{aws['scans']}/in/manifest.csv", "--output", output,
+         "--table", table or aws["table"], "--max-actors", "1"],
+        env={**os.environ, **aws["worker_env"], **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def _keys(bucket: str) -> list[str]:
+    return [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_with_the_workers_policy_a_job_writes_under_its_prefix_and_the_preflight_refuses_all_else(
+        enforced, phantom_weights):
+    aws = enforced
+    code, text, seconds = _batch(aws, f"s3://{aws['results']}/elsewhere/")
+    assert code == 2, text[-2000:]
+    assert f"preflight_failed: cannot write under s3://{aws['results']}/elsewhere/" in text and "AccessDenied" in text
+    assert seconds < 30 and "Started a local Ray instance" not in text, "refused only after Ray started"
+
+    code, text, seconds = _batch(aws, f"s3://{aws['results']}/ct/", table="no-such-table")
+    assert code == 2 and seconds < 30, text[-2000:]
+    assert "DynamoDB table 'no-such-table' does not exist (AWS region us-east-1, from AWS_REGION" in text
+
+    code, text, seconds = _batch(aws, f"s3://{aws['results']}/ct/", env={"RAY_APP_AWS_REGION": "eu-west-1"})
+    assert code == 2 and seconds < 30, text[-2000:]
+    assert f"DynamoDB table '{aws['table']}' does not exist (AWS region eu-west-1, from RAY_APP_AWS_REGION)" in text
+
+    code, text, _ = _batch(aws, f"s3://{aws['results']}/ct/", env={"TOTALSEG_WEIGHTS_PATH": str(phantom_weights)})
+    assert code == 0, text[-3000:]
+    _set_auth(os.environ["AWS_ENDPOINT_URL"], "inf")  # read back as the operator
+    keys = _keys(aws["results"])
+    assert f"ct/scan-0/{MODEL}/mask.nii.gz" in keys and f"ct/scan-0/{MODEL}/passport.json" in keys
+    assert not [k for k in keys if not k.startswith("ct/")], "nothing may land outside the job's prefix"
+
+
+def _cluster_run(*args: str, env: dict | None = None) -> tuple[int, str]:
+    proc = subprocess.run([RAY_APP, "cluster", "run", *args], env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_the_cluster_preflight_refuses_another_region_and_a_prefix_the_workers_role_may_not_write(aws):
+    batch = ["--", "--manifest", f"s3://{aws['scans']}/in/manifest.csv", "--table", aws["table"]]
+    code, text = _cluster_run(*batch, "--output", f"s3://{aws['results']}/ct/", env={"AWS_REGION": "eu-west-1"})
+    assert code == 2, text
+    assert "cluster.yaml launches in us-east-1, but the job's table and bucket would be used in eu-west-1" in text
+
+    code, text = _cluster_run(*batch, "--output", f"s3://{aws['results']}/elsewhere/")
+    assert code == 2, text
+    assert f"role ray-app-worker may not write under s3://{aws['results']}/elsewhere/" in text
+    assert "local cluster up" not in text and "Started" not in text
+
+
+def test_policy_allows_follows_iams_wildcards_and_explicit_denies():
+    doc = {"Statement": [{"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": ["arn:aws:s3:::b/ct/*"]}]}
+    assert policy_allows(doc, "s3:PutObject", "arn:aws:s3:::b/ct/x/passport.json")
+    assert not policy_allows(doc, "s3:PutObject", "arn:aws:s3:::b/other/x")
+    assert not policy_allows(doc, "s3:GetObject", "arn:aws:s3:::b/ct/x")
+    deny = {"Effect": "Deny", "Action": "s3:*", "Resource": "arn:aws:s3:::b/ct/secret/*"}
+    assert not policy_allows({"Statement": [*doc["Statement"], deny]}, "s3:PutObject", "arn:aws:s3:::b/ct/secret/a")
+    conditioned = {"Statement": [{**doc["Statement"][0], "Condition": {"Bool": {"aws:SecureTransport": "true"}}}]}
+    assert not policy_allows(conditioned, "s3:PutObject", "arn:aws:s3:::b/ct/x")
