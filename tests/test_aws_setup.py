@@ -145,7 +145,10 @@ def test_head_policy_only_manages_this_clusters_workers():
     assert granted["iam:PassRole"] == {f"arn:aws:iam::123456789012:role/{aws_setup.WORKER_ROLE}"}
     by_sid = {st["Sid"]: st for st in policy["Statement"]}
     terminate = by_sid["RetagAndTerminateOwnNodes"]
-    assert terminate["Condition"]["StringEquals"]["aws:ResourceTag/ray-cluster-name"] == PARAMS.cluster_name
+    clusters = [PARAMS.cluster_name, f"{PARAMS.cluster_name}-serve"]  # the batch cluster and the Serve endpoint's
+    assert terminate["Condition"]["StringEquals"]["aws:ResourceTag/ray-cluster-name"] == clusters
+    assert by_sid["LaunchWorkersOfTheClusterTypes"]["Condition"]["StringEquals"][
+        "aws:RequestTag/ray-cluster-name"] == clusters
 
     cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
     assert cluster["cluster_name"] == PARAMS.cluster_name

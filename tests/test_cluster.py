@@ -11,6 +11,7 @@ import sys
 import boto3
 import botocore.session
 import pytest
+import yaml
 from botocore.validate import ParamValidator
 
 from ray_app.ops import aws_setup
@@ -207,3 +208,29 @@ def test_autoscaler_adds_the_labelled_worker_types_for_a_job_and_removes_them_wh
     assert {r["cpu_node"] for r in rows} <= seen["spot_cpu"]
     assert {r["gpu_node"] for r in rows} <= seen["spot_gpu"]
     assert all(r["gpu_ids"] == 1 for r in rows)
+
+
+def test_the_serve_endpoints_cluster_is_cluster_yaml_made_always_on_and_small():
+    """deploy/serve-cluster.yaml is generated from cluster.yaml; a stale copy fails here."""
+    from ray_app.ops.cluster import SERVE_CONFIG_HEADER, serve_cluster_config
+
+    committed = (REPO / "deploy" / "serve-cluster.yaml").read_text()
+    assert committed.startswith(SERVE_CONFIG_HEADER)
+    assert yaml.safe_load(committed) == serve_cluster_config(load_cluster()), \
+        "regenerate: python -m ray_app.ops.cluster serve-config > deploy/serve-cluster.yaml"
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    serve = prepare_config(yaml.safe_load(committed))
+    validate_config(serve)
+    batch = prepared_cluster()
+    assert serve["cluster_name"] != batch["cluster_name"], "one cluster's ray up/down must not touch the other"
+    head = serve["available_node_types"][serve["head_node_type"]]
+    assert head["node_config"]["InstanceType"] == "m7i.large" and head["resources"] == {"CPU": 0}
+    assert all("spot_cpu" in t["resources"] for name, t in workers(serve).items())
+    assert {n: t["node_config"] for n, t in workers(serve).items()} == \
+        {n: t["node_config"] for n, t in workers(batch).items() if n in workers(serve)}
+    commands = " ; ".join(serve["initialization_commands"] + serve["head_start_ray_commands"])
+    assert "deadman" not in commands and "shutdown" not in commands, "the endpoint's head is meant to stay up"
+    starts = [c for c in serve["head_start_ray_commands"] + serve["worker_start_ray_commands"] if "ray start" in c]
+    assert all("RAY_APP_API_TOKEN_FILE=$HOME/ray-app-token" in c for c in starts)

@@ -55,6 +55,39 @@ def job_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+SERVE_HEAD_INSTANCE = "m7i.large"
+SERVE_CONFIG_HEADER = """\
+# The always-on Serve endpoint's cluster: its own deployment with its own cost line (`ray-app cost` prices it
+# apart from the batch bill). Generated from cluster.yaml by `python -m ray_app.ops.cluster serve-config`
+# (tests/test_cluster.py keeps the two in step): a small on-demand head that holds Serve's HTTP proxy and lives
+# until `ray down`; replicas (serve_config.yaml, min_replicas: 0) on Spot CPU workers that scale from zero. No
+# dead-man's switch and no host shutdown: this head is meant to stay up.
+#
+#   ray up deploy/serve-cluster.yaml      # from the repository root; ~/.ray-app-token holds the bearer token
+#   ray exec deploy/serve-cluster.yaml "serve deploy ~/serve_config.yaml"
+"""
+
+
+def serve_cluster_config(cluster: dict) -> dict:
+    """cluster.yaml turned into the Serve endpoint's cluster (see :data:`SERVE_CONFIG_HEADER`). The token reaches the
+    nodes as a file named by ``RAY_APP_API_TOKEN_FILE`` in the environment of ``ray start``, never a runtime_env."""
+    serve = json.loads(json.dumps(cluster))
+    serve["cluster_name"] = f"{cluster['cluster_name']}-serve"
+    head = serve["available_node_types"][serve["head_node_type"]]
+    head["node_config"]["InstanceType"] = SERVE_HEAD_INSTANCE
+    serve["available_node_types"] = {
+        name: t for name, t in serve["available_node_types"].items()
+        if name == serve["head_node_type"] or "spot_cpu" in t.get("resources", {})}
+    serve["initialization_commands"] = [c for c in serve["initialization_commands"] if "shutdown" not in c]
+    serve["file_mounts"] = {"~/ray-app-token": "~/.ray-app-token", "~/serve_config.yaml": "serve_config.yaml"}
+    token = "export RAY_APP_API_TOKEN_FILE=$HOME/ray-app-token; "
+    serve["head_start_ray_commands"] = [token + c if "ray start" in c else c for c in
+                                        serve["head_start_ray_commands"] if "ray_app.ops.deadman" not in c]
+    serve["worker_start_ray_commands"] = [token + c if "ray start" in c else c for c in
+                                          serve["worker_start_ray_commands"]]
+    return serve
+
+
 class Launcher(ABC):
     """Brings a cluster up, runs commands on its head, and takes it down again."""
 
@@ -288,3 +321,8 @@ def run_job(launcher: Launcher, batch_argv: Sequence[str], *, job_id: str, env: 
     finally:
         if not keep:
             launcher.down()
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["serve-config"]:
+    print(SERVE_CONFIG_HEADER + yaml.safe_dump(serve_cluster_config(yaml.safe_load(CLUSTER_YAML.read_text())),
+                                               sort_keys=False, width=120), end="")
