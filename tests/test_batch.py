@@ -180,3 +180,19 @@ def test_ray_job_submit_runs_the_batch_job_on_a_started_head(phantom_weights, ex
     assert "succeeded" in done.stdout and "1 ok, 0 failed" in done.stdout
     doc = open_passport_store(f"sqlite:///{out / 'passports.sqlite'}").get("submitted", MODEL)
     assert doc["status"] == "ok" and (out / "submitted" / MODEL / "mask.nii.gz").is_file()
+
+
+def test_a_pilot_with_limit_runs_the_first_scans_and_the_full_run_then_does_the_rest(ray_cluster, tmp_path):
+    from tests._scan_factory import small_phantom
+
+    ids = ["p-0", "p-1", "p-2"]
+    lines = ["scan_id,uri"]
+    for i, sid in enumerate(ids):
+        (tmp_path / f"{sid}.nii.gz").write_bytes(small_phantom(600 + i))
+        lines.append(f"{sid},{tmp_path / f'{sid}.nii.gz'}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    cfg = {"manifest": str(tmp_path / "m.csv"), "output": str(tmp_path / "out"), "max_actors": 1}
+    pilot = run_batch(BatchConfig(**cfg, job_id="pilot", limit=2))
+    assert sorted(r["scan_id"] for r in pilot.rows if r["status"] == "ok") == ["p-0", "p-1"]
+    full = run_batch(BatchConfig(**cfg, job_id="full"))
+    assert [r["scan_id"] for r in full.rows if r["status"] == "ok"] == ["p-2"] and sorted(full.skipped) == ids[:2]
