@@ -1,5 +1,6 @@
-# ray_app on Ray's official image, with the project installed and TotalSegmentator's weights baked in, so a new
-# node (or a Spot replacement) starts segmenting without any download.
+# ray_app on Ray's official image, with the project installed and TotalSegmentator's weights baked in: the default
+# node image of cluster.yaml, so a new node (or a Spot replacement) pulls one image and starts segmenting, with
+# nothing installed or downloaded at boot (start-up is billed on every node of every job).
 #
 #   CPU (head, Spot CPU workers):
 #     docker build -t ray-app:0.1.0-cpu .
@@ -7,9 +8,11 @@
 #     docker build -t ray-app:0.1.0-gpu \
 #       --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
 #
-# Push both to a registry the nodes can pull from and set cluster.yaml's docker.image (CPU) and the GPU node
-# types' docker.worker_image (deploy/README.md). Build context: the repository root (.dockerignore keeps .venv,
-# .git and the tests out).
+# Push both to the ECR repository `ray-app` that cluster.yaml names (deploy/README.md, step 2):
+#     aws ecr create-repository --repository-name ray-app
+#     aws ecr get-login-password | docker login --username AWS --password-stdin ACCOUNT.dkr.ecr.REGION.amazonaws.com
+#     docker tag ray-app:0.1.0-cpu ACCOUNT.dkr.ecr.REGION.amazonaws.com/ray-app:0.1.0-cpu && docker push ...
+# Build context: the repository root (.dockerignore keeps .venv, .git and the tests out).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
 FROM ${RAY_IMAGE}
 
