@@ -124,6 +124,11 @@ def test_the_cluster_preflight_refuses_another_region_and_a_prefix_the_workers_r
     assert f"role ray-app-worker may not write under s3://{aws['results']}/elsewhere/" in text
     assert "local cluster up" not in text and "Started" not in text
 
+    code, text = _cluster_run(*batch, "--output", f"s3://{aws['results']}/ct/")
+    assert code == 2, text
+    assert "preflight: role ray-app-worker may write under" in text
+    assert "cluster.yaml still names the placeholder image registry" in text, "the last check before any launch"
+
 
 def test_policy_allows_follows_iams_wildcards_and_explicit_denies():
     doc = {"Statement": [{"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": ["arn:aws:s3:::b/ct/*"]}]}

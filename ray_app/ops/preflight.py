@@ -8,6 +8,7 @@ before any scan is segmented.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterator
 
 from botocore.exceptions import ClientError
 
@@ -78,17 +79,32 @@ def check_worker_role(role: str, cfg: BatchConfig) -> str:
     return f"role {role} may write under {cfg.output}"
 
 
-def run(cluster: dict, cfg: BatchConfig, settings: Settings, *, worker_role: str | None) -> list[str]:
-    """All checks in order of cost; returns what each found, or raises the first :class:`PreflightError`."""
-    found = []
+PLACEHOLDER_ACCOUNT = "123456789012"
+
+
+def check_image(cluster: dict) -> str:
+    """cluster.yaml ships with a placeholder registry; nodes would fail to pull it after the head had started."""
+    images = [cluster.get("docker", {}).get("image", "")] + [
+        t["docker"]["worker_image"] for t in cluster["available_node_types"].values() if "worker_image" in
+        t.get("docker", {})]
+    if any(PLACEHOLDER_ACCOUNT in image for image in images):
+        raise PreflightError("cluster.yaml still names the placeholder image registry "
+                             f"{PLACEHOLDER_ACCOUNT}.dkr.ecr...: build and push the image (Dockerfile) and put your "
+                             "account and region there (deploy/README.md, step 2)")
+    return "node images set"
+
+
+def run(cluster: dict, cfg: BatchConfig, settings: Settings, *, worker_role: str | None) -> Iterator[str]:
+    """All checks in order of cost, each yielding what it found as it passes; the first that fails raises
+    :class:`PreflightError`. ``worker_role`` None: a local rehearsal (no region, role or image to check)."""
     if worker_role:
-        found.append(check_region(cluster))
-    found.append(check_resources(cluster, cfg))
+        yield check_region(cluster)
+    yield check_resources(cluster, cfg)
     manifest = read_manifest(cfg.manifest)
-    found.append(f"manifest: {len(manifest.rows)} runnable rows, {len(manifest.problems)} rejected")
+    yield f"manifest: {len(manifest.rows)} runnable rows, {len(manifest.problems)} rejected"
     spec = task_spec("total", fast=cfg.fast, roi_subset=cfg.roi_subset)
     preflight(cfg, open_passport_store(cfg.passport_store_uri), spec, settings, weights=False)
-    found.append(f"passport store {cfg.passport_store_uri} answers; {cfg.output} takes a write")
+    yield f"passport store {cfg.passport_store_uri} answers; {cfg.output} takes a write"
     if worker_role:
-        found.append(check_worker_role(worker_role, cfg))
-    return found
+        yield check_worker_role(worker_role, cfg)
+        yield check_image(cluster)
