@@ -30,7 +30,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-EXAMPLES = Path(os.environ.get("BENCH_EXAMPLES", REPO.parent / "shared" / "data" / "totalseg-example"))
+EXAMPLES = Path(os.environ.get("BENCH_EXAMPLES", REPO / "tests" / "data" / "totalseg-example"))
 #: Segmenter options per variant: "ours" is the exact path; "ours-fast" pulls the levers that trade exactness.
 VARIANTS = {"ours": {}, "ours-bf16": {"precision": "bf16"}, "ours-crop": {"crop_to_body": True},
             "ours-fast": {"precision": "bf16", "crop_to_body": True}}
