@@ -53,3 +53,37 @@ def test_the_wheel_carries_no_test_data(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("ray_app/phantom_weights/") for n in names)
     assert not [n for n in names if n.startswith("tests/") or "totalseg-example" in n or n.endswith(".dcm")]
+
+
+def _imported_distributions() -> set[str]:
+    modules = set()
+    for path in (REPO / "ray_app").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    owners = metadata.packages_distributions()
+    return {owners[m][0].lower() for m in modules
+            if m not in sys.stdlib_module_names and m != "ray_app" and m in owners}
+
+
+def _declared() -> dict[str, Requirement]:
+    reqs = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
+    return {r.name.lower(): r for r in reqs}
+
+
+def test_every_imported_package_is_declared():
+    missing = _imported_distributions() - set(_declared())
+    assert not missing, f"imported by ray_app but not in pyproject's dependencies: {sorted(missing)}"
+
+
+def test_ray_is_pinned_to_the_minor_version_the_code_and_tests_rely_on():
+    """Serve's ``backpressure_config`` (alpha), Ray Data's DataContext retry settings and the tests' private
+    ``ray._private`` modules change between minor versions: a lower bound alone lets pip pick one that breaks."""
+    ray = _declared()["ray"]
+    assert {"data", "serve"} <= ray.extras
+    assert ray.specifier.contains(metadata.version("ray"))
+    assert not ray.specifier.contains("2.61.0") and not ray.specifier.contains("2.59.0"), ray
+    torch = _declared()["torch"]
+    assert not any(s.operator in ("==", "<", "<=", "~=") for s in torch.specifier), "do not pin an older torch"
