@@ -128,7 +128,37 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 413, 415, 422, 500, 503)}
+#: What each error status means, as the OpenAPI document says it. Statuses a route can answer are listed on that
+#: route (``SEGMENT_ERRORS``, ``PASSPORT_ERRORS``); tests/test_serve.py checks every answer against the document.
+ERROR_STATUSES: dict[int, str] = {
+    400: "Malformed request framing (bad_content_length).",
+    401: "Missing or wrong bearer token (unauthorized).",
+    403: "The uri is outside the allowed S3 prefixes (uri_not_allowed).",
+    404: "Nothing stored under this id (passport_not_found).",
+    413: "Body or scan over the configured limits (body_too_large, input_too_large).",
+    415: "Unsupported Content-Type (unsupported_media_type).",
+    422: "Unusable request or scan: invalid_request, invalid_id, invalid_roi_subset, object_not_found, or the scan's "
+         "own error code (truncated_file, not_ct, ...). Not worth retrying unchanged.",
+    500: "Unexpected error (internal_error); see the replica log.",
+    501: "This deployment is not configured for it (persist_not_configured, passport_store_not_configured): a "
+         "permanent state of the deployment, not worth retrying; ask its operator.",
+    502: "S3 or the passport store failed (storage_error); retrying may help.",
+    503: "Temporarily unable: model_loading, model_unavailable, out_of_memory, or Serve's own overload answer "
+         "(plain text). Retry after `Retry-After` seconds when given.",
+}
+SEGMENT_ERRORS = (400, 401, 403, 413, 415, 422, 500, 501, 502, 503)
+PASSPORT_ERRORS = (401, 404, 422, 500, 501, 502)
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+
+
+def _errors(statuses: tuple[int, ...]) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {s: {"model": ErrorBody, "description": ERROR_STATUSES[s]} for s in statuses}
+    if 503 in out:  # Serve's proxy answers overload itself, in plain text
+        out[503].update(content={"text/plain": {"schema": {"type": "string"}}}, headers=_RETRY_AFTER)
+    if 401 in out:
+        out[401]["headers"] = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}
+    return out
+
 
 api = FastAPI(
     title="ray_app segmentation",
@@ -325,7 +355,7 @@ class SegmentService:
     @api.post(
         "/v1/segment",
         summary="Segment one scan; returns its passport (or the mask / a preview)",
-        responses={200: {"model": Passport, "content": {MASK_TYPE: {}, PNG_TYPE: {}}}, **_ERRORS},
+        responses={200: {"model": Passport, "content": {MASK_TYPE: {}, PNG_TYPE: {}}}, **_errors(SEGMENT_ERRORS)},
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": UriRequest.model_json_schema()},
             **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in BODY_KINDS},
@@ -348,7 +378,7 @@ class SegmentService:
         spec = self._spec(mode, roi_subset)
         want = _wants(request, return_)
         if persist and not (self.settings.output_prefix and self.settings.passport_store):
-            raise ApiError(400, "persist_not_configured",
+            raise ApiError(501, "persist_not_configured",
                            "this deployment has no output_prefix/passport_store to persist to")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/json":
@@ -417,7 +447,7 @@ class SegmentService:
         return JSONResponse(doc, headers=headers)
 
     @api.get("/v1/passports/{scan_id}", summary="The latest stored passport of a scan",
-             responses={200: {"model": Passport}, **_ERRORS})
+             responses={200: {"model": Passport}, **_errors(PASSPORT_ERRORS)})
     async def get_passport(
         self,
         request: Request,
@@ -428,7 +458,8 @@ class SegmentService:
         sid = self._scan_id(scan_id)
         store = self._passports()
         if store is None:
-            raise ApiError(503, "passport_store_not_configured", "this deployment has no passport_store")
+            # Permanent for this deployment (not 503, which says "retry later"): nothing to retry.
+            raise ApiError(501, "passport_store_not_configured", "this deployment has no passport_store")
         loop = asyncio.get_running_loop()
         try:
             doc = await loop.run_in_executor(

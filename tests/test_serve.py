@@ -4,10 +4,15 @@ zip and S3 inputs, persistence to S3 + DynamoDB (moto server), every refusal as 
 
 from __future__ import annotations
 
+import ast
 import gzip
+import inspect
 import io
+import re
 import secrets
+import shutil
 import subprocess
+import textwrap
 import time
 import uuid
 import zipfile
@@ -21,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ray_app import pipeline
+from ray_app import pipeline, serve_app
 from tests._ray import RAY_BIN, free_port, ray_head
 from ray_app.phantom import make_phantom
 from ray_app.serve_app import ApiError, check_uri_allowed, load_token
@@ -47,13 +52,34 @@ def _auth(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+_OPENAPI: dict[str, dict] = {}
+
+
+def _documented(r: httpx.Response) -> dict | None:
+    """The OpenAPI operation that answered ``r`` (from the serving app's own document), or None for a path that
+    is no operation (e.g. an unknown URL)."""
+    base = f"{r.request.url.scheme}://{r.request.url.netloc.decode()}"
+    if base not in _OPENAPI:
+        _OPENAPI[base] = httpx.get(f"{base}/openapi.json", timeout=60).json()
+    for template, ops in _OPENAPI[base]["paths"].items():
+        if re.fullmatch(re.sub(r"\\{[^/]+\\}", "[^/]+", re.escape(template)), r.request.url.path):
+            return ops.get(r.request.method.lower())
+    return None
+
+
 def _error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    """A JSON error with ``status`` and ``code``, whose status the route's OpenAPI entry lists with ErrorBody."""
     assert r.status_code == status, (r.status_code, r.text[:500])
     assert r.headers["content-type"].startswith("application/json"), r.headers
     err = r.json()["error"]
     assert isinstance(err["message"], str) and err["message"]
     if code:
         assert err["code"] == code, err
+    op = _documented(r)
+    if op is not None:
+        documented = op["responses"].get(str(status))
+        assert documented, f"{r.request.method} {r.request.url.path} answered {status}, not in its OpenAPI entry"
+        assert documented["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
     return err
 
 
@@ -173,6 +199,59 @@ def test_uris_outside_the_allowed_prefixes_are_refused(uri):
     assert info.value.status == 403
 
 
+_SERVICE = serve_app.SegmentService.func_or_class  # the class behind the Serve deployment
+
+
+def _raised_statuses(fn, seen: set | None = None) -> set[int]:
+    """Statuses ``fn`` can answer: ``ApiError(<status>, ...)`` in its body and, through the module's functions and
+    methods it calls (``self._x``, ``_x``), in theirs; ``_status_for``'s return values count as raised."""
+    seen = set() if seen is None else seen
+    if fn.__name__ in seen:
+        return set()
+    seen.add(fn.__name__)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name == "ApiError":
+                if isinstance(node.args[0], ast.Constant):
+                    out.add(node.args[0].value)
+                else:  # ApiError(self._status_for(code), ...)
+                    out |= _raised_statuses(_SERVICE._status_for, seen)
+            elif name:
+                target = getattr(_SERVICE, name, None) or getattr(serve_app, name, None)
+                if inspect.isfunction(target) and target.__module__ == serve_app.__name__:
+                    out |= _raised_statuses(target, seen)
+        elif isinstance(node, ast.Return) and fn.__name__ == "_status_for" and isinstance(node.value, ast.Constant):
+            out.add(node.value.value)
+    return out
+
+
+def test_the_openapi_document_lists_every_status_each_route_can_answer():
+    """Walk the routes' code for every status they can raise (the error paths) and the app's OpenAPI document for
+    what it promises: they must agree, each error with the ErrorBody schema, and 503 also as Serve's plain text."""
+    doc = serve_app.api.openapi()
+    routes = {("post", "/v1/segment"): _SERVICE.segment,
+              ("get", "/v1/passports/{scan_id}"): _SERVICE.get_passport}
+    for (method, path), fn in routes.items():
+        raised = _raised_statuses(fn)
+        # Also what FastAPI itself answers for a route: 422 for invalid parameters; 500 from the catch-all handler.
+        raised |= {422, 500}
+        responses = doc["paths"][path][method]["responses"]
+        documented = {int(s) for s in responses if s != "200"}
+        assert raised == documented, (path, sorted(raised), sorted(documented))
+        for status in documented:
+            content = responses[str(status)]["content"]
+            assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, status
+            assert responses[str(status)]["description"] == serve_app.ERROR_STATUSES[status]
+    segment_503 = doc["paths"]["/v1/segment"]["post"]["responses"]["503"]
+    assert "text/plain" in segment_503["content"] and "Retry-After" in segment_503["headers"]
+    # A deployment without a store or output prefix is a permanent state: 501, never 503 ("retry later").
+    assert 503 not in _raised_statuses(_SERVICE.get_passport)
+    assert {400, 501} <= _raised_statuses(_SERVICE.segment)
+
+
 def test_uris_under_an_allowed_prefix_pass():
     prefixes = ["s3://scans/in/", "s3://archive"]
     for uri in ("s3://scans/in/a.nii.gz", "s3://scans/in/series/", "s3://archive/x/y.zip"):
@@ -284,6 +363,34 @@ def test_every_refusal_is_a_json_error_and_the_service_keeps_answering(service, 
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.content.startswith(b"\x89PNG\r\n\x1a\n")
     assert r.headers["x-passport-status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def bare_service(service, tmp_path_factory):
+    """A second app on the same Serve, under /bare, with neither passport store nor output prefix."""
+    from ray import serve
+
+    from ray_app.serve_app import build_app
+
+    token_file = tmp_path_factory.mktemp("secret-bare") / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    serve.run(build_app({"min_replicas": 1, "max_replicas": 1, "num_cpus": 1,
+                         "settings": {"api_token_file": str(token_file), "download_weights": False}}),
+              name="bare", route_prefix="/bare")
+    try:
+        yield service["client"]
+    finally:
+        serve.delete("bare")  # gives its CPU back
+
+
+def test_a_deployment_without_store_answers_501_which_its_document_lists(bare_service, scans):
+    client = bare_service
+    err = _error(client.get("/bare/v1/passports/anything", headers=_auth()), 501, "passport_store_not_configured")
+    assert "passport_store" in err["message"]
+    _error(client.post("/bare/v1/segment", content=scans["phantom"], params={"persist": "true"},
+                       headers={**_auth(), "Content-Type": "application/gzip"}), 501, "persist_not_configured")
+    _error(client.get("/bare/v1/passports/anything"), 401, "unauthorized")
 
 
 def test_overload_is_refused_with_503_and_retry_after_and_accepted_requests_complete(service, scans):
