@@ -32,7 +32,8 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -164,6 +165,10 @@ api = FastAPI(
     title="ray_app segmentation",
     version="1.0",
     description="TotalSegmentator CT segmentation: POST a scan, get its anatomical passport (or mask / preview).",
+    # Swagger UI is served from the installed package below, not from a public CDN: on a network without
+    # internet access FastAPI's default page stays blank. ReDoc has no packaged copy, so it is off.
+    docs_url=None,
+    redoc_url=None,
 )
 
 
@@ -188,6 +193,42 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error: %s", type(exc).__name__)
     return error_response(500, "internal_error", "internal error; see the replica log")
+
+
+# ---------------------------------------------------------------------------------------------- API docs
+
+DOCS_ASSETS = "/docs/assets"
+#: The Swagger UI files the page needs, from the ``swagger-ui-bundle-v2`` package (nothing else is served).
+SWAGGER_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+                  "favicon-32x32.png": "image/png"}
+
+
+def _swagger_dir() -> Path:
+    from swagger_ui_bundle import swagger_ui_path
+
+    return Path(swagger_ui_path)
+
+
+@api.get("/docs", include_in_schema=False)
+async def docs(request: Request) -> HTMLResponse:
+    """Swagger UI for this API, every asset from this server (works offline)."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}{api.openapi_url}", title=f"{api.title} - API docs",
+        swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon-32x32.png",
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
+    )
+
+
+@api.get(DOCS_ASSETS + "/{name}", include_in_schema=False)
+async def docs_asset(name: str) -> FileResponse:
+    media_type = SWAGGER_ASSETS.get(name)
+    if media_type is None:
+        raise ApiError(404, "not_found", "no such docs asset")
+    return FileResponse(_swagger_dir() / name, media_type=media_type,
+                        headers={"Cache-Control": "public, max-age=86400"})
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -252,6 +252,26 @@ def test_the_openapi_document_lists_every_status_each_route_can_answer():
     assert {400, 501} <= _raised_statuses(_SERVICE.segment)
 
 
+def test_the_docs_page_and_its_assets_come_from_this_server_without_a_token():
+    from fastapi.testclient import TestClient
+
+    client = TestClient(serve_app.api)
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    urls = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assert urls and not [u for u in urls if "//" in u], urls  # no CDN, no other host: relative to this server
+    assert "/openapi.json" in urls
+    for url in urls:
+        r = client.get(url)
+        assert r.status_code == 200 and r.content, url
+    assert client.get("/docs/assets/swagger-ui-bundle.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/docs/assets/swagger-ui.css").headers["content-type"].startswith("text/css")
+    _error_plain = client.get("/docs/assets/..%2F..%2F__init__.py")
+    assert _error_plain.status_code == 404
+    assert client.get("/docs/assets/index.html").status_code == 404
+    assert client.get("/redoc").status_code == 404  # ReDoc would load from a CDN: off
+
+
 def test_uris_under_an_allowed_prefix_pass():
     prefixes = ["s3://scans/in/", "s3://archive"]
     for uri in ("s3://scans/in/a.nii.gz", "s3://scans/in/series/", "s3://archive/x/y.zip"):
@@ -391,6 +411,32 @@ def test_a_deployment_without_store_answers_501_which_its_document_lists(bare_se
     _error(client.post("/bare/v1/segment", content=scans["phantom"], params={"persist": "true"},
                        headers={**_auth(), "Content-Type": "application/gzip"}), 501, "persist_not_configured")
     _error(client.get("/bare/v1/passports/anything"), 401, "unauthorized")
+
+
+def test_the_docs_under_a_route_prefix_load_their_assets_from_the_same_prefix(bare_service):
+    client = bare_service
+    page = client.get("/bare/docs")
+    assert page.status_code == 200
+    urls = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assert urls and all(u.startswith("/bare/") for u in urls), urls
+    for url in urls:
+        assert client.get(url).status_code == 200, url
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="needs a headless Chromium (Debian: apt-get install chromium)")
+def test_the_docs_page_renders_in_a_headless_browser_without_internet(service, tmp_path):
+    """Chromium loads /docs from the service (loopback only, no proxy, nothing else reachable) and runs Swagger
+    UI: every operation of the document appears as a rendered block."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    done = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=15000", "--dump-dom", f"{service['url']}/docs"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rendered = set(re.findall(r'opblock-summary-path" data-path="([^"]+)"', done.stdout))
+    assert rendered == {"/healthz", "/readyz", "/v1/segment", "/v1/passports/{scan_id}"}, done.stdout[-2000:]
 
 
 def test_overload_is_refused_with_503_and_retry_after_and_accepted_requests_complete(service, scans):
