@@ -41,6 +41,8 @@ class BatchConfig:
     force: bool = False
     retry_failed: bool = False
     preview: bool = False
+    #: Also write ``segmentations.zip`` (one NIfTI per structure, TotalSegmentator's default layout) per scan.
+    per_structure: bool = False
     min_actors: int = 1
     max_actors: int = 2
     cpus_per_actor: float = 1.0
@@ -211,14 +213,15 @@ def _store(uri: str):
     return open_passport_store(uri)
 
 
-def _make_writer(output: str, store_uri: str, job_id: str, preview: bool, label_map: dict[int, str]):
+def _make_writer(output: str, store_uri: str, job_id: str, preview: bool, label_map: dict[int, str],
+                 per_structure: bool = False):
     def _write(row: dict[str, Any]) -> dict[str, Any]:
         """Write one scan's files and passport (CPU task); returns its summary row."""
         result: pipeline.ScanResult = pickle.loads(row["result"])
         start = time.perf_counter()
         try:
             pipeline.write_result(result, ArtifactSink(output), _store(store_uri), job_id,
-                                  label_map=label_map, preview=preview)
+                                  label_map=label_map, preview=preview, per_structure=per_structure)
         except Exception as exc:  # noqa: BLE001 - a write failure is this scan's failure
             failed = pipeline.failure(result.scan_id, exc, result.passport["model"],
                                       source_uri=(result.passport.get("scan") or {}).get("source_uri"),
@@ -292,8 +295,8 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
             # named parameter) failed 5 of 6 scans as lost after one node kill in tests/test_reliability.py.
             **({"memory": cfg.memory_per_actor} if cfg.memory_per_actor else {}),
         )
-        ds = ds.map(_make_writer(cfg.output, store_uri, cfg.job_id, cfg.preview, spec.output_labels),
-                    num_cpus=0.5)
+        ds = ds.map(_make_writer(cfg.output, store_uri, cfg.job_id, cfg.preview, spec.output_labels,
+                                 cfg.per_structure), num_cpus=0.5)
         try:
             done = list(ds.iter_rows())
         finally:

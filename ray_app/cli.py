@@ -49,7 +49,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if result.ok:
             doc["timings"]["total_s"] = time.perf_counter() - start
             pipeline.write_result(result, sink, None, "segment", label_map=segmenter.spec.output_labels,
-                                  preview=args.preview)
+                                  preview=args.preview, per_structure=args.per_structure)
             present = sum(1 for s in doc["structures"].values() if s["present"])
             print(f"{scan_id}: ok, {present} structures present, {doc['timings']['total_s']:.1f} s"
                   f" -> {Path(args.out) / scan_id}")
@@ -69,6 +69,7 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo scans that already have a passport")
     p.add_argument("--retry-failed", action="store_true", help="redo scans whose stored result is a failure")
     p.add_argument("--preview", action="store_true", help="also write preview.png per scan")
+    _add_per_structure_option(p)
     p.add_argument("--min-actors", type=int, default=1)
     p.add_argument("--max-actors", type=int, default=2)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
@@ -81,6 +82,12 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-task-retries", type=int, default=3,
                    help="times a scan is retried after the actor segmenting it died (Spot loss, OOM killer, crash); "
                         "then it fails as worker_lost and the job goes on")
+
+
+def _add_per_structure_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--per-structure", action="store_true",
+                   help="also write segmentations.zip per scan: one binary <structure>.nii.gz per structure present "
+                        "(TotalSegmentator's default output layout)")
 
 
 def _add_mode_options(p: argparse.ArgumentParser) -> None:
@@ -102,7 +109,7 @@ def batch_config(args: argparse.Namespace):
         manifest=args.manifest, output=args.output, passports=passports,
         fast=settings.fast if args.fast is None else args.fast, device=args.device or settings.device,
         roi_subset=tuple(args.roi_subset) if args.roi_subset else None, force=args.force,
-        retry_failed=args.retry_failed, preview=args.preview,
+        retry_failed=args.retry_failed, preview=args.preview, per_structure=args.per_structure,
         min_actors=args.min_actors, max_actors=args.max_actors, cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor, actor_resources=resources,
         memory_per_actor=int(args.actor_memory_gb * 1024**3) if args.actor_memory_gb else None,
@@ -194,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-id", action="append", help="ids for the scans, in order (default: file names)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--preview", action="store_true")
+    _add_per_structure_option(p)
     _add_mode_options(p)
     p.set_defaults(func=cmd_segment)
 

@@ -57,6 +57,7 @@ BODY_KINDS: dict[str, str | None] = {
 JSON_BODY_LIMIT = 64 * 1024
 MASK_TYPE = "application/gzip"
 PNG_TYPE = "image/png"
+ZIP_TYPE = "application/zip"
 SERVE_JOB_PREFIX = "serve-"
 
 
@@ -396,7 +397,8 @@ class SegmentService:
     @api.post(
         "/v1/segment",
         summary="Segment one scan; returns its passport (or the mask / a preview)",
-        responses={200: {"model": Passport, "content": {MASK_TYPE: {}, PNG_TYPE: {}}}, **_errors(SEGMENT_ERRORS)},
+        responses={200: {"model": Passport, "content": {MASK_TYPE: {}, PNG_TYPE: {}, ZIP_TYPE: {}}},
+                   **_errors(SEGMENT_ERRORS)},
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": UriRequest.model_json_schema()},
             **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in BODY_KINDS},
@@ -410,8 +412,10 @@ class SegmentService:
         roi_subset: Annotated[list[str] | None,
                               Query(description="Structures to segment (repeat or comma-separate).")] = None,
         persist: Annotated[bool, Query(description="Store mask and passport; locations in `outputs`.")] = False,
-        return_: Annotated[Literal["passport", "mask", "preview"] | None, Query(
-            alias="return", description="Default passport; `Accept: application/gzip` also asks for the mask.")] = None,
+        return_: Annotated[Literal["passport", "mask", "preview", "segmentations"] | None, Query(
+            alias="return", description="Default passport; `Accept: application/gzip` also asks for the mask; "
+            "`segmentations`: a zip of one binary NIfTI per structure present (TotalSegmentator's default "
+            "layout).")] = None,
         scan_id: Annotated[str | None, Query(description="Id for an uploaded scan (default: random).")] = None,
     ):
         self._authorize(request)
@@ -481,6 +485,11 @@ class SegmentService:
             data = await loop.run_in_executor(self._io, outputs.mask_to_nifti_bytes, result.mask, result.scan)
             headers["Content-Disposition"] = f'attachment; filename="{sid}.mask.nii.gz"'
             return Response(data, media_type=MASK_TYPE, headers=headers)
+        if want == "segmentations":
+            data = await loop.run_in_executor(self._io, outputs.per_structure_zip, result.mask, result.scan,
+                                              seg.spec.output_labels)
+            headers["Content-Disposition"] = f'attachment; filename="{sid}.{outputs.SEGMENTATIONS_ZIP}"'
+            return Response(data, media_type=ZIP_TYPE, headers=headers)
         if want == "preview":
             data = await loop.run_in_executor(self._io, outputs.preview_png, result.scan, result.mask,
                                               seg.spec.output_labels)

@@ -309,6 +309,20 @@ def test_nifti_body_gives_the_in_process_passport_and_the_mask_on_request(servic
     labels = {int(v) for v in np.unique(np.asanyarray(img.dataobj))} - {0}
     assert labels == {s["label"] for s in doc["structures"].values() if s["voxel_count"]}
 
+    # TotalSegmentator's default output: one binary NIfTI per structure, here as one zip.
+    r = _segment(client, scans["phantom"], "application/gzip", scan_id="per-structure", **{"return": "segmentations"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip", r.text[:300]
+    assert 'filename="per-structure.segmentations.zip"' in r.headers["content-disposition"]
+    multilabel = np.asanyarray(img.dataobj)
+    with zipfile.ZipFile(io.BytesIO(r.content)) as archive:
+        names = archive.namelist()
+        assert sorted(names) == sorted(f"{n}.nii.gz" for n, s in doc["structures"].items() if s["voxel_count"])
+        for name in names:
+            one = nib.Nifti1Image.from_bytes(gzip.decompress(archive.read(name)))
+            label = doc["structures"][name.removesuffix(".nii.gz")]["label"]
+            np.testing.assert_array_equal(np.asanyarray(one.dataobj), (multilabel == label).astype(np.uint8))
+            np.testing.assert_array_equal(one.affine, img.affine)
+
 
 def test_dicom_zip_body_gives_the_in_process_passport(service, scans, reference):
     r = _segment(service["client"], scans["dicom"], "application/zip", scan_id="dicom-zip")
