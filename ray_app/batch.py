@@ -46,13 +46,26 @@ class BatchConfig:
     min_actors: int = 1
     max_actors: int = 2
     cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+    #: GPUs Ray reserves per segmentation actor; ``None``: one with ``device="cuda"``, none with ``"cpu"``.
+    gpus_per_actor: float | None = None
     actor_resources: dict[str, float] | None = None
     #: Bytes per segmentation actor: reserved with Ray's scheduler and enforced as the actor's heap limit.
     memory_per_actor: int | None = None
     #: Times a scan is segmented again after the actor segmenting it died (a Spot loss, the OOM killer, a native
     #: crash). Bounded, so a scan that kills its worker every time fails as ``worker_lost`` and the job ends.
     max_task_retries: int = 3
+
+    def __post_init__(self):
+        """Coupled options, checked once before anything starts: an actor on ``cuda`` that Ray gave no GPU sees
+        none and fails at construction, each one; a GPU reserved for a ``cpu`` actor idles."""
+        if self.gpus_per_actor is None:
+            self.gpus_per_actor = 1.0 if self.device == "cuda" else 0.0
+        if self.device == "cuda" and self.gpus_per_actor <= 0:
+            raise ValueError("--device cuda needs a GPU per actor: leave --gpus-per-actor out (default 1 with cuda) "
+                             "or give a share such as 0.5")
+        if self.device != "cuda" and self.gpus_per_actor > 0:
+            raise ValueError(f"--gpus-per-actor {self.gpus_per_actor:g} reserves GPUs that --device "
+                             f"{self.device} actors never use: add --device cuda (or RAY_APP_DEVICE=cuda)")
 
     @property
     def passport_store_uri(self) -> str:

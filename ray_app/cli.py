@@ -73,7 +73,8 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-actors", type=int, default=1)
     p.add_argument("--max-actors", type=int, default=2)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="fractions allowed, e.g. 0.5 (default: 1 with --device cuda, 0 with cpu)")
     p.add_argument("--actor-resource", action="append", default=[], metavar="NAME=AMOUNT",
                    help="custom Ray resource per actor, e.g. spot_gpu=1 to pin actors to a node type")
     p.add_argument("--actor-memory-gb", type=float, default=None,
@@ -125,7 +126,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     """Run the Ray Data batch job; exit 1 when any scan failed."""
     from ray_app.batch import format_report, run_batch
 
-    report = run_batch(batch_config(args))
+    try:
+        cfg = batch_config(args)
+    except ValueError as exc:  # contradictory options: stop before anything starts
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = run_batch(cfg)
     print(format_report(report))
     return 1 if report.failed else 0
 

@@ -637,6 +637,10 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application
     min_r, max_r = _pick(a.min_replicas, s.serve_min_replicas), _pick(a.max_replicas, s.serve_max_replicas)
     if min_r > max_r:
         raise ValueError(f"min_replicas {min_r} > max_replicas {max_r}")
+    device = a.settings.get("device", s.device)
+    num_gpus = _pick(a.num_gpus, s.serve_gpus_per_replica or (1.0 if device == "cuda" else 0.0))
+    if device == "cuda" and num_gpus <= 0:  # the replica would see no GPU and fail to load its model
+        raise ValueError("device cuda needs a GPU per replica: leave num_gpus unset (default 1 with cuda) or give a share")
     return SegmentService.options(
         autoscaling_config={
             "min_replicas": min_r,
@@ -650,7 +654,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application
         max_queued_requests=_pick(a.max_queued_requests, s.serve_max_queued_requests),
         backpressure_config={"status_code": 503, "retry_after_s": _pick(a.retry_after_s, s.serve_retry_after_s)},
         ray_actor_options={"num_cpus": _pick(a.num_cpus, s.serve_cpus_per_replica),
-                           "num_gpus": _pick(a.num_gpus, s.serve_gpus_per_replica)},
+                           "num_gpus": num_gpus},
     ).bind(a.settings)
 
 
