@@ -87,6 +87,9 @@ class BatchReport:
     rows: list[dict[str, Any]]
     skipped: list[str]
     summary_uri: str
+    #: Skipped scans whose stored result is an earlier run's failure (scan id -> error code): not redone
+    #: without ``retry_failed``, and still failed.
+    earlier_failures: dict[str, str] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
@@ -95,6 +98,12 @@ class BatchReport:
     @property
     def succeeded(self) -> int:
         return sum(1 for r in self.rows if r["status"] == "ok")
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every scan of the manifest has a good result, from this run or an earlier one; 1 when any failed
+        here, was rejected, or was skipped because an earlier run failed it."""
+        return 1 if self.failed or self.earlier_failures else 0
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -265,12 +274,15 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     manifest = read_manifest(cfg.manifest)
 
     rows: list[dict[str, Any]] = [_rejected_row(p, cfg.job_id, spec.key) for p in manifest.problems]
-    todo, skipped = [], []
+    todo, skipped, earlier_failures = [], [], {}
     for row in manifest.rows:
-        if cfg.force or not _already_recorded(store, row["scan_id"], spec.key, cfg.retry_failed):
+        doc = None if cfg.force else _already_recorded(store, row["scan_id"], spec.key, cfg.retry_failed)
+        if doc is None:
             todo.append({"scan_id": row["scan_id"], "uri": row["uri"]})
         else:
             skipped.append(row["scan_id"])
+            if doc.get("status") != "ok":
+                earlier_failures[row["scan_id"]] = (doc.get("error") or {}).get("code") or "failed"
 
     if todo:
         init_ray()
@@ -318,9 +330,11 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
         seen = {r["scan_id"] for r in done}
         rows.extend(_worker_lost_row(item, cfg, store, spec) for item in todo if item["scan_id"] not in seen)
 
-    rows.extend({"job_id": cfg.job_id, "scan_id": sid, "model_key": spec.key, "status": "skipped"} for sid in skipped)
+    rows.extend({"job_id": cfg.job_id, "scan_id": sid, "model_key": spec.key, "status": "skipped",
+                 **({"error_code": earlier_failures[sid], "error": "failed in an earlier run; not retried"}
+                    if sid in earlier_failures else {})} for sid in skipped)
     summary_uri = write_summary(rows, cfg.summary_uri)
-    return BatchReport(cfg.job_id, rows, skipped, summary_uri)
+    return BatchReport(cfg.job_id, rows, skipped, summary_uri, earlier_failures)
 
 
 def _worker_lost_row(item: dict[str, Any], cfg: BatchConfig, store, spec) -> dict[str, Any]:
@@ -338,11 +352,11 @@ def _worker_lost_row(item: dict[str, Any], cfg: BatchConfig, store, spec) -> dic
     return pipeline.summary_row(result.passport, cfg.job_id, result.locations)
 
 
-def _already_recorded(store, scan_id: str, model_key: str, retry_failed: bool) -> bool:
+def _already_recorded(store, scan_id: str, model_key: str, retry_failed: bool) -> dict | None:
     """Resume rule: a scan with a stored result for this model is not run again (a failed one only when asked),
-    so a re-run of the same manifest writes nothing new."""
+    so a re-run of the same manifest writes nothing new. Returns the stored result that makes it skip, or None."""
     doc = store.get(scan_id, model_key)
-    return doc is not None and (doc.get("status") == "ok" or not retry_failed)
+    return doc if doc is not None and (doc.get("status") == "ok" or not retry_failed) else None
 
 
 def _rejected_row(problem, job_id: str, model_key: str) -> dict[str, Any]:
@@ -357,7 +371,7 @@ def format_report(report: BatchReport) -> str:
     """The final table a user reads: one line per scan, then the counts."""
     lines = [f"{'scan_id':<28} {'status':<9} {'seconds':>8}  detail"]
     for r in sorted(report.rows, key=lambda r: (r["status"] == "ok", r["scan_id"])):
-        if r["status"] == "skipped":
+        if r["status"] == "skipped" and r["scan_id"] not in report.earlier_failures:
             continue
         seconds = r.get("total_s")
         detail = r.get("error_code") or ""
@@ -367,8 +381,10 @@ def format_report(report: BatchReport) -> str:
             detail = f"{r.get('structures_present')} structures, liver {_ml(r.get('liver_ml'))}"
         lines.append(f"{r['scan_id'][:28]:<28} {r['status']:<9} {'' if seconds is None else f'{seconds:8.1f}':>8}"
                      f"  {detail[:120]}")
+    earlier = (f", {len(report.earlier_failures)} of them failed earlier (--retry-failed redoes those)"
+               if report.earlier_failures else "")
     lines.append(f"job {report.job_id}: {report.succeeded} ok, {report.failed} failed, "
-                 f"{len(report.skipped)} skipped (already done); summary: {report.summary_uri}")
+                 f"{len(report.skipped)} skipped (already done{earlier}); summary: {report.summary_uri}")
     return "\n".join(lines)
 
 

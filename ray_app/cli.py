@@ -123,33 +123,49 @@ def _resource(text: str) -> tuple[str, float]:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    """Run the Ray Data batch job; exit 1 when any scan failed."""
+    """Run the Ray Data batch job. Exit 0 when every scan of the manifest has a good result (this run's or an
+    earlier one's), 1 when any failed, was rejected or is skipped with an earlier failure, 2 when nothing could run
+    (contradictory options, an unusable manifest)."""
     from ray_app.batch import format_report, run_batch
+    from ray_app.manifest import ManifestError
 
     try:
-        cfg = batch_config(args)
-    except ValueError as exc:  # contradictory options: stop before anything starts
+        report = run_batch(batch_config(args))
+    except (ValueError, ManifestError) as exc:  # nothing ran: contradictory options or an unusable manifest
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = run_batch(cfg)
     print(format_report(report))
-    return 1 if report.failed else 0
+    return report.exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Make phantom scans, then run the real batch pipeline on a local Ray with the project's made weights."""
     from ray_app.demo import make_demo_inputs
 
+    from ray_app.batch import format_report, run_batch
+    from ray_app.demo import CORRUPT_ID, CORRUPT_CODE
+
     os.environ["TOTALSEG_WEIGHTS_PATH"] = str(PHANTOM_WEIGHTS)
     out = Path(args.out).resolve()
     manifest = make_demo_inputs(out / "inputs", count=args.scans)
     print(f"demo: {args.scans} phantom scans and a corrupt file in {out / 'inputs'}; manifest {manifest}")
+    # --force: a second demo in the same folder runs again instead of skipping everything as done.
     batch_args = build_parser().parse_args(["batch", "--manifest", str(manifest), "--output", str(out / "results"),
-                                            "--max-actors", str(args.actors), "--preview"])
-    code = cmd_batch(batch_args)
+                                            "--max-actors", str(args.actors), "--preview", "--force"])
+    report = run_batch(batch_config(batch_args))
+    print(format_report(report))
     print(f"demo: masks, passports and previews under {out / 'results'}; passports in "
           f"{out / 'results' / 'passports.sqlite'}")
-    return code
+    # The corrupt file failing is the demo working: success means exactly that failure and nothing else.
+    outcome = {r["scan_id"]: (r["status"], r.get("error_code")) for r in report.rows}
+    expected = {**{sid: ("ok", None) for sid in outcome if sid != CORRUPT_ID}, CORRUPT_ID: ("failed", CORRUPT_CODE)}
+    if len(outcome) == args.scans + 1 and outcome == expected:
+        print(f"demo: as intended: {args.scans} phantoms segmented, the corrupt file recorded as a failure "
+              f"({CORRUPT_CODE}) while the job went on")
+        return 0
+    print("demo: NOT as intended: " + ", ".join(f"{sid} {st}{f' ({code})' if code else ''}"
+                                                for sid, (st, code) in sorted(outcome.items())), file=sys.stderr)
+    return 1
 
 
 def _interrupt(*_) -> None:

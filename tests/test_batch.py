@@ -127,18 +127,67 @@ def test_rerun_writes_nothing_new_and_redoes_only_a_deleted_passport(s3_job):
     stamps = {sid: store.get(sid, MODEL)["created_at"] for sid in GOOD + list(BAD)}
 
     argv = [a if a != "job-1" else "job-2" for a in s3_job["argv"]]
-    assert cli.main(argv) == 0, "nothing ran, so nothing failed"
+    # Nothing runs, but two scans of the manifest still have only a failure: the exit code says so.
+    assert cli.main(argv) == 1, "scans skipped with an earlier failure are still failed"
+    rerun = {r["scan_id"]: r for r in read_summary(f"s3://{bucket}/out/_jobs/job-2/summary.parquet")}
+    assert {r["status"] for r in rerun.values()} == {"skipped"}
+    assert {sid: r["error_code"] for sid, r in rerun.items() if r["error_code"]} == BAD
     after = {k: v for k, v in _keys(s3, bucket).items() if not k.startswith("out/_jobs/")}
     assert after == {k: v for k, v in before.items() if not k.startswith("out/_jobs/")}
     assert {sid: store.get(sid, MODEL)["created_at"] for sid in stamps} == stamps
 
     store.delete("phantom-b", MODEL)
     argv3 = [a if a != "job-1" else "job-3" for a in s3_job["argv"]]
-    assert cli.main(argv3) == 0
+    assert cli.main(argv3) == 1
     redone = [d["scan_id"] for d in store.list_by_job("job-3")]
     assert redone == ["phantom-b"]
     assert {sid: store.get(sid, MODEL)["created_at"] for sid in stamps if sid != "phantom-b"} == \
         {sid: t for sid, t in stamps.items() if sid != "phantom-b"}
+
+
+def test_force_redoes_everything_and_retry_failed_only_the_failures(ray_cluster, inputs, tmp_path, capsys):
+    """On the embedded default: the exit code is 0 only when every scan of the manifest has a good result."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("phantom-a.nii.gz", "corrupt.nii.gz"):
+        (folder / name).write_bytes(inputs[name])
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"scan_id,uri\nphantom-a,{folder / 'phantom-a.nii.gz'}\ncorrupt,{folder / 'corrupt.nii.gz'}\n")
+    out = tmp_path / "out"
+    store = open_passport_store(f"sqlite:///{out / 'passports.sqlite'}")
+
+    def run(job: str, *options: str) -> int:
+        return cli.main(["batch", "--manifest", str(manifest), "--output", str(out), "--job-id", job,
+                         "--max-actors", "1", "--per-structure", *options])
+
+    def stamps() -> dict[str, str]:
+        return {sid: store.get(sid, MODEL)["created_at"] for sid in ("phantom-a", "corrupt")}
+
+    assert run("first") == 1
+    first = stamps()
+    assert (out / "phantom-a" / MODEL / "segmentations.zip").is_file()
+    assert json.loads((out / "phantom-a" / MODEL / "passport.json").read_text())["outputs"]["segmentations"] \
+        == str(out / "phantom-a" / MODEL / "segmentations.zip")
+    capsys.readouterr()
+
+    assert run("again") == 1  # nothing ran; corrupt is still failed
+    assert stamps() == first
+    report = capsys.readouterr().out
+    assert "1 of them failed earlier (--retry-failed redoes those)" in report and "corrupt" in report
+
+    fixed = folder / "fixed.nii.gz"
+    fixed.write_bytes(inputs["phantom-b.nii.gz"])
+    manifest.write_text(f"scan_id,uri\nphantom-a,{folder / 'phantom-a.nii.gz'}\ncorrupt,{fixed}\n")
+    assert run("retry", "--retry-failed") == 0  # the failure redone (now with a good file), the good one kept
+    retried = stamps()
+    assert retried["phantom-a"] == first["phantom-a"] and retried["corrupt"] != first["corrupt"]
+    assert store.get("corrupt", MODEL)["status"] == "ok"
+    assert [d["scan_id"] for d in store.list_by_job("retry")] == ["corrupt"]
+
+    assert run("forced", "--force") == 0
+    forced = stamps()
+    assert all(forced[sid] != retried[sid] for sid in forced)
+    assert {d["scan_id"] for d in store.list_by_job("forced")} == {"phantom-a", "corrupt"}
 
 
 def test_embedded_default_gives_the_same_passports(s3_job, inputs, tmp_path):

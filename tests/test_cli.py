@@ -1,4 +1,5 @@
-"""``ray-app`` as a user runs it: option checks that stop before anything starts."""
+"""``ray-app`` as a user runs it: option checks that stop before anything starts, and ``segment``, ``demo`` and
+``serve`` as commands in their own processes (their exit codes, what they print, what they leave behind)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,14 @@ def test_contradictory_device_options_stop_at_the_start_with_one_message(options
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+def test_an_unusable_manifest_exits_2_before_anything_runs(tmp_path, capsys):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("scan_id,path\na,/x.nii.gz\n")
+    assert cli.main(["batch", "--manifest", str(manifest), "--output", str(tmp_path / "out")]) == 2
+    assert "uri" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "_jobs").exists()
+
+
 def test_serve_derives_its_gpu_request_from_the_device(monkeypatch):
     from ray_app.serve_app import build_app
 
@@ -80,3 +89,20 @@ def test_serve_derives_its_gpu_request_from_the_device(monkeypatch):
     assert build_app({})._bound_deployment.ray_actor_options["num_gpus"] == 0.0
     with pytest.raises(ValueError, match="needs a GPU per replica"):
         build_app({"num_gpus": 0, "settings": {"device": "cuda"}})
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+@pytest.mark.slow
+def test_demo_command_ends_in_success_when_only_its_corrupt_input_failed(phantom_weights, tmp_path):
+    """The README's first command: the corrupt input failing is the demo working, so the exit code is 0."""
+    done = subprocess.run(_command("demo", "--out", str(tmp_path / "demo"), "--scans", "1"), env=_env(),
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "truncated" in done.stdout and "truncated_file" in done.stdout
+    assert "demo: as intended: 1 phantoms segmented, the corrupt file recorded as a failure" in done.stdout
+    results = tmp_path / "demo" / "results"
+    assert (results / "phantom-01" / MODEL / "mask.nii.gz").is_file()
+    assert (results / "phantom-01" / MODEL / "preview.png").is_file()
+    assert (results / "passports.sqlite").is_file()
