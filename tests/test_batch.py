@@ -19,7 +19,7 @@ from ray_app.sinks import open_passport_store, read_summary
 pytestmark = pytest.mark.slow
 
 MODEL = "total_fast"
-GOOD = ["phantom-a", "phantom-b", "phantom-lps", "example-sm", "dicom-zip", "example-ct"]
+GOOD = ["phantom-a", "phantom-b", "phantom-lps", "example-sm", "dicom-zip", "example-ct", "dicom-prefix"]
 BAD = {"corrupt": "truncated_file", "missing": "object_not_found"}
 
 
@@ -57,6 +57,8 @@ def inputs(example_dir) -> dict[str, bytes]:
 
 
 def _file(scan_id: str) -> str:
+    if scan_id == "dicom-prefix":
+        return "series/"  # the DICOM series as one object per slice under a prefix, as PACS exports land in S3
     return f"{scan_id}.zip" if scan_id == "dicom-zip" else f"{scan_id}.nii.gz"
 
 
@@ -69,7 +71,7 @@ def _manifest_csv(prefix: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def s3_job(moto_server, ray_cluster, inputs):
+def s3_job(moto_server, ray_cluster, inputs, series_files):
     """Upload the scans and manifest, run the job through the CLI, return what it left behind."""
     import uuid
 
@@ -80,7 +82,7 @@ def s3_job(moto_server, ray_cluster, inputs):
 
     table = f"passports-{uuid.uuid4().hex[:10]}"
     create_table(table)
-    for name, data in inputs.items():
+    for name, data in {**inputs, **series_files}.items():
         s3.put_object(Bucket=bucket, Key=f"in/{name}", Body=data)
     s3.put_object(Bucket=bucket, Key="in/manifest.csv", Body=_manifest_csv(f"s3://{bucket}/in"))
     argv = ["batch", "--manifest", f"s3://{bucket}/in/manifest.csv", "--output", f"s3://{bucket}/out",
@@ -92,6 +94,11 @@ def s3_job(moto_server, ray_cluster, inputs):
 def _keys(s3, bucket: str, prefix: str = "out/") -> dict[str, str]:
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+@pytest.fixture(scope="module")
+def series_files(example_dir) -> dict[str, bytes]:
+    return {f"series/{f.name}": f.read_bytes() for f in sorted((example_dir / "example_ct_dicom").iterdir())}
 
 
 def test_every_good_scan_has_mask_passport_and_summary_row_and_failures_are_recorded(s3_job):
@@ -118,6 +125,16 @@ def test_every_good_scan_has_mask_passport_and_summary_row_and_failures_are_reco
     assert all(by_id[s]["status"] == "ok" and by_id[s]["liver_ml"] is not None for s in GOOD)
     assert {s: by_id[s]["error_code"] for s in BAD} == BAD
     assert {d["scan_id"] for d in store.list_by_job("job-1")} == set(GOOD) | set(BAD)
+
+
+def test_a_dicom_series_under_an_s3_prefix_gives_the_same_passport_as_its_zip(s3_job):
+    store = open_passport_store(f"dynamodb://{s3_job['table']}")
+    prefix, zipped = store.get("dicom-prefix", MODEL), store.get("dicom-zip", MODEL)
+    assert prefix["status"] == "ok" and prefix["scan"]["dicom"] is True
+    assert prefix["scan"]["source_uri"] == f"s3://{s3_job['bucket']}/in/series/"
+    assert prefix["structures"] == zipped["structures"]
+    for key in ("shape", "spacing_mm", "affine", "orientation"):
+        assert prefix["scan"][key] == zipped["scan"][key], key
 
 
 def test_rerun_writes_nothing_new_and_redoes_only_a_deleted_passport(s3_job):
@@ -190,10 +207,10 @@ def test_force_redoes_everything_and_retry_failed_only_the_failures(ray_cluster,
     assert {d["scan_id"] for d in store.list_by_job("forced")} == {"phantom-a", "corrupt"}
 
 
-def test_embedded_default_gives_the_same_passports(s3_job, inputs, tmp_path):
+def test_embedded_default_gives_the_same_passports(s3_job, inputs, series_files, tmp_path):
     folder = tmp_path / "in"
-    folder.mkdir()
-    for name, data in inputs.items():
+    (folder / "series").mkdir(parents=True)
+    for name, data in {**inputs, **series_files}.items():
         (folder / name).write_bytes(data)
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"scan_id": sid, "uri": str(folder / _file(sid))}) + "\n" for sid in GOOD))

@@ -95,6 +95,40 @@ def test_serve_derives_its_gpu_request_from_the_device(monkeypatch):
 
 
 @pytest.mark.slow
+def test_segment_command_writes_each_scan_and_exits_1_only_when_one_failed(phantom_weights, example_dir, tmp_path):
+    good = _small_phantom(tmp_path / "phantom.nii.gz")
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    out = tmp_path / "out"
+    done = subprocess.run(_command("segment", str(good), str(corrupt), str(example_dir / "example_ct_dicom"),
+                                   "--scan-id", "phantom", "--scan-id", "corrupt", "--scan-id", "series",
+                                   "--out", str(out), "--preview", "--per-structure"),
+                          env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("phantom: ok, ") and "structures present" in line for line in lines), lines
+    assert any(line.startswith("series: ok, ") for line in lines), lines
+    assert "corrupt: FAILED truncated_file: " in done.stdout
+    assert lines[-1] == "2 ok, 1 failed"
+    for sid in ("phantom", "series"):
+        files = {p.name for p in (out / sid).iterdir()}
+        assert {"mask.nii.gz", "passport.json", "preview.png", "segmentations.zip"} <= files, files
+    with zipfile.ZipFile(out / "phantom" / "segmentations.zip") as archive:
+        names = archive.namelist()
+        mask = np.asanyarray(nib.load(out / "phantom" / "mask.nii.gz").dataobj)
+        assert names and len(names) == len(set(np.unique(mask)) - {0})
+        one = nib.Nifti1Image.from_bytes(gzip.decompress(archive.read("liver.nii.gz")))
+        assert set(np.unique(np.asanyarray(one.dataobj))) == {0, 1}
+    assert not (out / "corrupt").exists()  # a failed scan is reported, never written
+
+    again = subprocess.run(_command("segment", str(good), "--out", str(tmp_path / "out2")), env=_env(),
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr[-3000:]
+    assert again.stdout.splitlines()[-1] == "1 ok, 0 failed"
+    assert {p.name for p in (tmp_path / "out2" / "phantom").iterdir()} == {"mask.nii.gz", "passport.json"}
+
+
+@pytest.mark.slow
 def test_demo_command_ends_in_success_when_only_its_corrupt_input_failed(phantom_weights, tmp_path):
     """The README's first command: the corrupt input failing is the demo working, so the exit code is 0."""
     done = subprocess.run(_command("demo", "--out", str(tmp_path / "demo"), "--scans", "1"), env=_env(),
@@ -106,3 +140,50 @@ def test_demo_command_ends_in_success_when_only_its_corrupt_input_failed(phantom
     assert (results / "phantom-01" / MODEL / "mask.nii.gz").is_file()
     assert (results / "phantom-01" / MODEL / "preview.png").is_file()
     assert (results / "passports.sqlite").is_file()
+
+
+def test_serve_command_refuses_to_start_without_a_token(tmp_path):
+    env = _env()
+    for k in ("RAY_APP_API_TOKEN", "RAY_APP_API_TOKEN_FILE"):
+        env.pop(k, None)
+    done = subprocess.run(_command("serve", "--port", str(free_port())), env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: no API token: set RAY_APP_API_TOKEN")
+
+
+@pytest.mark.slow
+def test_serve_command_serves_on_loopback_and_stops_cleanly_on_sigterm(phantom_weights, tmp_path):
+    token = secrets.token_hex(16)
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(_command("serve", "--port", str(port)), stdout=log, stderr=subprocess.STDOUT,
+                            env=_env(RAY_APP_API_TOKEN=token, RAY_APP_DOWNLOAD_WEIGHTS="false"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        assert f"serving on http://127.0.0.1:{port} (API docs at /docs)" in (tmp_path / "serve.log").read_text()
+        body = gzip.compress(_small_phantom(tmp_path / "p.nii").read_bytes(), compresslevel=1)
+        r = httpx.post(f"{url}/v1/segment", content=body, params={"scan_id": "via-command"}, timeout=300,
+                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/gzip"})
+        assert r.status_code == 200 and r.json()["status"] == "ok", r.text[:500]
+        assert httpx.post(f"{url}/v1/segment", content=body, timeout=60).status_code == 401
+        assert httpx.get(f"{url}/docs", timeout=30).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            stop_process(proc, timeout=10)
+            code = None
+        log.close()
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
