@@ -437,20 +437,48 @@ def test_the_docs_under_a_route_prefix_load_their_assets_from_the_same_prefix(ba
         assert client.get(url).status_code == 200, url
 
 
+@pytest.fixture
+def docs_server():
+    """The app's FastAPI object under uvicorn on a loopback port in this process: /docs, its assets and
+    /openapi.json need no replica (no model, no Ray), so a browser can load them without the load of a service."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(serve_app.api, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
                     reason="needs a headless Chromium (Debian: apt-get install chromium)")
-def test_the_docs_page_renders_in_a_headless_browser_without_internet(service, tmp_path):
-    """Chromium loads /docs from the service (loopback only, no proxy, nothing else reachable) and runs Swagger
-    UI: every operation of the document appears as a rendered block."""
+def test_the_docs_page_renders_in_a_headless_browser_without_internet(docs_server, tmp_path):
+    """Chromium loads /docs (loopback only, nothing else reachable) and runs Swagger UI: every operation of the
+    document appears as a rendered block. A blank page (CDN assets) or Swagger UI 4 ("Unable to render this
+    definition": it cannot read OpenAPI 3.1) renders none."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    done = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=15000", "--dump-dom", f"{service['url']}/docs"],
-        capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rendered = set(re.findall(r'opblock-summary-path" data-path="([^"]+)"', done.stdout))
-    assert rendered == {"/healthz", "/readyz", "/v1/segment", "/v1/passports/{scan_id}"}, done.stdout[-2000:]
+    expected = {"/healthz", "/readyz", "/v1/segment", "/v1/passports/{scan_id}"}
+    for budget_ms in (20_000, 120_000):  # virtual time; a loaded machine may need the longer one
+        done = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", f"--virtual-time-budget={budget_ms}", "--dump-dom",
+             f"{docs_server}/docs"],
+            capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rendered = set(re.findall(r'opblock-summary-path" data-path="([^"]+)"', done.stdout))
+        if rendered:
+            break
+    assert rendered == expected, done.stdout[-2000:]
 
 
 def test_overload_is_refused_with_503_and_retry_after_and_accepted_requests_complete(service, scans):
