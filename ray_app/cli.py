@@ -130,8 +130,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from ray_app.manifest import ManifestError
 
     try:
-        report = run_batch(batch_config(args))
-    except (ValueError, ManifestError) as exc:  # nothing ran: contradictory options or an unusable manifest
+        cfg = batch_config(args)
+    except ValueError as exc:  # contradictory options: nothing started
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = run_batch(cfg)
+    except ManifestError as exc:  # a manifest unusable as a whole: nothing ran
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_report(report))
@@ -140,10 +145,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Make phantom scans, then run the real batch pipeline on a local Ray with the project's made weights."""
-    from ray_app.demo import make_demo_inputs
-
     from ray_app.batch import format_report, run_batch
-    from ray_app.demo import CORRUPT_ID, CORRUPT_CODE
+    from ray_app.demo import CORRUPT_CODE, CORRUPT_ID, make_demo_inputs
 
     os.environ["TOTALSEG_WEIGHTS_PATH"] = str(PHANTOM_WEIGHTS)
     out = Path(args.out).resolve()
