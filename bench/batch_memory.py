@@ -44,9 +44,12 @@ def rss_mib() -> float:
 
 
 def object_store_mib() -> float:
+    import ray
     from ray._private.internal_api import memory_summary
 
-    match = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+    # This job's cluster by address: without it Ray refuses when another local cluster runs on the machine.
+    address = ray.get_runtime_context().gcs_address
+    match = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(address=address, stats_only=True))
     return float(match.group(1)) if match else 0.0
 
 

@@ -4,8 +4,8 @@
     .venv/bin/python bench/run.py --weights phantom     # the made phantom model (parity by Dice)
     .venv/bin/python bench/run.py --scans example_ct_sm --repeats 2 --device cuda
 
-Every (variant, scan) runs in a fresh child process, so peak RSS is that run's own (children included, for
-vanilla's preprocessing and export processes). "forward share" is the network forward's share of the worker's
+Every (variant, scan) runs in a fresh child process, so peak RSS is that run's own: its process alone, and plus
+its largest child process (vanilla's preprocessing and export workers), the same way for every variant. "forward share" is the network forward's share of the worker's
 seconds (segmentation and passport: what a batch actor or Serve replica spends per scan; decoding and writing
 run in other tasks). Then the Ray Data batch job runs N copies of one scan on a local Ray with k one-CPU
 actors, against k times the rate of one warm one-thread segmenter. Figures go to ``bench/results/latest.json``
@@ -30,7 +30,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-EXAMPLES = Path(os.environ.get("BENCH_EXAMPLES", REPO.parent / "shared" / "data" / "totalseg-example"))
+EXAMPLES = Path(os.environ.get("BENCH_EXAMPLES", REPO / "tests" / "data" / "totalseg-example"))
 #: Segmenter options per variant: "ours" is the exact path; "ours-fast" pulls the levers that trade exactness.
 VARIANTS = {"ours": {}, "ours-bf16": {"precision": "bf16"}, "ours-crop": {"crop_to_body": True},
             "ours-fast": {"precision": "bf16", "crop_to_body": True}}
@@ -314,7 +314,7 @@ def main() -> None:
 def table(meta: dict, results: list[dict]) -> str:
     lines = [f"{meta['machine']}; weights: {meta['weights']}; device: {meta['device']}; {meta['when']}",
              f"fp32 matmul reference: {meta['matmul_fp32_gflops'] or 0:.0f} GFLOP/s",
-             "| scan | variant | wall s (warm) | CPU s | forward s | forward share | GFLOP/s | peak RSS MB | "
+             "| scan | variant | wall s (warm) | CPU s | forward s | forward share | GFLOP/s | peak RSS MB main / + child | "
              "speed-up | parity |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = next((x for x in results if x["scan"] == r["scan"] and x["variant"] == "vanilla"), None)
@@ -322,10 +322,13 @@ def table(meta: dict, results: list[dict]) -> str:
         par = r.get("parity_vs_vanilla")
         parity = "-" if not par else ("identical" if par["identical"] else
                                       f"agree {par['voxel_agreement']:.5f}, min Dice {par['min_dice']:.4f}")
-        rss = r["peak_rss_mb"] + (r["peak_rss_children_mb"] if r["variant"] == "vanilla" else 0)
+        # Counted the same way for every variant: the run's own process, then plus its largest child process
+        # (getrusage's RUSAGE_CHILDREN ru_maxrss; vanilla's preprocessing/export workers). Peaks of different
+        # processes need not coincide, so the sum is an upper bound of what was resident at once.
+        rss = f"{r['peak_rss_mb']:.0f} / {r['peak_rss_mb'] + r['peak_rss_children_mb']:.0f}"
         lines.append(f"| {r['scan']} {tuple(r['shape'])} | {r['variant']} | {r['wall_s'][-1]:.1f} | "
                      f"{r['cpu_s'][-1]:.1f} | {r['forward_s']:.1f} | {r['forward_share']:.0%} | "
-                     f"{r['gflops_per_s'] or 0:.0f} | {rss:.0f} | {speed} | {parity} |")
+                     f"{r['gflops_per_s'] or 0:.0f} | {rss} | {speed} | {parity} |")
     return "\n".join(lines)
 
 

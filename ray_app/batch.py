@@ -8,12 +8,14 @@ failure record instead of an exception, so one bad scan never stops (or retries)
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
@@ -41,10 +43,13 @@ class BatchConfig:
     force: bool = False
     retry_failed: bool = False
     preview: bool = False
+    #: Also write ``segmentations.zip`` (one NIfTI per structure, TotalSegmentator's default layout) per scan.
+    per_structure: bool = False
     min_actors: int = 1
     max_actors: int = 2
     cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+    #: GPUs Ray reserves per segmentation actor; ``None``: one with ``device="cuda"``, none with ``"cpu"``.
+    gpus_per_actor: float | None = None
     actor_resources: dict[str, float] | None = None
     #: Bytes per segmentation actor: reserved with Ray's scheduler and enforced as the actor's heap limit.
     memory_per_actor: int | None = None
@@ -53,6 +58,18 @@ class BatchConfig:
     max_task_retries: int = 3
     #: Run only the first ``limit`` runnable manifest rows: a pilot whose measured figures price the whole month.
     limit: int | None = None
+
+    def __post_init__(self):
+        """Coupled options, checked once before anything starts: an actor on ``cuda`` that Ray gave no GPU sees
+        none and fails at construction, each one; a GPU reserved for a ``cpu`` actor idles."""
+        if self.gpus_per_actor is None:
+            self.gpus_per_actor = 1.0 if self.device == "cuda" else 0.0
+        if self.device == "cuda" and self.gpus_per_actor <= 0:
+            raise ValueError("--device cuda needs a GPU per actor: leave --gpus-per-actor out (default 1 with cuda) "
+                             "or give a share such as 0.5")
+        if self.device != "cuda" and self.gpus_per_actor > 0:
+            raise ValueError(f"--gpus-per-actor {self.gpus_per_actor:g} reserves GPUs that --device "
+                             f"{self.device} actors never use: add --device cuda (or RAY_APP_DEVICE=cuda)")
 
     @property
     def passport_store_uri(self) -> str:
@@ -63,9 +80,13 @@ class BatchConfig:
             raise RayAppError("an s3:// output needs --passports dynamodb://TABLE (or sqlite:///PATH)")
         return f"sqlite:///{os.path.abspath(os.path.join(self.output, 'passports.sqlite'))}"
 
+    def job_uri(self, name: str) -> str:
+        """A file of this job's own folder, ``OUTPUT/_jobs/<job_id>/``."""
+        return f"{self.output.rstrip('/')}/_jobs/{self.job_id}/{name}"
+
     @property
     def summary_uri(self) -> str:
-        return f"{self.output.rstrip('/')}/_jobs/{self.job_id}/summary.parquet"
+        return self.job_uri("summary.parquet")
 
 
 @dataclass
@@ -74,6 +95,9 @@ class BatchReport:
     rows: list[dict[str, Any]]
     skipped: list[str]
     summary_uri: str
+    #: Skipped scans whose stored result is an earlier run's failure (scan id -> error code): not redone
+    #: without ``retry_failed``, and still failed.
+    earlier_failures: dict[str, str] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
@@ -82,6 +106,12 @@ class BatchReport:
     @property
     def succeeded(self) -> int:
         return sum(1 for r in self.rows if r["status"] == "ok")
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every scan of the manifest has a good result, from this run or an earlier one; 1 when any failed
+        here, was rejected, or was skipped because an earlier run failed it."""
+        return 1 if self.failed or self.earlier_failures else 0
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -103,19 +133,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def preflight(cfg: BatchConfig, store: PassportStore, spec: TaskSpec, settings: Settings, *,
               weights: bool = True) -> None:
-    """Prove the job's destinations before any scan runs: the store answers, the output takes a write (a small
-    marker under the job's own ``_jobs/`` folder, with the credentials the job writes with), and (``weights``) the
-    weights are where the segmenter looks when it may not download them. A mistake costs seconds, not a job of
-    failures."""
+    """Prove the job's destinations before any scan runs: the store answers, the output takes a write (the job's
+    record, ``_jobs/<job>/job.json``, with the credentials the job writes with), and (``weights``) the weights are
+    where the segmenter looks when it may not download them. A mistake costs seconds, not a job of failures."""
     region, source = storage.aws_region()
     try:
         store.get(PREFLIGHT_SCAN_ID, spec.key)
     except storage.StorageError as exc:
         raise PreflightError(f"passport store {cfg.passport_store_uri} is not usable: {exc.message} (AWS region "
                              f"{region}, from {source})") from exc
-    marker = f"{cfg.output.rstrip('/')}/_jobs/{cfg.job_id}/preflight.json"
+    record = {"job_id": cfg.job_id, "started_at": datetime.now(timezone.utc).isoformat(), "manifest": cfg.manifest,
+              "model_key": spec.key, "device": cfg.device, "limit": cfg.limit, "region": region}
     try:
-        storage.write_bytes(marker, b'{"preflight": "ok"}', "application/json")
+        storage.write_bytes(cfg.job_uri("job.json"), json.dumps(record, indent=1).encode(), "application/json")
     except storage.StorageError as exc:
         raise PreflightError(f"cannot write under {cfg.output}: {exc.message}. On AWS the nodes' role may write "
                              "only under the prefix jobs/setup_aws.py --output was given") from exc
@@ -234,14 +264,15 @@ def _store(uri: str):
     return open_passport_store(uri)
 
 
-def _make_writer(output: str, store_uri: str, job_id: str, preview: bool, label_map: dict[int, str]):
+def _make_writer(output: str, store_uri: str, job_id: str, preview: bool, label_map: dict[int, str],
+                 per_structure: bool = False):
     def _write(row: dict[str, Any]) -> dict[str, Any]:
         """Write one scan's files and passport (CPU task); returns its summary row."""
         result: pipeline.ScanResult = pickle.loads(row["result"])
         start = time.perf_counter()
         try:
             pipeline.write_result(result, ArtifactSink(output), _store(store_uri), job_id,
-                                  label_map=label_map, preview=preview)
+                                  label_map=label_map, preview=preview, per_structure=per_structure)
         except Exception as exc:  # noqa: BLE001 - a write failure is this scan's failure
             failed = pipeline.failure(result.scan_id, exc, result.passport["model"],
                                       source_uri=(result.passport.get("scan") or {}).get("source_uri"),
@@ -273,12 +304,15 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     preflight(cfg, store, spec, settings)
 
     rows: list[dict[str, Any]] = [_rejected_row(p, cfg.job_id, spec.key) for p in manifest.problems]
-    todo, skipped = [], []
+    todo, skipped, earlier_failures = [], [], {}
     for row in manifest.rows[:cfg.limit]:
-        if cfg.force or not _already_recorded(store, row["scan_id"], spec.key, cfg.retry_failed):
+        doc = None if cfg.force else _already_recorded(store, row["scan_id"], spec.key, cfg.retry_failed)
+        if doc is None:
             todo.append({"scan_id": row["scan_id"], "uri": row["uri"]})
         else:
             skipped.append(row["scan_id"])
+            if doc.get("status") != "ok":
+                earlier_failures[row["scan_id"]] = (doc.get("error") or {}).get("code") or "failed"
 
     if todo:
         init_ray()
@@ -316,8 +350,8 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
             # named parameter) failed 5 of 6 scans as lost after one node kill in tests/test_reliability.py.
             **({"memory": cfg.memory_per_actor} if cfg.memory_per_actor else {}),
         )
-        ds = ds.map(_make_writer(cfg.output, store_uri, cfg.job_id, cfg.preview, spec.output_labels),
-                    num_cpus=0.5)
+        ds = ds.map(_make_writer(cfg.output, store_uri, cfg.job_id, cfg.preview, spec.output_labels,
+                                 cfg.per_structure), num_cpus=0.5)
         try:
             done = list(ds.iter_rows())
         finally:
@@ -326,9 +360,11 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
         seen = {r["scan_id"] for r in done}
         rows.extend(_worker_lost_row(item, cfg, store, spec) for item in todo if item["scan_id"] not in seen)
 
-    rows.extend({"job_id": cfg.job_id, "scan_id": sid, "model_key": spec.key, "status": "skipped"} for sid in skipped)
+    rows.extend({"job_id": cfg.job_id, "scan_id": sid, "model_key": spec.key, "status": "skipped",
+                 **({"error_code": earlier_failures[sid], "error": "failed in an earlier run; not retried"}
+                    if sid in earlier_failures else {})} for sid in skipped)
     summary_uri = write_summary(rows, cfg.summary_uri)
-    return BatchReport(cfg.job_id, rows, skipped, summary_uri)
+    return BatchReport(cfg.job_id, rows, skipped, summary_uri, earlier_failures)
 
 
 def _worker_lost_row(item: dict[str, Any], cfg: BatchConfig, store, spec) -> dict[str, Any]:
@@ -346,11 +382,11 @@ def _worker_lost_row(item: dict[str, Any], cfg: BatchConfig, store, spec) -> dic
     return pipeline.summary_row(result.passport, cfg.job_id, result.locations)
 
 
-def _already_recorded(store, scan_id: str, model_key: str, retry_failed: bool) -> bool:
+def _already_recorded(store, scan_id: str, model_key: str, retry_failed: bool) -> dict | None:
     """Resume rule: a scan with a stored result for this model is not run again (a failed one only when asked),
-    so a re-run of the same manifest writes nothing new."""
+    so a re-run of the same manifest writes nothing new. Returns the stored result that makes it skip, or None."""
     doc = store.get(scan_id, model_key)
-    return doc is not None and (doc.get("status") == "ok" or not retry_failed)
+    return doc if doc is not None and (doc.get("status") == "ok" or not retry_failed) else None
 
 
 def _rejected_row(problem, job_id: str, model_key: str) -> dict[str, Any]:
@@ -365,7 +401,7 @@ def format_report(report: BatchReport) -> str:
     """The final table a user reads: one line per scan, then the counts."""
     lines = [f"{'scan_id':<28} {'status':<9} {'seconds':>8}  detail"]
     for r in sorted(report.rows, key=lambda r: (r["status"] == "ok", r["scan_id"])):
-        if r["status"] == "skipped":
+        if r["status"] == "skipped" and r["scan_id"] not in report.earlier_failures:
             continue
         seconds = r.get("total_s")
         detail = r.get("error_code") or ""
@@ -375,8 +411,10 @@ def format_report(report: BatchReport) -> str:
             detail = f"{r.get('structures_present')} structures, liver {_ml(r.get('liver_ml'))}"
         lines.append(f"{r['scan_id'][:28]:<28} {r['status']:<9} {'' if seconds is None else f'{seconds:8.1f}':>8}"
                      f"  {detail[:120]}")
+    earlier = (f", {len(report.earlier_failures)} of them failed earlier (--retry-failed redoes those)"
+               if report.earlier_failures else "")
     lines.append(f"job {report.job_id}: {report.succeeded} ok, {report.failed} failed, "
-                 f"{len(report.skipped)} skipped (already done); summary: {report.summary_uri}")
+                 f"{len(report.skipped)} skipped (already done{earlier}); summary: {report.summary_uri}")
     return "\n".join(lines)
 
 

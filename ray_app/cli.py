@@ -49,7 +49,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if result.ok:
             doc["timings"]["total_s"] = time.perf_counter() - start
             pipeline.write_result(result, sink, None, "segment", label_map=segmenter.spec.output_labels,
-                                  preview=args.preview)
+                                  preview=args.preview, per_structure=args.per_structure)
             present = sum(1 for s in doc["structures"].values() if s["present"])
             print(f"{scan_id}: ok, {present} structures present, {doc['timings']['total_s']:.1f} s"
                   f" -> {Path(args.out) / scan_id}")
@@ -69,10 +69,12 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo scans that already have a passport")
     p.add_argument("--retry-failed", action="store_true", help="redo scans whose stored result is a failure")
     p.add_argument("--preview", action="store_true", help="also write preview.png per scan")
+    _add_per_structure_option(p)
     p.add_argument("--min-actors", type=int, default=1)
     p.add_argument("--max-actors", type=int, default=2)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="fractions allowed, e.g. 0.5 (default: 1 with --device cuda, 0 with cpu)")
     p.add_argument("--actor-resource", action="append", default=[], metavar="NAME=AMOUNT",
                    help="custom Ray resource per actor, e.g. spot_gpu=1 to pin actors to a node type")
     p.add_argument("--actor-memory-gb", type=float, default=None,
@@ -83,6 +85,12 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-task-retries", type=int, default=3,
                    help="times a scan is retried after the actor segmenting it died (Spot loss, OOM killer, crash); "
                         "then it fails as worker_lost and the job goes on")
+
+
+def _add_per_structure_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--per-structure", action="store_true",
+                   help="also write segmentations.zip per scan: one binary <structure>.nii.gz per structure present "
+                        "(TotalSegmentator's default output layout)")
 
 
 def _add_mode_options(p: argparse.ArgumentParser) -> None:
@@ -104,7 +112,7 @@ def batch_config(args: argparse.Namespace):
         manifest=args.manifest, output=args.output, passports=passports,
         fast=settings.fast if args.fast is None else args.fast, device=args.device or settings.device,
         roi_subset=tuple(args.roi_subset) if args.roi_subset else None, force=args.force,
-        retry_failed=args.retry_failed, preview=args.preview,
+        retry_failed=args.retry_failed, preview=args.preview, per_structure=args.per_structure,
         min_actors=args.min_actors, max_actors=args.max_actors, cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor, actor_resources=resources,
         memory_per_actor=int(args.actor_memory_gb * 1024**3) if args.actor_memory_gb else None,
@@ -117,33 +125,53 @@ def _resource(text: str) -> tuple[str, float]:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    """Run the Ray Data batch job; exit 1 when any scan failed."""
+    """Run the Ray Data batch job. Exit 0 when every scan of the manifest has a good result (this run's or an
+    earlier one's), 1 when any failed, was rejected or is skipped with an earlier failure, 2 when nothing could run
+    (contradictory options, an unusable manifest, a failed preflight)."""
     from ray_app.batch import format_report, run_batch
-    from ray_app.errors import RayAppError
+    from ray_app.errors import PreflightError
+    from ray_app.manifest import ManifestError
 
     try:
-        report = run_batch(batch_config(args))
-    except RayAppError as exc:  # the job as a whole cannot run (manifest, destinations, weights): nothing ran
+        cfg = batch_config(args)
+    except ValueError as exc:  # contradictory options: nothing started
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = run_batch(cfg)
+    except (ManifestError, PreflightError) as exc:  # an unusable manifest or destination: nothing ran
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
     print(format_report(report))
-    return 1 if report.failed else 0
+    return report.exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Make phantom scans, then run the real batch pipeline on a local Ray with the project's made weights."""
-    from ray_app.demo import make_demo_inputs
+    from ray_app.batch import format_report, run_batch
+    from ray_app.demo import CORRUPT_CODE, CORRUPT_ID, make_demo_inputs
 
     os.environ["TOTALSEG_WEIGHTS_PATH"] = str(PHANTOM_WEIGHTS)
     out = Path(args.out).resolve()
     manifest = make_demo_inputs(out / "inputs", count=args.scans)
     print(f"demo: {args.scans} phantom scans and a corrupt file in {out / 'inputs'}; manifest {manifest}")
+    # --force: a second demo in the same folder runs again instead of skipping everything as done.
     batch_args = build_parser().parse_args(["batch", "--manifest", str(manifest), "--output", str(out / "results"),
-                                            "--max-actors", str(args.actors), "--preview"])
-    code = cmd_batch(batch_args)
+                                            "--max-actors", str(args.actors), "--preview", "--force"])
+    report = run_batch(batch_config(batch_args))
+    print(format_report(report))
     print(f"demo: masks, passports and previews under {out / 'results'}; passports in "
           f"{out / 'results' / 'passports.sqlite'}")
-    return code
+    # The corrupt file failing is the demo working: success means exactly that failure and nothing else.
+    outcome = {r["scan_id"]: (r["status"], r.get("error_code")) for r in report.rows}
+    expected = {**{sid: ("ok", None) for sid in outcome if sid != CORRUPT_ID}, CORRUPT_ID: ("failed", CORRUPT_CODE)}
+    if len(outcome) == args.scans + 1 and outcome == expected:
+        print(f"demo: as intended: {args.scans} phantoms segmented, the corrupt file recorded as a failure "
+              f"({CORRUPT_CODE}) while the job went on")
+        return 0
+    print("demo: NOT as intended: " + ", ".join(f"{sid} {st}{f' ({code})' if code else ''}"
+                                                for sid, (st, code) in sorted(outcome.items())), file=sys.stderr)
+    return 1
 
 
 def _interrupt(*_) -> None:
@@ -205,7 +233,11 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
 
     batch_argv = _absolute_paths([a for a in args.batch_args if a != "--"]) if args.local else \
         [a for a in args.batch_args if a != "--"]
-    cfg = batch_config(build_parser().parse_args(["batch", *batch_argv]))
+    try:
+        cfg = batch_config(build_parser().parse_args(["batch", *batch_argv]))
+    except ValueError as exc:  # contradictory options
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"job {cfg.job_id}", flush=True)
     if not args.no_preflight:
         try:
@@ -248,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-id", action="append", help="ids for the scans, in order (default: file names)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--preview", action="store_true")
+    _add_per_structure_option(p)
     _add_mode_options(p)
     p.set_defaults(func=cmd_segment)
 

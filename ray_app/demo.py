@@ -10,6 +10,10 @@ import numpy as np
 
 from ray_app.phantom import make_phantom
 
+#: The demo's deliberately corrupt input and the failure it must end in.
+CORRUPT_ID = "truncated"
+CORRUPT_CODE = "truncated_file"
+
 
 def make_demo_inputs(folder: Path, count: int = 4) -> Path:
     """Write ``count`` phantom scans (RAS and LPS, 1.5-3 mm) plus a truncated one; return the manifest path."""
@@ -28,7 +32,7 @@ def make_demo_inputs(folder: Path, count: int = 4) -> Path:
     corrupt = folder / "truncated.nii.gz"
     data = Path(rows[0]["uri"]).read_bytes()
     corrupt.write_bytes(data[: len(data) // 2])
-    rows.append({"scan_id": "truncated", "uri": str(corrupt)})
+    rows.append({"scan_id": CORRUPT_ID, "uri": str(corrupt)})
     manifest = folder / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["scan_id", "uri"])

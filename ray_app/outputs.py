@@ -1,5 +1,5 @@
 """What a segmented scan produces besides its passport: the multilabel mask as NIfTI, optionally one mask per
-structure, a DICOM-SEG for DICOM input (highdicom) and a PNG preview (matplotlib, Agg).
+structure (``segmentations.zip``), a DICOM-SEG for DICOM input (highdicom) and a PNG preview (matplotlib, Agg).
 
 Everything returns bytes; where they are written is the caller's business (``ray_app.storage``).
 """
@@ -65,6 +65,23 @@ def per_structure_masks(
         img = type(scan.image)(binary, scan.affine, header)
         out[name] = gzip.compress(img.to_bytes(), compresslevel=compresslevel, mtime=0)
     return out
+
+
+#: Name of the per-structure archive next to ``mask.nii.gz`` (one ``<structure>.nii.gz`` per structure inside).
+SEGMENTATIONS_ZIP = "segmentations.zip"
+
+
+def per_structure_zip(mask: np.ndarray, scan: Scan, label_map: Mapping[int, str]) -> bytes:
+    """TotalSegmentator's default output (one binary ``<structure>.nii.gz`` per class, on the scan's grid) as one
+    zip archive: a file for every structure with at least one voxel in the mask. Members are already gzipped, so
+    they are stored, and their timestamps are fixed: the same mask always gives the same bytes."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in per_structure_masks(mask, scan, label_map).items():
+            archive.writestr(zipfile.ZipInfo(f"{name}.nii.gz", date_time=(1980, 1, 1, 0, 0, 0)), data)
+    return buf.getvalue()
 
 
 def dicom_seg_bytes(

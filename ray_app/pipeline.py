@@ -87,7 +87,7 @@ def segment_scan(segmenter: Segmenter, scan: Scan, *, settings: Settings | None 
 
 
 def write_result(result: ScanResult, sink: ArtifactSink, store: PassportStore | None, job_id: str, *,
-                 label_map: dict[int, str], preview: bool = False) -> ScanResult:
+                 label_map: dict[int, str], preview: bool = False, per_structure: bool = False) -> ScanResult:
     """Write mask, extras and passport JSON, then the passport store entry last.
 
     The store entry is what marks a scan done for resume, so it is written only once every file is in place;
@@ -99,6 +99,10 @@ def write_result(result: ScanResult, sink: ArtifactSink, store: PassportStore | 
         locs = result.locations
         locs["mask"] = sink.put(result.scan_id, key, "mask.nii.gz",
                                 outputs.mask_to_nifti_bytes(result.mask, result.scan), "application/gzip")
+        if per_structure:
+            locs["segmentations"] = sink.put(result.scan_id, key, outputs.SEGMENTATIONS_ZIP,
+                                             outputs.per_structure_zip(result.mask, result.scan, label_map),
+                                             "application/zip")
         if preview:
             locs["preview"] = sink.put(result.scan_id, key, "preview.png",
                                        outputs.preview_png(result.scan, result.mask, label_map), "image/png")

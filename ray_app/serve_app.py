@@ -32,7 +32,8 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,6 +57,7 @@ BODY_KINDS: dict[str, str | None] = {
 JSON_BODY_LIMIT = 64 * 1024
 MASK_TYPE = "application/gzip"
 PNG_TYPE = "image/png"
+ZIP_TYPE = "application/zip"
 SERVE_JOB_PREFIX = "serve-"
 
 
@@ -128,12 +130,46 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 413, 415, 422, 500, 503)}
+#: What each error status means, as the OpenAPI document says it. Statuses a route can answer are listed on that
+#: route (``SEGMENT_ERRORS``, ``PASSPORT_ERRORS``); tests/test_serve.py checks every answer against the document.
+ERROR_STATUSES: dict[int, str] = {
+    400: "Malformed request framing (bad_content_length).",
+    401: "Missing or wrong bearer token (unauthorized).",
+    403: "The uri is outside the allowed S3 prefixes (uri_not_allowed).",
+    404: "Nothing stored under this id (passport_not_found).",
+    413: "Body or scan over the configured limits (body_too_large, input_too_large).",
+    415: "Unsupported Content-Type (unsupported_media_type).",
+    422: "Unusable request or scan: invalid_request, invalid_id, invalid_roi_subset, object_not_found, or the scan's "
+         "own error code (truncated_file, not_ct, ...). Not worth retrying unchanged.",
+    500: "Unexpected error (internal_error); see the replica log.",
+    501: "This deployment is not configured for it (persist_not_configured, passport_store_not_configured): a "
+         "permanent state of the deployment, not worth retrying; ask its operator.",
+    502: "S3 or the passport store failed (storage_error); retrying may help.",
+    503: "Temporarily unable: model_loading, model_unavailable, out_of_memory, or Serve's own overload answer "
+         "(plain text). Retry after `Retry-After` seconds when given.",
+}
+SEGMENT_ERRORS = (400, 401, 403, 413, 415, 422, 500, 501, 502, 503)
+PASSPORT_ERRORS = (401, 404, 422, 500, 501, 502)
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+
+
+def _errors(statuses: tuple[int, ...]) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {s: {"model": ErrorBody, "description": ERROR_STATUSES[s]} for s in statuses}
+    if 503 in out:  # Serve's proxy answers overload itself, in plain text
+        out[503].update(content={"text/plain": {"schema": {"type": "string"}}}, headers=_RETRY_AFTER)
+    if 401 in out:
+        out[401]["headers"] = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}
+    return out
+
 
 api = FastAPI(
     title="ray_app segmentation",
     version="1.0",
     description="TotalSegmentator CT segmentation: POST a scan, get its anatomical passport (or mask / preview).",
+    # Swagger UI is served from the installed package below, not from a public CDN: on a network without
+    # internet access FastAPI's default page stays blank. ReDoc has no packaged copy, so it is off.
+    docs_url=None,
+    redoc_url=None,
 )
 
 
@@ -158,6 +194,42 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error: %s", type(exc).__name__)
     return error_response(500, "internal_error", "internal error; see the replica log")
+
+
+# ---------------------------------------------------------------------------------------------- API docs
+
+DOCS_ASSETS = "/docs/assets"
+#: The Swagger UI files the page needs, from the ``swagger-ui-bundle-v2`` package (nothing else is served).
+SWAGGER_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+                  "favicon-32x32.png": "image/png"}
+
+
+def _swagger_dir() -> Path:
+    from swagger_ui_bundle import swagger_ui_path
+
+    return Path(swagger_ui_path)
+
+
+@api.get("/docs", include_in_schema=False)
+async def docs(request: Request) -> HTMLResponse:
+    """Swagger UI for this API, every asset from this server (works offline)."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}{api.openapi_url}", title=f"{api.title} - API docs",
+        swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon-32x32.png",
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
+    )
+
+
+@api.get(DOCS_ASSETS + "/{name}", include_in_schema=False)
+async def docs_asset(name: str) -> FileResponse:
+    media_type = SWAGGER_ASSETS.get(name)
+    if media_type is None:
+        raise ApiError(404, "not_found", "no such docs asset")
+    return FileResponse(_swagger_dir() / name, media_type=media_type,
+                        headers={"Cache-Control": "public, max-age=86400"})
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -325,7 +397,8 @@ class SegmentService:
     @api.post(
         "/v1/segment",
         summary="Segment one scan; returns its passport (or the mask / a preview)",
-        responses={200: {"model": Passport, "content": {MASK_TYPE: {}, PNG_TYPE: {}}}, **_ERRORS},
+        responses={200: {"model": Passport, "content": {MASK_TYPE: {}, PNG_TYPE: {}, ZIP_TYPE: {}}},
+                   **_errors(SEGMENT_ERRORS)},
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": UriRequest.model_json_schema()},
             **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in BODY_KINDS},
@@ -339,8 +412,10 @@ class SegmentService:
         roi_subset: Annotated[list[str] | None,
                               Query(description="Structures to segment (repeat or comma-separate).")] = None,
         persist: Annotated[bool, Query(description="Store mask and passport; locations in `outputs`.")] = False,
-        return_: Annotated[Literal["passport", "mask", "preview"] | None, Query(
-            alias="return", description="Default passport; `Accept: application/gzip` also asks for the mask.")] = None,
+        return_: Annotated[Literal["passport", "mask", "preview", "segmentations"] | None, Query(
+            alias="return", description="Default passport; `Accept: application/gzip` also asks for the mask; "
+            "`segmentations`: a zip of one binary NIfTI per structure present (TotalSegmentator's default "
+            "layout).")] = None,
         scan_id: Annotated[str | None, Query(description="Id for an uploaded scan (default: random).")] = None,
     ):
         self._authorize(request)
@@ -348,7 +423,7 @@ class SegmentService:
         spec = self._spec(mode, roi_subset)
         want = _wants(request, return_)
         if persist and not (self.settings.output_prefix and self.settings.passport_store):
-            raise ApiError(400, "persist_not_configured",
+            raise ApiError(501, "persist_not_configured",
                            "this deployment has no output_prefix/passport_store to persist to")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/json":
@@ -410,6 +485,11 @@ class SegmentService:
             data = await loop.run_in_executor(self._io, outputs.mask_to_nifti_bytes, result.mask, result.scan)
             headers["Content-Disposition"] = f'attachment; filename="{sid}.mask.nii.gz"'
             return Response(data, media_type=MASK_TYPE, headers=headers)
+        if want == "segmentations":
+            data = await loop.run_in_executor(self._io, outputs.per_structure_zip, result.mask, result.scan,
+                                              seg.spec.output_labels)
+            headers["Content-Disposition"] = f'attachment; filename="{sid}.{outputs.SEGMENTATIONS_ZIP}"'
+            return Response(data, media_type=ZIP_TYPE, headers=headers)
         if want == "preview":
             data = await loop.run_in_executor(self._io, outputs.preview_png, result.scan, result.mask,
                                               seg.spec.output_labels)
@@ -417,7 +497,7 @@ class SegmentService:
         return JSONResponse(doc, headers=headers)
 
     @api.get("/v1/passports/{scan_id}", summary="The latest stored passport of a scan",
-             responses={200: {"model": Passport}, **_ERRORS})
+             responses={200: {"model": Passport}, **_errors(PASSPORT_ERRORS)})
     async def get_passport(
         self,
         request: Request,
@@ -428,7 +508,8 @@ class SegmentService:
         sid = self._scan_id(scan_id)
         store = self._passports()
         if store is None:
-            raise ApiError(503, "passport_store_not_configured", "this deployment has no passport_store")
+            # Permanent for this deployment (not 503, which says "retry later"): nothing to retry.
+            raise ApiError(501, "passport_store_not_configured", "this deployment has no passport_store")
         loop = asyncio.get_running_loop()
         try:
             doc = await loop.run_in_executor(
@@ -556,6 +637,10 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application
     min_r, max_r = _pick(a.min_replicas, s.serve_min_replicas), _pick(a.max_replicas, s.serve_max_replicas)
     if min_r > max_r:
         raise ValueError(f"min_replicas {min_r} > max_replicas {max_r}")
+    device = a.settings.get("device", s.device)
+    num_gpus = _pick(a.num_gpus, s.serve_gpus_per_replica or (1.0 if device == "cuda" else 0.0))
+    if device == "cuda" and num_gpus <= 0:  # the replica would see no GPU and fail to load its model
+        raise ValueError("device cuda needs a GPU per replica: leave num_gpus unset (default 1 with cuda) or give a share")
     return SegmentService.options(
         autoscaling_config={
             "min_replicas": min_r,
@@ -569,7 +654,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application
         max_queued_requests=_pick(a.max_queued_requests, s.serve_max_queued_requests),
         backpressure_config={"status_code": 503, "retry_after_s": _pick(a.retry_after_s, s.serve_retry_after_s)},
         ray_actor_options={"num_cpus": _pick(a.num_cpus, s.serve_cpus_per_replica),
-                           "num_gpus": _pick(a.num_gpus, s.serve_gpus_per_replica)},
+                           "num_gpus": num_gpus},
     ).bind(a.settings)
 
 

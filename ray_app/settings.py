@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     )
     serve_retry_after_s: int = Field(default=10, ge=0)
     serve_cpus_per_replica: float = Field(default=1.0, ge=0)
-    serve_gpus_per_replica: float = Field(default=0.0, ge=0)
+    serve_gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs per replica; 0: one when device is cuda.")
     serve_extra_models: int = Field(
         default=1, ge=0, description="Models besides the default one (other mode / roi_subset) a replica keeps loaded."
     )

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
-EXAMPLES = Path("/work/shared/data/totalseg-example")
+EXAMPLES = Path(__file__).resolve().parent / "data" / "totalseg-example"
 CT_SM = EXAMPLES / "example_ct_sm.nii.gz"
 SEG_FAST = EXAMPLES / "example_seg_fast.nii.gz"
 STATS_FAST = EXAMPLES / "example_seg_fast_statistics.json"

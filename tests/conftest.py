@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE_DIR = REPO.parent / "shared" / "data" / "totalseg-example"
+#: Real CTs and TotalSegmentator's outputs for them, carried in the repository (provenance and licence in its README).
+EXAMPLE_DIR = REPO / "tests" / "data" / "totalseg-example"
 PHANTOM_WEIGHTS = REPO / "ray_app" / "phantom_weights"
 
 # Before anything can import Ray: loopback-only nodes, no token auth for local test clusters (ENVIRONMENT.md).
@@ -131,7 +132,7 @@ def dynamodb_table(moto_server):
 def example_dir() -> Path:
     """Real CTs, a real DICOM series and TotalSegmentator's own outputs for them (read-only)."""
     if not (EXAMPLE_DIR / "example_ct_sm.nii.gz").is_file():
-        pytest.fail(f"the shared example data are missing: {EXAMPLE_DIR}")
+        pytest.fail(f"the example data are missing: {EXAMPLE_DIR} (part of the repository)")
     return EXAMPLE_DIR
 
 

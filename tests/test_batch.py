@@ -19,7 +19,7 @@ from ray_app.sinks import open_passport_store, read_summary
 pytestmark = pytest.mark.slow
 
 MODEL = "total_fast"
-GOOD = ["phantom-a", "phantom-b", "phantom-lps", "example-sm", "dicom-zip", "example-ct"]
+GOOD = ["phantom-a", "phantom-b", "phantom-lps", "example-sm", "dicom-zip", "example-ct", "dicom-prefix"]
 BAD = {"corrupt": "truncated_file", "missing": "object_not_found"}
 
 
@@ -57,6 +57,8 @@ def inputs(example_dir) -> dict[str, bytes]:
 
 
 def _file(scan_id: str) -> str:
+    if scan_id == "dicom-prefix":
+        return "series/"  # the DICOM series as one object per slice under a prefix, as PACS exports land in S3
     return f"{scan_id}.zip" if scan_id == "dicom-zip" else f"{scan_id}.nii.gz"
 
 
@@ -69,7 +71,7 @@ def _manifest_csv(prefix: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def s3_job(moto_server, ray_cluster, inputs):
+def s3_job(moto_server, ray_cluster, inputs, series_files):
     """Upload the scans and manifest, run the job through the CLI, return what it left behind."""
     import uuid
 
@@ -80,7 +82,7 @@ def s3_job(moto_server, ray_cluster, inputs):
 
     table = f"passports-{uuid.uuid4().hex[:10]}"
     create_table(table)
-    for name, data in inputs.items():
+    for name, data in {**inputs, **series_files}.items():
         s3.put_object(Bucket=bucket, Key=f"in/{name}", Body=data)
     s3.put_object(Bucket=bucket, Key="in/manifest.csv", Body=_manifest_csv(f"s3://{bucket}/in"))
     argv = ["batch", "--manifest", f"s3://{bucket}/in/manifest.csv", "--output", f"s3://{bucket}/out",
@@ -92,6 +94,11 @@ def s3_job(moto_server, ray_cluster, inputs):
 def _keys(s3, bucket: str, prefix: str = "out/") -> dict[str, str]:
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+@pytest.fixture(scope="module")
+def series_files(example_dir) -> dict[str, bytes]:
+    return {f"series/{f.name}": f.read_bytes() for f in sorted((example_dir / "example_ct_dicom").iterdir())}
 
 
 def test_every_good_scan_has_mask_passport_and_summary_row_and_failures_are_recorded(s3_job):
@@ -120,6 +127,16 @@ def test_every_good_scan_has_mask_passport_and_summary_row_and_failures_are_reco
     assert {d["scan_id"] for d in store.list_by_job("job-1")} == set(GOOD) | set(BAD)
 
 
+def test_a_dicom_series_under_an_s3_prefix_gives_the_same_passport_as_its_zip(s3_job):
+    store = open_passport_store(f"dynamodb://{s3_job['table']}")
+    prefix, zipped = store.get("dicom-prefix", MODEL), store.get("dicom-zip", MODEL)
+    assert prefix["status"] == "ok" and prefix["scan"]["dicom"] is True
+    assert prefix["scan"]["source_uri"] == f"s3://{s3_job['bucket']}/in/series/"
+    assert prefix["structures"] == zipped["structures"]
+    for key in ("shape", "spacing_mm", "affine", "orientation"):
+        assert prefix["scan"][key] == zipped["scan"][key], key
+
+
 def test_rerun_writes_nothing_new_and_redoes_only_a_deleted_passport(s3_job):
     s3, bucket = s3_job["s3"], s3_job["bucket"]
     store = open_passport_store(f"dynamodb://{s3_job['table']}")
@@ -127,24 +144,73 @@ def test_rerun_writes_nothing_new_and_redoes_only_a_deleted_passport(s3_job):
     stamps = {sid: store.get(sid, MODEL)["created_at"] for sid in GOOD + list(BAD)}
 
     argv = [a if a != "job-1" else "job-2" for a in s3_job["argv"]]
-    assert cli.main(argv) == 0, "nothing ran, so nothing failed"
+    # Nothing runs, but two scans of the manifest still have only a failure: the exit code says so.
+    assert cli.main(argv) == 1, "scans skipped with an earlier failure are still failed"
+    rerun = {r["scan_id"]: r for r in read_summary(f"s3://{bucket}/out/_jobs/job-2/summary.parquet")}
+    assert {r["status"] for r in rerun.values()} == {"skipped"}
+    assert {sid: r["error_code"] for sid, r in rerun.items() if r["error_code"]} == BAD
     after = {k: v for k, v in _keys(s3, bucket).items() if not k.startswith("out/_jobs/")}
     assert after == {k: v for k, v in before.items() if not k.startswith("out/_jobs/")}
     assert {sid: store.get(sid, MODEL)["created_at"] for sid in stamps} == stamps
 
     store.delete("phantom-b", MODEL)
     argv3 = [a if a != "job-1" else "job-3" for a in s3_job["argv"]]
-    assert cli.main(argv3) == 0
+    assert cli.main(argv3) == 1
     redone = [d["scan_id"] for d in store.list_by_job("job-3")]
     assert redone == ["phantom-b"]
     assert {sid: store.get(sid, MODEL)["created_at"] for sid in stamps if sid != "phantom-b"} == \
         {sid: t for sid, t in stamps.items() if sid != "phantom-b"}
 
 
-def test_embedded_default_gives_the_same_passports(s3_job, inputs, tmp_path):
+def test_force_redoes_everything_and_retry_failed_only_the_failures(ray_cluster, inputs, tmp_path, capsys):
+    """On the embedded default: the exit code is 0 only when every scan of the manifest has a good result."""
     folder = tmp_path / "in"
     folder.mkdir()
-    for name, data in inputs.items():
+    for name in ("phantom-a.nii.gz", "corrupt.nii.gz"):
+        (folder / name).write_bytes(inputs[name])
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"scan_id,uri\nphantom-a,{folder / 'phantom-a.nii.gz'}\ncorrupt,{folder / 'corrupt.nii.gz'}\n")
+    out = tmp_path / "out"
+    store = open_passport_store(f"sqlite:///{out / 'passports.sqlite'}")
+
+    def run(job: str, *options: str) -> int:
+        return cli.main(["batch", "--manifest", str(manifest), "--output", str(out), "--job-id", job,
+                         "--max-actors", "1", "--per-structure", *options])
+
+    def stamps() -> dict[str, str]:
+        return {sid: store.get(sid, MODEL)["created_at"] for sid in ("phantom-a", "corrupt")}
+
+    assert run("first") == 1
+    first = stamps()
+    assert (out / "phantom-a" / MODEL / "segmentations.zip").is_file()
+    assert json.loads((out / "phantom-a" / MODEL / "passport.json").read_text())["outputs"]["segmentations"] \
+        == str(out / "phantom-a" / MODEL / "segmentations.zip")
+    capsys.readouterr()
+
+    assert run("again") == 1  # nothing ran; corrupt is still failed
+    assert stamps() == first
+    report = capsys.readouterr().out
+    assert "1 of them failed earlier (--retry-failed redoes those)" in report and "corrupt" in report
+
+    fixed = folder / "fixed.nii.gz"
+    fixed.write_bytes(inputs["phantom-b.nii.gz"])
+    manifest.write_text(f"scan_id,uri\nphantom-a,{folder / 'phantom-a.nii.gz'}\ncorrupt,{fixed}\n")
+    assert run("retry", "--retry-failed") == 0  # the failure redone (now with a good file), the good one kept
+    retried = stamps()
+    assert retried["phantom-a"] == first["phantom-a"] and retried["corrupt"] != first["corrupt"]
+    assert store.get("corrupt", MODEL)["status"] == "ok"
+    assert [d["scan_id"] for d in store.list_by_job("retry")] == ["corrupt"]
+
+    assert run("forced", "--force") == 0
+    forced = stamps()
+    assert all(forced[sid] != retried[sid] for sid in forced)
+    assert {d["scan_id"] for d in store.list_by_job("forced")} == {"phantom-a", "corrupt"}
+
+
+def test_embedded_default_gives_the_same_passports(s3_job, inputs, series_files, tmp_path):
+    folder = tmp_path / "in"
+    (folder / "series").mkdir(parents=True)
+    for name, data in {**inputs, **series_files}.items():
         (folder / name).write_bytes(data)
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"scan_id": sid, "uri": str(folder / _file(sid))}) + "\n" for sid in GOOD))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import zipfile
 
 import highdicom as hd
 import nibabel as nib
@@ -21,6 +22,7 @@ from ray_app.outputs import (
     dicom_seg_bytes,
     mask_to_nifti_bytes,
     per_structure_masks,
+    per_structure_zip,
     preview_png,
 )
 from ray_app.scan import load_scan
@@ -73,6 +75,19 @@ def test_per_structure_masks_are_binary_and_only_for_present_structures(nifti_ex
     liver = nib.Nifti1Image.from_bytes(gzip.decompress(files["liver"]))
     np.testing.assert_array_equal(np.asanyarray(liver.dataobj), (mask == INV["liver"]).astype(np.uint8))
     np.testing.assert_array_equal(liver.affine, scan.affine)
+
+
+def test_per_structure_zip_holds_one_file_per_present_structure_and_is_reproducible(nifti_example):
+    scan, mask = nifti_example
+    data = per_structure_zip(mask, scan, LABELS)
+    assert data == per_structure_zip(mask, scan, LABELS)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+        present = {LABELS[int(v)] for v in np.unique(mask) if v}
+        assert sorted(names) == sorted(f"{n}.nii.gz" for n in present)
+        spleen = nib.Nifti1Image.from_bytes(gzip.decompress(archive.read("spleen.nii.gz")))
+    np.testing.assert_array_equal(np.asanyarray(spleen.dataobj), (mask == INV["spleen"]).astype(np.uint8))
+    np.testing.assert_array_equal(spleen.affine, scan.affine)
 
 
 def test_dicom_seg_reads_back_onto_the_source_slices(dicom_example):

@@ -4,10 +4,15 @@ zip and S3 inputs, persistence to S3 + DynamoDB (moto server), every refusal as 
 
 from __future__ import annotations
 
+import ast
 import gzip
+import inspect
 import io
+import re
 import secrets
+import shutil
 import subprocess
+import textwrap
 import time
 import uuid
 import zipfile
@@ -21,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ray_app import pipeline
+from ray_app import pipeline, serve_app
 from tests._ray import RAY_BIN, free_port, ray_head
 from ray_app.phantom import make_phantom
 from ray_app.serve_app import ApiError, check_uri_allowed, load_token
@@ -47,13 +52,34 @@ def _auth(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+_OPENAPI: dict[str, dict] = {}
+
+
+def _documented(r: httpx.Response) -> dict | None:
+    """The OpenAPI operation that answered ``r`` (from the serving app's own document), or None for a path that
+    is no operation (e.g. an unknown URL)."""
+    base = f"{r.request.url.scheme}://{r.request.url.netloc.decode()}"
+    if base not in _OPENAPI:
+        _OPENAPI[base] = httpx.get(f"{base}/openapi.json", timeout=60).json()
+    for template, ops in _OPENAPI[base]["paths"].items():
+        if re.fullmatch(re.sub(r"\\{[^/]+\\}", "[^/]+", re.escape(template)), r.request.url.path):
+            return ops.get(r.request.method.lower())
+    return None
+
+
 def _error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    """A JSON error with ``status`` and ``code``, whose status the route's OpenAPI entry lists with ErrorBody."""
     assert r.status_code == status, (r.status_code, r.text[:500])
     assert r.headers["content-type"].startswith("application/json"), r.headers
     err = r.json()["error"]
     assert isinstance(err["message"], str) and err["message"]
     if code:
         assert err["code"] == code, err
+    op = _documented(r)
+    if op is not None:
+        documented = op["responses"].get(str(status))
+        assert documented, f"{r.request.method} {r.request.url.path} answered {status}, not in its OpenAPI entry"
+        assert documented["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
     return err
 
 
@@ -173,6 +199,79 @@ def test_uris_outside_the_allowed_prefixes_are_refused(uri):
     assert info.value.status == 403
 
 
+_SERVICE = serve_app.SegmentService.func_or_class  # the class behind the Serve deployment
+
+
+def _raised_statuses(fn, seen: set | None = None) -> set[int]:
+    """Statuses ``fn`` can answer: ``ApiError(<status>, ...)`` in its body and, through the module's functions and
+    methods it calls (``self._x``, ``_x``), in theirs; ``_status_for``'s return values count as raised."""
+    seen = set() if seen is None else seen
+    if fn.__name__ in seen:
+        return set()
+    seen.add(fn.__name__)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name == "ApiError":
+                if isinstance(node.args[0], ast.Constant):
+                    out.add(node.args[0].value)
+                else:  # ApiError(self._status_for(code), ...)
+                    out |= _raised_statuses(_SERVICE._status_for, seen)
+            elif name:
+                target = getattr(_SERVICE, name, None) or getattr(serve_app, name, None)
+                if inspect.isfunction(target) and target.__module__ == serve_app.__name__:
+                    out |= _raised_statuses(target, seen)
+        elif isinstance(node, ast.Return) and fn.__name__ == "_status_for" and isinstance(node.value, ast.Constant):
+            out.add(node.value.value)
+    return out
+
+
+def test_the_openapi_document_lists_every_status_each_route_can_answer():
+    """Walk the routes' code for every status they can raise (the error paths) and the app's OpenAPI document for
+    what it promises: they must agree, each error with the ErrorBody schema, and 503 also as Serve's plain text."""
+    doc = serve_app.api.openapi()
+    routes = {("post", "/v1/segment"): _SERVICE.segment,
+              ("get", "/v1/passports/{scan_id}"): _SERVICE.get_passport}
+    for (method, path), fn in routes.items():
+        raised = _raised_statuses(fn)
+        # Also what FastAPI itself answers for a route: 422 for invalid parameters; 500 from the catch-all handler.
+        raised |= {422, 500}
+        responses = doc["paths"][path][method]["responses"]
+        documented = {int(s) for s in responses if s != "200"}
+        assert raised == documented, (path, sorted(raised), sorted(documented))
+        for status in documented:
+            content = responses[str(status)]["content"]
+            assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, status
+            assert responses[str(status)]["description"] == serve_app.ERROR_STATUSES[status]
+    segment_503 = doc["paths"]["/v1/segment"]["post"]["responses"]["503"]
+    assert "text/plain" in segment_503["content"] and "Retry-After" in segment_503["headers"]
+    # A deployment without a store or output prefix is a permanent state: 501, never 503 ("retry later").
+    assert 503 not in _raised_statuses(_SERVICE.get_passport)
+    assert {400, 501} <= _raised_statuses(_SERVICE.segment)
+
+
+def test_the_docs_page_and_its_assets_come_from_this_server_without_a_token():
+    from fastapi.testclient import TestClient
+
+    client = TestClient(serve_app.api)
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    urls = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assert urls and not [u for u in urls if "//" in u], urls  # no CDN, no other host: relative to this server
+    assert "/openapi.json" in urls
+    for url in urls:
+        r = client.get(url)
+        assert r.status_code == 200 and r.content, url
+    assert client.get("/docs/assets/swagger-ui-bundle.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/docs/assets/swagger-ui.css").headers["content-type"].startswith("text/css")
+    _error_plain = client.get("/docs/assets/..%2F..%2F__init__.py")
+    assert _error_plain.status_code == 404
+    assert client.get("/docs/assets/index.html").status_code == 404
+    assert client.get("/redoc").status_code == 404  # ReDoc would load from a CDN: off
+
+
 def test_uris_under_an_allowed_prefix_pass():
     prefixes = ["s3://scans/in/", "s3://archive"]
     for uri in ("s3://scans/in/a.nii.gz", "s3://scans/in/series/", "s3://archive/x/y.zip"):
@@ -209,6 +308,20 @@ def test_nifti_body_gives_the_in_process_passport_and_the_mask_on_request(servic
     assert list(img.shape) == doc["scan"]["shape"]
     labels = {int(v) for v in np.unique(np.asanyarray(img.dataobj))} - {0}
     assert labels == {s["label"] for s in doc["structures"].values() if s["voxel_count"]}
+
+    # TotalSegmentator's default output: one binary NIfTI per structure, here as one zip.
+    r = _segment(client, scans["phantom"], "application/gzip", scan_id="per-structure", **{"return": "segmentations"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip", r.text[:300]
+    assert 'filename="per-structure.segmentations.zip"' in r.headers["content-disposition"]
+    multilabel = np.asanyarray(img.dataobj)
+    with zipfile.ZipFile(io.BytesIO(r.content)) as archive:
+        names = archive.namelist()
+        assert sorted(names) == sorted(f"{n}.nii.gz" for n, s in doc["structures"].items() if s["voxel_count"])
+        for name in names:
+            one = nib.Nifti1Image.from_bytes(gzip.decompress(archive.read(name)))
+            label = doc["structures"][name.removesuffix(".nii.gz")]["label"]
+            np.testing.assert_array_equal(np.asanyarray(one.dataobj), (multilabel == label).astype(np.uint8))
+            np.testing.assert_array_equal(one.affine, img.affine)
 
 
 def test_dicom_zip_body_gives_the_in_process_passport(service, scans, reference):
@@ -284,6 +397,88 @@ def test_every_refusal_is_a_json_error_and_the_service_keeps_answering(service, 
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.content.startswith(b"\x89PNG\r\n\x1a\n")
     assert r.headers["x-passport-status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def bare_service(service, tmp_path_factory):
+    """A second app on the same Serve, under /bare, with neither passport store nor output prefix."""
+    from ray import serve
+
+    from ray_app.serve_app import build_app
+
+    token_file = tmp_path_factory.mktemp("secret-bare") / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    serve.run(build_app({"min_replicas": 1, "max_replicas": 1, "num_cpus": 1,
+                         "settings": {"api_token_file": str(token_file), "download_weights": False}}),
+              name="bare", route_prefix="/bare")
+    try:
+        yield service["client"]
+    finally:
+        serve.delete("bare")  # gives its CPU back
+
+
+def test_a_deployment_without_store_answers_501_which_its_document_lists(bare_service, scans):
+    client = bare_service
+    err = _error(client.get("/bare/v1/passports/anything", headers=_auth()), 501, "passport_store_not_configured")
+    assert "passport_store" in err["message"]
+    _error(client.post("/bare/v1/segment", content=scans["phantom"], params={"persist": "true"},
+                       headers={**_auth(), "Content-Type": "application/gzip"}), 501, "persist_not_configured")
+    _error(client.get("/bare/v1/passports/anything"), 401, "unauthorized")
+
+
+def test_the_docs_under_a_route_prefix_load_their_assets_from_the_same_prefix(bare_service):
+    client = bare_service
+    page = client.get("/bare/docs")
+    assert page.status_code == 200
+    urls = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assert urls and all(u.startswith("/bare/") for u in urls), urls
+    for url in urls:
+        assert client.get(url).status_code == 200, url
+
+
+@pytest.fixture
+def docs_server():
+    """The app's FastAPI object under uvicorn on a loopback port in this process: /docs, its assets and
+    /openapi.json need no replica (no model, no Ray), so a browser can load them without the load of a service."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(serve_app.api, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="needs a headless Chromium (Debian: apt-get install chromium)")
+def test_the_docs_page_renders_in_a_headless_browser_without_internet(docs_server, tmp_path):
+    """Chromium loads /docs (loopback only, nothing else reachable) and runs Swagger UI: every operation of the
+    document appears as a rendered block. A blank page (CDN assets) or Swagger UI 4 ("Unable to render this
+    definition": it cannot read OpenAPI 3.1) renders none."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    expected = {"/healthz", "/readyz", "/v1/segment", "/v1/passports/{scan_id}"}
+    for budget_ms in (20_000, 120_000):  # virtual time; a loaded machine may need the longer one
+        done = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", f"--virtual-time-budget={budget_ms}", "--dump-dom",
+             f"{docs_server}/docs"],
+            capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rendered = set(re.findall(r'opblock-summary-path" data-path="([^"]+)"', done.stdout))
+        if rendered:
+            break
+    assert rendered == expected, done.stdout[-2000:]
 
 
 def test_overload_is_refused_with_503_and_retry_after_and_accepted_requests_complete(service, scans):

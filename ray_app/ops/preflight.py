@@ -67,7 +67,7 @@ def check_worker_role(role: str, cfg: BatchConfig) -> str:
     loc = storage.parse_uri(cfg.output)
     if loc.scheme != "s3":
         raise PreflightError(f"--output {cfg.output} is not on S3: cluster nodes cannot write to this machine")
-    probe = f"arn:aws:s3:::{loc.bucket}/{loc.key.rstrip('/')}/_jobs/{cfg.job_id}/preflight.json"
+    probe = f"arn:aws:s3:::{loc.bucket}/{loc.key.rstrip('/')}/_jobs/{cfg.job_id}/job.json"
     try:
         doc = storage.client("iam").get_role_policy(RoleName=role, PolicyName=DATA_POLICY_NAME)["PolicyDocument"]
     except ClientError as exc:
