@@ -37,12 +37,19 @@ GB = 1024**3  # AWS bills storage and transfer per GiB ("GB")
 COMPARE_SCANS_PER_MONTH = 1_000_000  # the second column of the table
 
 #: Parallel efficiency of a segmentation actor at 2 torch threads against 1, t(1) / (2 t(2)): how much of a
-#: second CPU turns into speed. Measured on the realistic 3 mm architecture (PlainConvUNet, 16.6 M parameters,
-#: random weights), one 128x112x112 tile, fp32, on a 2-core Xeon (one thread per core):
-#: ``PYTHONPATH=. python bench/thread_scaling.py --net realistic`` -> bench/results/thread-scaling-realistic.json.
-#: A whole scan adds single-threaded resampling and passport statistics, so the actor's own efficiency is at
-#: most this (tests/test_cost.py measures it on the phantom job: there threads do not help at all, the phantom
-#: network being too small). Beyond 2 threads it is extrapolated with Amdahl's law (:func:`efficiency`).
+#: second CPU turns into speed. Measured with the realistic 3 mm architecture (PlainConvUNet, 16.6 M parameters,
+#: random weights) on a 2-core Xeon (one thread per core) shared with other jobs:
+#: - one 128x112x112 tile, fp32 (``PYTHONPATH=. python bench/thread_scaling.py --net realistic --repeats 5``,
+#:   bench/results/thread-scaling-realistic.json): 0.87 from the fastest runs, 0.82 from the medians, 0.90 from
+#:   the CPU-seconds per tile (9.3 at 1 thread, 10.4 at 2);
+#: - a whole 512x512x300 CT through the warm Segmenter (8 tiles, resampling, logits, argmax): 87.6 CPU-s at one
+#:   thread (``bench/thread_scaling.py --scan synthetic``, bench/results/thread-scaling-synthetic-scan.json; its
+#:   wall times were taken under a load of 5-9 and mean nothing) against 51.4-53.1 s wall at 2 threads on an idle
+#:   machine (bench/results/latest.json, "ours"): 87.6 / (2 x 52.2) = 0.84.
+#: A small scan gains less: one tile's logits post-processing is single-threaded and dominates it. The phantom
+#: network gains less too (0.65-0.71 per tile). Beyond 2 threads Amdahl's law extrapolates it
+#: (:func:`efficiency`): 0.45 at 8 threads, which is why the report prices --cpus-per-actor as an assumption.
+#: Override with --parallel-efficiency.
 PARALLEL_EFFICIENCY_2 = 0.85
 #: What a vCPU of the worker instance yields in the cores the CPU-seconds were measured on. c7i/c6i vCPUs are
 #: hyperthreads, two per physical core; on dense fp32 convolution a second thread on a core adds about 20 %,
@@ -59,6 +66,12 @@ HEAD_TEARDOWN_MINUTES = 2.0
 #: Without --nodes-per-job, a job uses as many nodes as keep each one busy at least this long (so a node's
 #: start-up stays under a tenth of its time), at most cluster.yaml's max workers of the kind.
 MIN_NODE_HOURS_PER_JOB = 1.0
+#: Peak memory of one segmentation actor on a full-size CT: 5.2 GB RSS for a 512x512x300 CT with the warm
+#: segmenter (bench/results/latest.json, "ours"), 5.5 GB for 512x512x200 through vanilla TotalSegmentator
+#: (ENVIRONMENT.md); 6 GB with headroom. A node runs no more actors than fit in MEMORY_USABLE of its memory
+#: (the rest: the OS, Ray's raylet and object store, the fetch and write tasks).
+ACTOR_MEMORY_GB = 6.0
+MEMORY_USABLE = 0.8
 #: When cluster.yaml cannot be read: its max workers per kind as committed.
 DEFAULT_MAX_WORKERS = {"cpu": 16, "gpu": 8}
 
@@ -222,6 +235,7 @@ class Assumptions:
     gpu_instance: str = "g6.xlarge"
     head_instance: str = "m7i.xlarge"
     cpus_per_actor: float = 8  # the production job's --cpus-per-actor (cluster.yaml: 2 actors per 16 vCPU)
+    actor_memory_gb: float = ACTOR_MEMORY_GB  # a node runs no more actors than fit in its memory
     parallel_efficiency: float = PARALLEL_EFFICIENCY_2  # at 2 threads; Amdahl beyond
     vcpu_yield: float = VCPU_YIELD
     jobs_per_month: int = 30
@@ -309,8 +323,20 @@ def _cpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions
     e_target = efficiency(a.cpus_per_actor, a.parallel_efficiency)
     work = m.work_seconds(a.parallel_efficiency)
     actor_work = work - m.task_seconds
-    # Per scan on the target node: the actor's work at the target's thread count, the tasks single-threaded.
+    # Per scan on the target node: the actor's work at the target's thread count, the tasks single-threaded...
     node_seconds = (actor_work / e_target + m.task_seconds) / (vcpus * a.vcpu_yield)
+    # ... unless the actors that fill its vCPUs do not fit in its memory: then fewer actors run, and each
+    # scan takes its actor's wall time over the actors that fit.
+    memory = _price(prices, "instance_memory_gib", a.cpu_instance)
+    fit = math.floor(memory * MEMORY_USABLE / a.actor_memory_gb)
+    wanted = max(1, math.floor(vcpus / a.cpus_per_actor))
+    if fit < 1:
+        raise CostInputError(f"a {a.actor_memory_gb:g} GB actor does not fit in a {a.cpu_instance} ({memory:g} GiB)")
+    memory_note = ""
+    if fit < wanted:
+        threads = min(a.cpus_per_actor, vcpus)
+        node_seconds = max(node_seconds, actor_work / (threads * e_target * a.vcpu_yield) / fit)
+        memory_note = f" (memory: {fit} of {wanted} actors fit at {a.actor_memory_gb:g} GB)"
     scan_node_hours = a.scans_per_month * node_seconds / 3600
     plan = _plan("cpu", scan_node_hours, a)
     startup = plan["nodes_per_job"] * a.jobs_per_month * a.node_startup_minutes / 60
@@ -320,7 +346,7 @@ def _cpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions
         _node_hour_price(prices, table, a.cpu_instance, a),
         f"{m.cpu_seconds_per_scan:.1f} CPU-s/scan measured (actor {measured_at}, tasks {m.task_seconds:.1f} s)"
         f" = {work:.1f} 1-thread-s; on {vcpus:g} vCPU x {a.vcpu_yield:g} yield, {a.cpus_per_actor:g}-thread actors"
-        f" at {e_target:.2f} efficiency: {node_seconds:.2f} node-s/scan; + {plan['nodes_per_job']} nodes x"
+        f" at {e_target:.2f} efficiency{memory_note}: {node_seconds:.2f} node-s/scan; + {plan['nodes_per_job']} nodes x"
         f" {a.jobs_per_month} jobs x {a.node_startup_minutes:g} min start-up; price incl. {a.ebs_gb_per_node:g} GB gp3")
     return line, plan
 
@@ -352,7 +378,7 @@ def _head_line(plan: dict, prices: dict, a: Assumptions) -> LineItem:
         f"batch head: on-demand {a.head_instance}", a.jobs_per_month * plan["job_hours"], "h",
         _node_hour_price(prices, "ec2_on_demand_per_hour", a.head_instance, a),
         f"job-scoped: {a.jobs_per_month} jobs x ({plan['scan_hours_per_job']:.2f} h of scans on"
-        f" {plan['nodes_per_job']} nodes + {per_job_overhead:g} min: head start-up {a.head_startup_minutes:g},"
+        f" {plan['nodes_per_job']} node{'s' if plan['nodes_per_job'] != 1 else ''} + {per_job_overhead:g} min: head start-up {a.head_startup_minutes:g},"
         f" workers' {a.node_startup_minutes:g}, teardown {a.head_teardown_minutes:g}); incl. its gp3 volume")
 
 
@@ -495,10 +521,11 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
         (f"measured: {m.scans_ok} ok scans in {', '.join(m.summaries)}: actor {m.actor_seconds:.1f} s/scan"
          f" ({threads}; node CPUs {m.node_cpus}), fetch + write tasks {m.task_seconds:.1f} s"
          f" -> {m.cpu_seconds_per_scan:.1f} CPU-s/scan"),
-        (f"assumed: parallel efficiency {a.parallel_efficiency:g} at 2 threads (measured, tile), Amdahl beyond:"
+        (f"assumed: parallel efficiency {a.parallel_efficiency:g} at 2 threads (measured: a whole CT 0.84), Amdahl beyond:"
          f" {efficiency(a.cpus_per_actor, a.parallel_efficiency):.2f} at {a.cpus_per_actor:g}; vCPU yield"
          f" {a.vcpu_yield:g}; {a.jobs_per_month} jobs/month; start-up: head {a.head_startup_minutes:g} min, node"
-         f" {a.node_startup_minutes:g} min; teardown {a.head_teardown_minutes:g} min (not measurable here)"),
+         f" {a.node_startup_minutes:g} min; teardown {a.head_teardown_minutes:g} min (not measurable here);"
+         f" {a.actor_memory_gb:g} GB per actor"),
     ]
     g = first.gpu_measured
     if g is not None:
@@ -595,7 +622,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes-per-job", type=int, default=None,
                    help=f"worker nodes a job runs on (default: each busy >= {MIN_NODE_HOURS_PER_JOB:g} h, at most"
                         " cluster.yaml's max workers)")
-    for name in ("cpus_per_actor", "parallel_efficiency", "vcpu_yield", "node_startup_minutes", "head_startup_minutes",
+    for name in ("cpus_per_actor", "actor_memory_gb", "parallel_efficiency", "vcpu_yield", "node_startup_minutes", "head_startup_minutes",
                  "head_teardown_minutes", "ebs_gb_per_node", "egress_fraction", "log_kb_per_scan",
                  "serve_idle_minutes"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
