@@ -318,6 +318,11 @@ def _plan(kind: str, scan_node_hours: float, a: Assumptions) -> dict:
             "scan_hours_per_job": scan_hours, "job_hours": job_hours}
 
 
+def _nodes(plan: dict) -> str:
+    n = plan["nodes_per_job"]
+    return f"{n} node{'s' if n != 1 else ''}"
+
+
 def _cpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions) -> tuple[LineItem, dict]:
     vcpus = _price(prices, "instance_vcpus", a.cpu_instance)
     e_target = efficiency(a.cpus_per_actor, a.parallel_efficiency)
@@ -346,7 +351,7 @@ def _cpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions
         _node_hour_price(prices, table, a.cpu_instance, a),
         f"{m.cpu_seconds_per_scan:.1f} CPU-s/scan measured (actor {measured_at}, tasks {m.task_seconds:.1f} s)"
         f" = {work:.1f} 1-thread-s; on {vcpus:g} vCPU x {a.vcpu_yield:g} yield, {a.cpus_per_actor:g}-thread actors"
-        f" at {e_target:.2f} efficiency{memory_note}: {node_seconds:.2f} node-s/scan; + {plan['nodes_per_job']} nodes x"
+        f" at {e_target:.2f} efficiency{memory_note}: {node_seconds:.2f} node-s/scan; + {_nodes(plan)} x"
         f" {a.jobs_per_month} jobs x {a.node_startup_minutes:g} min start-up; price incl. {a.ebs_gb_per_node:g} GB gp3")
     return line, plan
 
@@ -367,7 +372,7 @@ def _gpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions
         _node_hour_price(prices, table, a.gpu_instance, a),
         f"{m.gpu_seconds_per_scan:.1f} GPU-s/scan measured ({m.actor_gpus:g} GPU x {m.actor_seconds:.1f} s) on"
         f" {gpus:g} GPU/node; tasks {m.task_seconds:.1f} CPU-s beside it on {vcpus:g} vCPU"
-        f"{' (the bound)' if cpu_bound > gpu_bound else ''}; + {plan['nodes_per_job']} nodes x {a.jobs_per_month}"
+        f"{' (the bound)' if cpu_bound > gpu_bound else ''}; + {_nodes(plan)} x {a.jobs_per_month}"
         f" jobs x {a.node_startup_minutes:g} min start-up; price incl. {a.ebs_gb_per_node:g} GB gp3")
     return line, plan
 
@@ -378,7 +383,7 @@ def _head_line(plan: dict, prices: dict, a: Assumptions) -> LineItem:
         f"batch head: on-demand {a.head_instance}", a.jobs_per_month * plan["job_hours"], "h",
         _node_hour_price(prices, "ec2_on_demand_per_hour", a.head_instance, a),
         f"job-scoped: {a.jobs_per_month} jobs x ({plan['scan_hours_per_job']:.2f} h of scans on"
-        f" {plan['nodes_per_job']} node{'s' if plan['nodes_per_job'] != 1 else ''} + {per_job_overhead:g} min: head start-up {a.head_startup_minutes:g},"
+        f" {_nodes(plan)} + {per_job_overhead:g} min: head start-up {a.head_startup_minutes:g},"
         f" workers' {a.node_startup_minutes:g}, teardown {a.head_teardown_minutes:g}); incl. its gp3 volume")
 
 
@@ -463,7 +468,7 @@ def estimate(measured: Measured, assumptions: Assumptions, prices: dict,
         head[option] = _head_line(plan[option], p, a)
 
     shared = [
-        LineItem("S3 Standard: newest month's large objects + small ones", n * (large_gb + retention * small_gb),
+        LineItem("S3 Standard: newest large + all small objects", n * (large_gb + retention * small_gb),
                  "GB-month", p["s3_standard_per_gb_month"], f"{size_basis}; {retention} months kept"),
         LineItem("S3 Glacier IR: older large objects", n * large_gb * (retention - 1), "GB-month",
                  p["s3_glacier_ir_per_gb_month"], f"lifecycle rule after 30 days; {retention - 1} months' worth"),
