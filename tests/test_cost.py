@@ -316,7 +316,7 @@ def test_the_real_job_measured_with_1_and_2_cpu_actors_projects_to_the_same_node
              for cpus, m in measured.items()}
     actor_efficiency = measured[1].actor_seconds / (2 * measured[2].actor_seconds)
     print(f"\nactor seconds per scan: 1 CPU {measured[1].actor_seconds:.2f}, 2 CPUs {measured[2].actor_seconds:.2f};"
-          f" the actor's parallel efficiency at 2 threads {actor_efficiency:.2f} (stated, one tile:"
+          f" the actor's parallel efficiency at 2 threads {actor_efficiency:.2f} (stated:"
           f" {cost.PARALLEL_EFFICIENCY_2}); scan node-hours per job {hours[1]:.3f} vs {hours[2]:.3f}")
     if actor_efficiency < 0.5:
         # Two threads slower than one: the cores were busy with other work (on a quiet machine a second thread
