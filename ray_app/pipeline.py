@@ -18,7 +18,14 @@ from ray_app.errors import DicomSegUnavailable, RayAppError
 from ray_app.scan import Scan
 from ray_app.segmenter import Segmenter
 from ray_app.settings import Settings, get_settings
-from ray_app.sinks import LARGE_OBJECT_BYTES, ArtifactSink, PassportStore, dynamodb_item, index_item_bytes, item_bytes
+from ray_app.sinks import (
+    LARGE_OBJECT_BYTES,
+    ArtifactSink,
+    PassportStore,
+    dynamodb_item,
+    index_item_bytes,
+    item_bytes,
+)
 
 
 @dataclass

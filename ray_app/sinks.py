@@ -387,7 +387,7 @@ class DynamoDBPassportStore(PassportStore):
             KeyConditionExpression="job_id = :j",
             ExpressionAttributeValues={":j": {"S": job_id}},
         )
-        ordered = sorted(((k["scan_id"]["S"], k["model_key"]["S"]) for k in keys))
+        ordered = sorted((k["scan_id"]["S"], k["model_key"]["S"]) for k in keys)
         items = (self._item(*key) for key in ordered)
         # The index lags the table: an item that has since moved to another job (or gone) is not this job's.
         return [self._passport(i) for i in items if i is not None and i["job_id"]["S"] == job_id]

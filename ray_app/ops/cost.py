@@ -521,8 +521,8 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
     rule = "-" * len(head)
     threads = ", ".join(f"{k} thread{'s' if k != '1' else ''}: {t:.1f} s x {n}" for k, (t, n) in m.threads.items())
     out = [
-        f"Cost estimate, scans/month: {', '.join(f'{r.assumptions.scans_per_month:,}' for r in reports)};"
-        f" {p.get('region', '?')}, prices taken {p.get('taken', '?')}",
+        (f"Cost estimate, scans/month: {', '.join(f'{r.assumptions.scans_per_month:,}' for r in reports)};"
+         f" {p.get('region', '?')}, prices taken {p.get('taken', '?')}"),
         (f"measured: {m.scans_ok} ok scans in {', '.join(m.summaries)}: actor {m.actor_seconds:.1f} s/scan"
          f" ({threads}; node CPUs {m.node_cpus}), fetch + write tasks {m.task_seconds:.1f} s"
          f" -> {m.cpu_seconds_per_scan:.1f} CPU-s/scan"),
@@ -564,10 +564,9 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
     for option in first.compute:
         if first.total(option) is not None:
             out.append(total_row(f"batch total with {option}", [r.total(option) for r in reports]))
-    out += ["", "SERVE (always-on endpoint: small head 730 h + replicas from zero; its own deployment, not in the"
-            " batch total)", rule]
-    out += [row([line]) if len(reports) == 1 else row([r.serve[i] for r in reports])
-            for i, line in enumerate(first.serve)]
+    out += ["", ("SERVE (always-on endpoint: small head 730 h + replicas from zero; its own deployment, not in"
+                 " the batch total)"), rule]
+    out += [row([r.serve[i] for r in reports]) for i in range(len(first.serve))]
     out.append(f"{'serve total':<44} {'':>10}" + "".join(f" {'':>27} {r.serve_total():>10,.2f}" for r in reports))
     out.append(f"'per 1k': USD per 1,000 scans. Prices: {p.get('source', '')}")
     return "\n".join(out)
