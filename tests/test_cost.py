@@ -324,8 +324,8 @@ def test_the_real_job_measured_with_1_and_2_cpu_actors_projects_to_the_same_node
         pytest.skip(f"not a measurement: the 2-thread actor was slower than the 1-thread one ({actor_efficiency:.2f};"
                     f" load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} CPUs)")
     # The same node-hours within the efficiency's uncertainty: 30 % covers the spread of the measurements behind
-    # the stated figure (0.82-0.92 from tile minima, medians and CPU-seconds, 0.84 for a whole CT:
-    # bench/results/thread-scaling-*) and this scan's larger single-threaded share.
+    # the stated figure (0.82-0.90 from tile minima, medians and CPU-seconds, 0.82-0.84 for a whole CT:
+    # bench/results/thread-scaling-*; 0.75 measured here on a quiet machine) and the load of a shared one.
     assert hours[2] == pytest.approx(hours[1], rel=0.30), (
         f"the actor's efficiency at 2 threads was {actor_efficiency:.2f} here (load {os.getloadavg()[0]:.1f}),"
         f" the report states {cost.PARALLEL_EFFICIENCY_2}")
