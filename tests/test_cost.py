@@ -101,7 +101,7 @@ def test_every_line_is_quantity_times_price_and_the_batch_lines_recomputed_by_ha
 
     lines = {line.item: line for line in report.shared}
     large_gb, small_gb = 2.5 * MiB / 1024**3, 90_000 / 1024**3  # masks; passports + previews
-    standard = lines["S3 Standard: newest large + all small objects"]
+    standard = lines["S3 Standard: new large + all small objects"]
     assert standard.quantity == pytest.approx(10_000 * (large_gb + 12 * small_gb))
     assert lines["S3 PUT: results"].quantity == pytest.approx(10_000 * 3 / 1000)  # mask, passport, preview
     writes = lines["DynamoDB writes (table + job index)"]  # 3,100 B -> 4 write units; index copy 1

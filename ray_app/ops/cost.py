@@ -471,7 +471,7 @@ def estimate(measured: Measured, assumptions: Assumptions, prices: dict,
         head[option] = _head_line(plan[option], p, a)
 
     shared = [
-        LineItem("S3 Standard: newest large + all small objects", n * (large_gb + retention * small_gb),
+        LineItem("S3 Standard: new large + all small objects", n * (large_gb + retention * small_gb),
                  "GB-month", p["s3_standard_per_gb_month"], f"{size_basis}; {retention} months kept"),
         LineItem("S3 Glacier IR: older large objects", n * large_gb * (retention - 1), "GB-month",
                  p["s3_glacier_ir_per_gb_month"], f"lifecycle rule after 30 days; {retention - 1} months' worth"),
