@@ -138,7 +138,7 @@ def preflight(cfg: BatchConfig, store: PassportStore, spec: TaskSpec, settings: 
     where the segmenter looks when it may not download them. A mistake costs seconds, not a job of failures."""
     region, source = storage.aws_region()
     try:
-        store.get(PREFLIGHT_SCAN_ID, spec.key)
+        store.status(PREFLIGHT_SCAN_ID, spec.key)
     except storage.StorageError as exc:
         raise PreflightError(f"passport store {cfg.passport_store_uri} is not usable: {exc.message} (AWS region "
                              f"{region}, from {source})") from exc
@@ -199,7 +199,8 @@ class SegmentActor:
     """
 
     def __init__(self, fast: bool, device: str, roi_subset: tuple[str, ...] | None, num_threads: int,
-                 memory_limit: int | None = None, starts=None, max_task_retries: int = 3):
+                 memory_limit: int | None = None, starts=None, max_task_retries: int = 3, cpus: float | None = None,
+                 gpus: float = 0.0):
         from ray_app.segmenter import Segmenter
 
         if memory_limit:
@@ -209,6 +210,12 @@ class SegmentActor:
 
         self.segmenter = Segmenter(fast=fast, device=device, roi_subset=list(roi_subset) if roi_subset else None,
                                    num_threads=num_threads)
+        # Recorded with every scan (summary columns actor_cpus, actor_gpus, node_cpus): the cost report turns
+        # seconds into CPU- and GPU-seconds with them, so a run measured with one actor size projects onto
+        # another. node_cpus: the CPUs this process may run on (the machine's, or its cgroup cpuset's), not
+        # the count Ray was told, which a laptop may set higher than its cores.
+        self.usage = {"actor_cpus": float(cpus if cpus is not None else num_threads), "actor_gpus": float(gpus),
+                      "node_cpus": _machine_cpus()}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"scan_id": [], "result": []}
@@ -226,11 +233,13 @@ class SegmentActor:
             else:
                 try:
                     result = pipeline.segment_scan(self.segmenter, pickle.loads(batch["scan"][i]), timings=timings)
+                    result.usage.update(self.usage)
                     blob = pickle.dumps(result, protocol=5)
                 except Exception as exc:  # noqa: BLE001 - e.g. MemoryError unpickling a huge scan: its failure only
                     result = blob = None  # let a partial result go before the failure record is made
                     result = pipeline.failure(scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i],
                                               timings=timings)
+            result.usage.update(self.usage)
             out["scan_id"].append(scan_id)
             out["result"].append(blob or pickle.dumps(result, protocol=5))
         return out
@@ -247,6 +256,13 @@ class SegmentActor:
         except Exception:  # noqa: BLE001 - counting is a safeguard; the scan still runs
             traceback.print_exc()
             return 0
+
+
+def _machine_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _limit_memory(limit: int) -> None:
@@ -285,7 +301,7 @@ def _make_writer(output: str, store_uri: str, job_id: str, preview: bool, label_
         timings = result.passport.setdefault("timings", {})
         timings["total_s"] = sum(v for k, v in timings.items() if k in ("read_s", "segment_s", "passport_s")) \
             + (time.perf_counter() - start)
-        return pipeline.summary_row(result.passport, job_id, result.locations)
+        return pipeline.summary_row(result.passport, job_id, result.locations, result.usage)
 
     return _write
 
@@ -306,12 +322,13 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     rows: list[dict[str, Any]] = [_rejected_row(p, cfg.job_id, spec.key) for p in manifest.problems]
     todo, skipped, earlier_failures = [], [], {}
     for row in manifest.rows[:cfg.limit]:
-        doc = None if cfg.force else _already_recorded(store, row["scan_id"], spec.key, cfg.retry_failed)
-        if doc is None:
+        status = None if cfg.force else _already_recorded(store, row["scan_id"], spec.key, cfg.retry_failed)
+        if status is None:
             todo.append({"scan_id": row["scan_id"], "uri": row["uri"]})
         else:
             skipped.append(row["scan_id"])
-            if doc.get("status") != "ok":
+            if status != "ok":  # rare: the whole record, for its error code
+                doc = store.get(row["scan_id"], spec.key) or {}
                 earlier_failures[row["scan_id"]] = (doc.get("error") or {}).get("code") or "failed"
 
     if todo:
@@ -336,7 +353,8 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
             SegmentActor,
             fn_constructor_kwargs={"fast": cfg.fast, "device": cfg.device, "roi_subset": cfg.roi_subset,
                                    "num_threads": threads, "memory_limit": cfg.memory_per_actor, "starts": starts,
-                                   "max_task_retries": cfg.max_task_retries},
+                                   "max_task_retries": cfg.max_task_retries, "cpus": cfg.cpus_per_actor,
+                                   "gpus": cfg.gpus_per_actor},
             batch_size=1,
             compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
             num_cpus=cfg.cpus_per_actor,
@@ -379,14 +397,14 @@ def _worker_lost_row(item: dict[str, Any], cfg: BatchConfig, store, spec) -> dic
         pipeline.write_result(result, ArtifactSink(cfg.output), store, cfg.job_id, label_map=spec.output_labels)
     except Exception:  # noqa: BLE001 - the summary row still records it
         traceback.print_exc()
-    return pipeline.summary_row(result.passport, cfg.job_id, result.locations)
+    return pipeline.summary_row(result.passport, cfg.job_id, result.locations, result.usage)
 
 
-def _already_recorded(store, scan_id: str, model_key: str, retry_failed: bool) -> dict | None:
+def _already_recorded(store, scan_id: str, model_key: str, retry_failed: bool) -> str | None:
     """Resume rule: a scan with a stored result for this model is not run again (a failed one only when asked),
-    so a re-run of the same manifest writes nothing new. Returns the stored result that makes it skip, or None."""
-    doc = store.get(scan_id, model_key)
-    return doc if doc is not None and (doc.get("status") == "ok" or not retry_failed) else None
+    so a re-run of the same manifest writes nothing new. Returns the stored status that makes it skip, or None."""
+    status = store.status(scan_id, model_key)  # the status alone: one small read, not the whole passport
+    return status if status is not None and (status == "ok" or not retry_failed) else None
 
 
 def _rejected_row(problem, job_id: str, model_key: str) -> dict[str, Any]:

@@ -37,6 +37,12 @@ CONTENT_TYPES = {
 }
 
 
+#: Objects larger than this are the ones the bucket's lifecycle rule moves to Glacier Instant Retrieval
+#: (``ray_app.ops.aws_setup.lifecycle_rule``): Glacier IR bills every object as at least 128 KiB, so small
+#: passports and previews stay in Standard. The job summary counts the bytes written above and below it.
+LARGE_OBJECT_BYTES = 128 * 1024
+
+
 class InvalidPassport(RayAppError):
     code = "invalid_passport"
 
@@ -116,11 +122,20 @@ class PassportStore(ABC):
     """The latest passport per ``(scan_id, model_key)``, plus lookups by job."""
 
     @abstractmethod
-    def put(self, passport: dict, job_id: str) -> bool:
-        """Store unless the stored item has a newer ``created_at``; returns whether it wrote."""
+    def put(self, passport: dict, job_id: str, passport_uri: str | None = None) -> bool:
+        """Store unless the stored item has a newer ``created_at``; returns whether it wrote.
+
+        ``passport_uri``: where the same passport was written in full (``passport.json``); a store may then keep a
+        compact record that points there instead of a copy."""
 
     @abstractmethod
-    def get(self, scan_id: str, model_key: str) -> dict | None: ...
+    def get(self, scan_id: str, model_key: str) -> dict | None:
+        """The full passport, or None."""
+
+    def status(self, scan_id: str, model_key: str) -> str | None:
+        """The stored passport's status (``ok``, ``failed``, ...), or None when there is none: the resume check."""
+        passport = self.get(scan_id, model_key)
+        return None if passport is None else passport.get("status")
 
     @abstractmethod
     def get_latest(self, scan_id: str) -> dict | None:
@@ -135,8 +150,7 @@ class PassportStore(ABC):
 
     def is_done(self, scan_id: str, model_key: str) -> bool:
         """Whether a successful passport is stored, so a rerun can skip the scan."""
-        passport = self.get(scan_id, model_key)
-        return passport is not None and passport.get("status") == "ok"
+        return self.status(scan_id, model_key) == "ok"
 
 
 # DynamoDB ----------------------------------------------------------------------------------------------
@@ -164,8 +178,34 @@ def _attr_size(value: dict) -> int:
     return 1  # BOOL, NULL
 
 
-def _to_dynamo(rec: _Record) -> dict | None:
-    """The passport as a native map with ``Decimal`` numbers, or None when it cannot be one exactly.
+def _from_decimal(value: Any) -> Any:
+    """Back to JSON types: integral numbers become ``int`` (exact below 2**53), others ``float``; so a float
+    such as ``2.0`` comes back as the equal int ``2``."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: _from_decimal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_decimal(v) for v in value]
+    return value
+
+
+#: What the job index (GSI ``job_id-index``) carries besides the keys: enough to list a job's scans with their
+#: outcome without reading the table; the documents themselves are read from the table (and ``passport_uri``).
+INDEX_ATTRIBUTES = ("status", "error_code")
+
+
+def _json_to_dynamo(value: Any) -> dict | None:
+    """A JSON-able value as a low-level DynamoDB attribute (numbers exact), or None when it has no exact form."""
+    try:
+        text = json.dumps(value, allow_nan=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+    return _to_dynamo_json(text)
+
+
+def _to_dynamo_json(text: str) -> dict | None:
+    """JSON text as a native attribute with ``Decimal`` numbers, or None when it cannot be one exactly.
 
     Floats go through their shortest ``repr`` so they come back equal. No DynamoDB form exists for
     NaN/Infinity or numbers beyond 38 digits or 1e-130..1e126, and an integral number of 2**53 or more
@@ -179,7 +219,7 @@ def _to_dynamo(rec: _Record) -> dict | None:
             inexact.append(text)
         return value
 
-    value = json.loads(rec.json, parse_float=number, parse_int=number, parse_constant=inexact.append)
+    value = json.loads(text, parse_float=number, parse_int=number, parse_constant=inexact.append)
     if inexact:
         return None
     try:
@@ -188,25 +228,75 @@ def _to_dynamo(rec: _Record) -> dict | None:
         return None
 
 
-def _from_decimal(value: Any) -> Any:
-    """Back to JSON types: integral numbers become ``int`` (exact below 2**53), others ``float``; so a float
-    such as ``2.0`` comes back as the equal int ``2``."""
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, dict):
-        return {k: _from_decimal(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_decimal(v) for v in value]
-    return value
+def dynamodb_item(passport: dict, job_id: str, passport_uri: str | None = None) -> dict:
+    """The item :class:`DynamoDBPassportStore` writes for this passport (low-level attribute values).
+
+    With ``passport_uri`` (the batch job and Serve always have one: ``passport.json`` is written first) the item
+    is compact: status, model, created_at, job id, the volume of each structure present (a structure missing
+    from ``volume_ml`` is not present), the error code and message, and the URI of the full passport. About 3 KB
+    for the 117 structures of ``total`` instead of about 36 KB: 3 write units instead of 36, one 4 KB read unit
+    per resume check. Without one, the whole passport is kept in the item as before (a map, or gzip-compressed
+    JSON when it is too large or holds numbers DynamoDB cannot represent).
+    """
+    rec = _Record(passport, job_id)
+    item = {
+        "scan_id": {"S": rec.scan_id},
+        "model_key": {"S": rec.model_key},
+        "job_id": {"S": rec.job_id},
+        "status": {"S": rec.status},
+        "created_at": {"S": rec.created_at},
+        "order_key": {"S": rec.order_key},
+    }
+    error = passport.get("error") if isinstance(passport.get("error"), dict) else {}
+    for attr, value in (("error_code", error.get("code")), ("error_message", error.get("message"))):
+        if isinstance(value, str) and value:
+            item[attr] = {"S": value}
+    if passport_uri:
+        item["passport_uri"] = {"S": passport_uri}
+        model = _json_to_dynamo(passport["model"])
+        if model is not None:
+            item["model"] = model
+        structures = passport.get("structures") if isinstance(passport.get("structures"), dict) else {}
+        volumes = {name: s.get("volume_ml") for name, s in structures.items()
+                   if isinstance(s, dict) and s.get("present") and isinstance(s.get("volume_ml"), (int, float))}
+        native = _json_to_dynamo(volumes)
+        if native is not None:
+            item["volume_ml"] = native
+        return item
+    native = _to_dynamo_json(rec.json)
+    if native is not None and _attr_size(native) <= MAX_INLINE_BYTES:
+        item["passport"] = native
+    else:
+        packed = gzip.compress(rec.json.encode(), mtime=0)
+        if len(packed) > MAX_INLINE_BYTES:
+            raise PassportTooLarge(
+                f"passport is {len(packed)} bytes even compressed; DynamoDB items are limited to 400 KB",
+                scan_id=rec.scan_id,
+            )
+        item["passport_gz"] = {"B": packed}
+    return item
+
+
+def item_bytes(item: dict) -> int:
+    """DynamoDB's size of an item: attribute names plus values (what write and read units are counted from)."""
+    return sum(len(name.encode()) + _attr_size(value) for name, value in item.items())
+
+
+def index_item_bytes(item: dict) -> int:
+    """Size of the item's copy in the job index: table keys, index keys and :data:`INDEX_ATTRIBUTES`."""
+    names = ("scan_id", "model_key", "job_id", *INDEX_ATTRIBUTES)
+    return item_bytes({k: v for k, v in item.items() if k in names})
 
 
 class DynamoDBPassportStore(PassportStore):
     """Table with key ``(scan_id, model_key)`` and GSI ``job_id-index``, made by :func:`create_table`.
 
-    The passport is stored as the map attribute ``passport`` when it fits in :data:`MAX_INLINE_BYTES`
-    (readable in the console and PartiQL); otherwise, or when it holds numbers DynamoDB cannot represent,
-    as gzip-compressed JSON in the binary attribute ``passport_gz``. Reads return the same dict either way.
-    ``list_by_job`` reads the GSI, which on AWS is eventually consistent.
+    Items are :func:`dynamodb_item`'s: compact, pointing at the full ``passport.json``, when the writer names it
+    (``put(..., passport_uri=...)``); else the passport inline. Reads return the full passport either way: a
+    compact item's passport is read from its ``passport_uri`` and checked against the item (scan, model,
+    created_at), so a ``passport.json`` overwritten by another run is an error, not a silently different answer.
+    ``status``/``is_done`` read only the status. ``list_by_job`` reads the GSI (keys, status, error code; on AWS
+    eventually consistent), then each item.
     """
 
     def __init__(self, table: str):
@@ -229,33 +319,14 @@ class DynamoDBPassportStore(PassportStore):
                 raise
             raise self._error(exc) from exc
 
-    def put(self, passport: dict, job_id: str) -> bool:
-        rec = _Record(passport, job_id)
-        item = {
-            "scan_id": {"S": rec.scan_id},
-            "model_key": {"S": rec.model_key},
-            "job_id": {"S": rec.job_id},
-            "status": {"S": rec.status},
-            "created_at": {"S": rec.created_at},
-            "order_key": {"S": rec.order_key},
-        }
-        native = _to_dynamo(rec)
-        if native is not None and _attr_size(native) <= MAX_INLINE_BYTES:
-            item["passport"] = native
-        else:
-            packed = gzip.compress(rec.json.encode(), mtime=0)
-            if len(packed) > MAX_INLINE_BYTES:
-                raise PassportTooLarge(
-                    f"passport is {len(packed)} bytes even compressed; DynamoDB items are limited to 400 KB",
-                    scan_id=rec.scan_id,
-                )
-            item["passport_gz"] = {"B": packed}
+    def put(self, passport: dict, job_id: str, passport_uri: str | None = None) -> bool:
+        item = dynamodb_item(passport, job_id, passport_uri)
         try:
             self._call(
                 "put_item",
                 Item=item,
                 ConditionExpression="attribute_not_exists(scan_id) OR order_key <= :k",
-                ExpressionAttributeValues={":k": {"S": rec.order_key}},
+                ExpressionAttributeValues={":k": item["order_key"]},
             )
         except ClientError:  # only the condition failure gets through _call
             return False
@@ -265,7 +336,22 @@ class DynamoDBPassportStore(PassportStore):
     def _passport(item: dict) -> dict:
         if "passport" in item:
             return _from_decimal(_deserializer.deserialize(item["passport"]))
-        return json.loads(gzip.decompress(item["passport_gz"]["B"]))
+        if "passport_gz" in item:
+            return json.loads(gzip.decompress(item["passport_gz"]["B"]))
+        uri = item["passport_uri"]["S"]
+        try:
+            doc = json.loads(storage.read_bytes(uri))
+        except storage.StorageError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise storage.StorageError(f"passport {uri} named by the store could not be read: {exc}") from exc
+        same = (isinstance(doc, dict) and doc.get("scan_id") == item["scan_id"]["S"]
+                and (doc.get("model") or {}).get("key") == item["model_key"]["S"]
+                and doc.get("created_at") == item["created_at"]["S"])
+        if not same:
+            raise storage.StorageError(f"passport {uri} is not the one the store recorded (scan, model or created_at "
+                                       "differ): another run overwrote it")
+        return doc
 
     def _query(self, **kwargs) -> Iterator[dict]:
         paginator = self._ddb.get_paginator("query")
@@ -275,9 +361,12 @@ class DynamoDBPassportStore(PassportStore):
         except ClientError as exc:
             raise self._error(exc) from exc
 
-    def get(self, scan_id: str, model_key: str) -> dict | None:
+    def _item(self, scan_id: str, model_key: str) -> dict | None:
         key = {"scan_id": {"S": scan_id}, "model_key": {"S": model_key}}
-        item = self._call("get_item", Key=key, ConsistentRead=True).get("Item")
+        return self._call("get_item", Key=key, ConsistentRead=True).get("Item")
+
+    def get(self, scan_id: str, model_key: str) -> dict | None:
+        item = self._item(scan_id, model_key)
         return None if item is None else self._passport(item)
 
     def get_latest(self, scan_id: str) -> dict | None:
@@ -293,15 +382,17 @@ class DynamoDBPassportStore(PassportStore):
         return self._passport(max(items, key=lambda i: (i["order_key"]["S"], i["model_key"]["S"])))
 
     def list_by_job(self, job_id: str) -> list[dict]:
-        items = self._query(
+        keys = self._query(
             IndexName=JOB_INDEX,
             KeyConditionExpression="job_id = :j",
             ExpressionAttributeValues={":j": {"S": job_id}},
         )
-        ordered = sorted(items, key=lambda i: (i["scan_id"]["S"], i["model_key"]["S"]))
-        return [self._passport(i) for i in ordered]
+        ordered = sorted((k["scan_id"]["S"], k["model_key"]["S"]) for k in keys)
+        items = (self._item(*key) for key in ordered)
+        # The index lags the table: an item that has since moved to another job (or gone) is not this job's.
+        return [self._passport(i) for i in items if i is not None and i["job_id"]["S"] == job_id]
 
-    def is_done(self, scan_id: str, model_key: str) -> bool:
+    def status(self, scan_id: str, model_key: str) -> str | None:
         item = self._call(
             "get_item",
             Key={"scan_id": {"S": scan_id}, "model_key": {"S": model_key}},
@@ -309,7 +400,7 @@ class DynamoDBPassportStore(PassportStore):
             ProjectionExpression="#s",
             ExpressionAttributeNames={"#s": "status"},
         ).get("Item")
-        return item is not None and item["status"]["S"] == "ok"
+        return None if item is None else item["status"]["S"]
 
     def delete(self, scan_id: str, model_key: str) -> None:
         self._call("delete_item", Key={"scan_id": {"S": scan_id}, "model_key": {"S": model_key}})
@@ -318,7 +409,10 @@ class DynamoDBPassportStore(PassportStore):
 def create_table(name: str) -> None:
     """Create the passport table (on-demand billing) if absent and wait until it is active; idempotent.
 
-    An existing table with a different key schema is an error rather than silently reused.
+    The job index projects the keys and :data:`INDEX_ATTRIBUTES` only, so each write copies about 100 bytes
+    into it (one write unit) instead of the whole item. An existing table with a different key schema is an
+    error rather than silently reused; an older table whose index projects ALL still works (it costs more:
+    ``ray_app.ops.aws_setup.ensure_table`` reports the projection).
     """
     ddb = storage.client("dynamodb")
     key_schema = [
@@ -340,7 +434,7 @@ def create_table(name: str) -> None:
                         {"AttributeName": "job_id", "KeyType": "HASH"},
                         {"AttributeName": "scan_id", "KeyType": "RANGE"},
                     ],
-                    "Projection": {"ProjectionType": "ALL"},
+                    "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": list(INDEX_ATTRIBUTES)},
                 }
             ],
         )
@@ -403,7 +497,8 @@ class SQLitePassportStore(PassportStore):
         finally:
             conn.close()
 
-    def put(self, passport: dict, job_id: str) -> bool:
+    def put(self, passport: dict, job_id: str, passport_uri: str | None = None) -> bool:
+        """Keeps the whole passport (a local file costs nothing per byte); ``passport_uri`` is not needed."""
         rec = _Record(passport, job_id)
         row = (rec.scan_id, rec.model_key, rec.job_id, rec.status, rec.created_at, rec.order_key, rec.json)
         with self._db() as conn:
@@ -430,12 +525,12 @@ class SQLitePassportStore(PassportStore):
             ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
-    def is_done(self, scan_id: str, model_key: str) -> bool:
+    def status(self, scan_id: str, model_key: str) -> str | None:
         with self._db() as conn:
             row = conn.execute(
                 "SELECT status FROM passports WHERE scan_id = ? AND model_key = ?", (scan_id, model_key)
             ).fetchone()
-        return row is not None and row[0] == "ok"
+        return None if row is None else row[0]
 
     def delete(self, scan_id: str, model_key: str) -> None:
         with self._db() as conn:
@@ -483,6 +578,19 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("kidney_left_ml", pa.float64()),
         pa.field("kidney_right_ml", pa.float64()),
         pa.field("pancreas_ml", pa.float64()),
+        # What the scan used and wrote, for ``ray-app cost``: the segmentation actor's share of its node (CPUs
+        # reserved and torch threads; GPUs) and the CPUs of the machine it ran on; every object written and
+        # its bytes, those over LARGE_OBJECT_BYTES apart (the lifecycle rule moves them to Glacier IR); the
+        # size of its DynamoDB item and of the item's copy in the job index (``dynamodb_item``).
+        pa.field("actor_cpus", pa.float64()),
+        pa.field("actor_gpus", pa.float64()),
+        pa.field("node_cpus", pa.int32()),
+        pa.field("objects_written", pa.int32()),
+        pa.field("bytes_written", pa.int64()),
+        pa.field("large_objects_written", pa.int32()),
+        pa.field("large_bytes_written", pa.int64()),
+        pa.field("store_item_bytes", pa.int32()),
+        pa.field("store_index_bytes", pa.int32()),
     ]
 )
 

@@ -36,6 +36,9 @@ def test_setup_job_run_twice_leaves_one_table_one_rule_encryption_and_no_public_
     first, second = run_setup(*args), run_setup(*args)
     assert first["bucket"]["created"] is True and second["bucket"]["created"] is False
     assert first["ok"] and second["ok"]
+    # The job index copies keys, status and error code, not the whole item (what DynamoDB bills per write).
+    assert second["table"]["index_projection"] == "INCLUDE"
+    assert second["table"]["index_attributes"] == ["error_code", "status"]
 
     ddb, s3, iam = (boto3.client(s) for s in ("dynamodb", "s3", "iam"))
     assert [t for t in ddb.list_tables()["TableNames"] if t == table] == [table]
@@ -83,7 +86,11 @@ def test_lifecycle_rule_moves_only_large_objects_under_the_prefix():
 # ------------------------------------------------------------------------------------------ IAM as data
 
 DATA_ACTIONS = {
-    "s3:GetObject": {f"arn:aws:s3:::{PARAMS.input_bucket}/*"},
+    # Inputs; the job summaries jobs/cost_report.py reads on the cluster; the full passports a compact DynamoDB
+    # item points at (Serve's GET /v1/passports). Not the masks or DICOM-SEGs.
+    "s3:GetObject": {f"arn:aws:s3:::{PARAMS.input_bucket}/*",
+                     f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}_jobs/*",
+                     f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}*/passport.json"},
     "s3:ListBucket": {f"arn:aws:s3:::{PARAMS.input_bucket}"},
     "s3:PutObject": {f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}*"},
     "dynamodb:GetItem": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports"},

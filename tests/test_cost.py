@@ -1,104 +1,200 @@
-"""The cost report on job summaries written like the batch job's: every figure follows from its inputs."""
+"""The cost report on job summaries written like the batch job's: every figure follows from its inputs, the head
+is paid for the hours jobs run, compute follows CPU-seconds whatever actor size measured them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import pytest
 
-from ray_app.ops import cost
 from ray_app.cli import main as cli_main
-from ray_app.sinks import write_summary
+from ray_app.ops import cost
+from ray_app.sinks import read_summary, write_summary
 
 REPO = Path(__file__).resolve().parent.parent
-MASK_BYTES = (3 * 1024**2, 2 * 1024**2)  # two ok scans: masks of 3 and 2 MiB
-PASSPORT_BYTES = (5000, 6000)
-TOTAL_S = (61.0, 59.0)
+MiB = 1024**2
+# Two ok scans as a 1-CPU actor on a 2-core machine measured them.
+SEGMENT_S, PASSPORT_S, READ_S, TOTAL_S = (56.0, 54.0), (2.0, 2.0), (1.0, 1.0), (61.0, 59.0)
+BYTES = ({"mask": 3 * MiB, "passport": 36_000, "preview": 60_000}, {"mask": 2 * MiB, "passport": 34_000,
+                                                                     "preview": 50_000})
+ITEM_BYTES, INDEX_BYTES = 3100, 75
 
 
-def _rows(uri_for) -> list[dict]:
-    """Summary rows shaped like ``pipeline.summary_row``'s: two ok scans, one failure, one skipped."""
+def _rows(actor_cpus: float | None = 1.0, node_cpus: int | None = 2, scale: float = 1.0) -> list[dict]:
+    """Summary rows shaped like ``pipeline.summary_row``'s: two ok scans, one failure, one skipped. ``scale``
+    multiplies the actor's seconds (a run with more threads is faster)."""
     rows = []
-    for i, (total, mask, passport) in enumerate(zip(TOTAL_S, MASK_BYTES, PASSPORT_BYTES)):
+    for i, (seg, pas, read, total, b) in enumerate(zip(SEGMENT_S, PASSPORT_S, READ_S, TOTAL_S, BYTES)):
+        write = total - read - seg - pas
         rows.append({
-            "job_id": "job-1", "scan_id": f"scan-{i}", "model_key": "total-fast", "status": "ok",
-            "input_uri": f"s3://scans/scan-{i}.nii.gz",
-            "mask_uri": uri_for(f"scan-{i}/total-fast/mask.nii.gz", mask),
-            "passport_uri": uri_for(f"scan-{i}/total-fast/passport.json", passport),
-            "finished_at": "2026-11-27T12:00:00+00:00",
-            "read_s": 1.0, "segment_s": total - 4.0, "passport_s": 2.0, "write_s": 1.0, "total_s": total,
-            "structures_present": 100, "liver_ml": 1500.0,
+            "job_id": "job-1", "scan_id": f"scan-{i}", "model_key": "total_fast", "status": "ok",
+            "input_uri": f"s3://scans/scan-{i}.nii.gz", "mask_uri": f"s3://out/scan-{i}/total_fast/mask.nii.gz",
+            "passport_uri": f"s3://out/scan-{i}/total_fast/passport.json", "finished_at": "2026-11-27T12:00:00+00:00",
+            "read_s": read, "segment_s": seg * scale, "passport_s": pas * scale, "write_s": write,
+            "total_s": read + (seg + pas) * scale + write, "structures_present": 100, "liver_ml": 1500.0,
+            "actor_cpus": actor_cpus, "actor_gpus": 0.0, "node_cpus": node_cpus,
+            "objects_written": 3, "bytes_written": sum(b.values()), "large_objects_written": 1,
+            "large_bytes_written": b["mask"], "store_item_bytes": ITEM_BYTES, "store_index_bytes": INDEX_BYTES,
         })
-    rows.append({"job_id": "job-1", "scan_id": "broken", "model_key": "total-fast", "status": "failed",
+    rows.append({"job_id": "job-1", "scan_id": "broken", "model_key": "total_fast", "status": "failed",
                  "error_code": "invalid_input", "error": "not a NIfTI", "read_s": 0.1, "total_s": 0.1})
-    rows.append({"job_id": "job-1", "scan_id": "old", "model_key": "total-fast", "status": "skipped"})
+    rows.append({"job_id": "job-1", "scan_id": "old", "model_key": "total_fast", "status": "skipped"})
     return rows
 
 
 @pytest.fixture
 def local_summary(tmp_path) -> str:
-    def put(key: str, size: int) -> str:
-        path = tmp_path / "results" / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"\0" * size)
-        return str(path)
-
-    return write_summary(_rows(put), str(tmp_path / "results" / "_jobs" / "job-1" / "summary.parquet"))
+    return write_summary(_rows(), str(tmp_path / "results" / "_jobs" / "job-1" / "summary.parquet"))
 
 
-def test_measure_reads_times_and_result_sizes(local_summary):
+def _lines(report: cost.CostReport) -> list[cost.LineItem]:
+    return [x for x in (*report.compute.values(), *report.head.values(), *report.shared, *report.serve)
+            if x is not None]
+
+
+def test_measure_reads_cpu_seconds_and_bytes_from_the_summary_alone(local_summary):
     m = cost.measure([local_summary])
     assert m.scans_ok == 2
-    assert m.seconds_per_scan == pytest.approx(sum(TOTAL_S) / 2)
-    assert m.segment_seconds == pytest.approx(sum(TOTAL_S) / 2 - 4.0)
-    assert m.mask_bytes == pytest.approx(sum(MASK_BYTES) / 2)
-    assert m.passport_bytes == pytest.approx(sum(PASSPORT_BYTES) / 2)
-    assert m.objects_per_scan == 2
+    actor = [s + p for s, p in zip(SEGMENT_S, PASSPORT_S)]
+    tasks = [t - a for t, a in zip(TOTAL_S, actor)]  # fetch + write: the rest of the scan's seconds
+    assert m.actor_seconds == pytest.approx(sum(actor) / 2)
+    assert m.task_seconds == pytest.approx(sum(tasks) / 2)
+    assert m.cpu_seconds_per_scan == pytest.approx(1 * sum(actor) / 2 + sum(tasks) / 2)  # 1-CPU actor
+    assert m.node_cpus == 2 and m.actor_cpus == 1
+    assert m.objects_per_scan == 3
+    assert m.bytes_per_scan == pytest.approx(sum(sum(b.values()) for b in BYTES) / 2)
+    assert m.large_bytes_per_scan == pytest.approx(2.5 * MiB)
+    assert m.store_item_bytes == ITEM_BYTES
 
 
-def test_lines_follow_from_the_inputs_recomputed_by_hand(local_summary):
+def test_every_line_is_quantity_times_price_and_the_batch_lines_recomputed_by_hand(local_summary):
     prices = cost.load_prices()
-    a = cost.Assumptions(scans_per_month=10_000)
-    report = cost.estimate(cost.measure([local_summary]), a, prices)
+    a = cost.Assumptions(scans_per_month=10_000, nodes_per_job=1)
+    m = cost.measure([local_summary])
+    report = cost.estimate(m, a, prices)
+    for line in _lines(report):
+        assert line.monthly_usd == pytest.approx(line.quantity * line.unit_price), line.item
 
-    # Spot CPU: 10,000 scans x 60 s mean / 2 actors per node = 83.33 node-h, + 30 jobs x 10 min = 5 node-h;
-    # priced at the c7i.4xlarge Spot price plus 150 GB of gp3 spread over 730 h.
+    # Spot CPU: per scan, the 1-thread actor's 57 s (segment + passport) become 57 / e(8) s of 8-thread actor
+    # time; the 3 s of fetch and write tasks stay single-threaded; a c7i.4xlarge does 16 vCPU x 0.6 of that per
+    # second.
+    e8 = 1 / (1 + 7 * (1 / cost.PARALLEL_EFFICIENCY_2 - 1))
+    assert cost.efficiency(8) == pytest.approx(e8)
+    node_s = (57.0 / e8 + 3.0) / (16 * cost.VCPU_YIELD)
+    scan_node_h = 10_000 * node_s / 3600
     spot = report.compute["Spot CPU"]
-    node_hours = 10_000 * 60.0 / 3600 / 2 + 30 * 10 / 60
+    assert spot.quantity == pytest.approx(scan_node_h + 1 * 30 * 5 / 60)  # + 1 node x 30 jobs x 5 min start-up
     hourly = prices["ec2_spot_per_hour"]["c7i.4xlarge"] + 150 * prices["ebs_gp3_per_gb_month"] / 730
-    assert spot.quantity == pytest.approx(node_hours)
-    assert spot.monthly_usd == pytest.approx(node_hours * hourly)
+    assert spot.unit_price == pytest.approx(hourly)
     assert report.compute["on-demand CPU"].unit_price > spot.unit_price
 
+    # The head runs while jobs run: 30 x (the job's scan hours on its node + 6 + 5 + 2 minutes), not 730 h.
+    head = report.head["Spot CPU"]
+    assert head.quantity == pytest.approx(30 * (scan_node_h / 30 + 13 / 60))
+    assert head.quantity < 100
+
     lines = {line.item: line for line in report.shared}
-    mask_gb = 2.5 * 1024**2 / 1024**3
-    passport_gb = 5500 / 1024**3
-    standard = lines["S3 Standard: newest month's masks + all passports"]
-    assert standard.monthly_usd == pytest.approx(10_000 * (mask_gb + 12 * passport_gb) * 0.023)
-    writes = lines["DynamoDB writes (table + job index)"]  # 5,500 B -> 6 write units, twice (table + GSI)
-    assert writes.monthly_usd == pytest.approx(10_000 * 2 * math.ceil(5500 / 1024) / 1e6 * 0.625)
-    egress = lines["egress to the internet"]
-    assert egress.monthly_usd == pytest.approx(10_000 * mask_gb * 0.09)
+    large_gb, small_gb = 2.5 * MiB / 1024**3, 90_000 / 1024**3  # masks; passports + previews
+    standard = lines["S3 Standard: new large + all small objects"]
+    assert standard.quantity == pytest.approx(10_000 * (large_gb + 12 * small_gb))
+    assert lines["S3 PUT: results"].quantity == pytest.approx(10_000 * 3 / 1000)  # mask, passport, preview
+    writes = lines["DynamoDB writes (table + job index)"]  # 3,100 B -> 4 write units; index copy 1
+    assert writes.quantity == pytest.approx(10_000 * (4 + 1) / 1e6)
+    assert lines["DynamoDB reads (resume check)"].quantity == pytest.approx(10_000 * 1 / 1e6)
+    assert lines["egress to the internet"].quantity == pytest.approx(10_000 * (large_gb + small_gb))
 
     total = report.total("Spot CPU")
-    assert total == pytest.approx(spot.monthly_usd + sum(line.monthly_usd for line in report.shared))
+    assert total == pytest.approx(spot.monthly_usd + head.monthly_usd + sum(x.monthly_usd for x in report.shared))
     assert report.per_1k(total) == pytest.approx(total / 10)
     assert report.compute["Spot GPU"] is None and report.total("Spot GPU") is None  # no GPU run measured
 
 
-def test_a_gpu_summary_prices_the_gpu_workers(local_summary, tmp_path):
-    gpu = cost.measure([local_summary])
-    report = cost.estimate(cost.measure([local_summary]), cost.Assumptions(scans_per_month=1000),
-                           cost.load_prices(), gpu_measured=gpu)
+def test_head_hours_follow_the_jobs_not_the_month(local_summary):
+    m, prices = cost.measure([local_summary]), cost.load_prices()
+    a = cost.Assumptions(scans_per_month=10_000, jobs_per_month=30, nodes_per_job=2)
+    once, twice = (cost.estimate(m, dataclasses.replace(a, jobs_per_month=j), prices) for j in (30, 60))
+    per_job = (a.head_startup_minutes + a.node_startup_minutes + a.head_teardown_minutes) / 60
+    # Twice the jobs, the same scans: the head pays 30 more start-ups and teardowns, nothing else.
+    assert twice.head["Spot CPU"].quantity - once.head["Spot CPU"].quantity == pytest.approx(30 * per_job)
+    # ... and each job's 2 worker nodes one more start-up each.
+    assert twice.compute["Spot CPU"].quantity - once.compute["Spot CPU"].quantity == \
+        pytest.approx(30 * 2 * a.node_startup_minutes / 60)
+    assert once.head["Spot CPU"].quantity < cost.HOURS_PER_MONTH / 10
+
+
+def test_a_million_scans_is_the_per_scan_lines_times_a_hundred_plus_the_fixed_ones(local_summary):
+    m, prices = cost.measure([local_summary]), cost.load_prices()
+    small, big = cost.estimate_at([10_000, 1_000_000], m, cost.Assumptions(scans_per_month=0, nodes_per_job=4),
+                                  prices)
+    for a_line, b_line in zip(small.shared, big.shared):  # all proportional to scans
+        assert b_line.quantity == pytest.approx(100 * a_line.quantity), a_line.item
+    startup = 4 * 30 * 5 / 60
+    assert big.compute["Spot CPU"].quantity - startup == pytest.approx(100 * (small.compute["Spot CPU"].quantity
+                                                                              - startup))
+    assert big.total("Spot CPU") == pytest.approx(sum(x.monthly_usd for x in (big.compute["Spot CPU"],
+                                                                              big.head["Spot CPU"], *big.shared)))
+    assert big.per_1k(big.total("Spot CPU")) < small.per_1k(small.total("Spot CPU"))  # fixed costs spread
+    # Without --nodes-per-job a job spreads over more nodes as it grows, at most cluster.yaml's max workers.
+    auto_small, auto_big = cost.estimate_at([10_000, 1_000_000], m, cost.Assumptions(scans_per_month=0), prices)
+    per_job = small.plan["Spot CPU"]["scan_node_hours_per_job"]  # about 1.3 node-h: 2 nodes of >= 1 h
+    assert auto_small.plan["Spot CPU"]["nodes_per_job"] == math.ceil(per_job / cost.MIN_NODE_HOURS_PER_JOB) < 16
+    assert auto_big.plan["Spot CPU"]["nodes_per_job"] == cost.cluster_max_workers("cpu")[0] == 16
+
+
+def test_actors_of_different_sizes_project_to_the_same_node_hours(tmp_path):
+    """One 1-CPU actor, or one 2-CPU actor that is 2 x efficiency times faster: the same work on the target."""
+    e2 = cost.PARALLEL_EFFICIENCY_2
+    one = write_summary(_rows(actor_cpus=1.0), str(tmp_path / "one.parquet"))
+    two = write_summary(_rows(actor_cpus=2.0, scale=1 / (2 * e2)), str(tmp_path / "two.parquet"))
+    # An 8-CPU actor measured on a 2-core laptop had 2 cores' worth of threads, not 8.
+    crowded = write_summary(_rows(actor_cpus=8.0, node_cpus=2, scale=1 / (2 * e2)), str(tmp_path / "8on2.parquet"))
+    a, prices = cost.Assumptions(scans_per_month=10_000, nodes_per_job=1), cost.load_prices()
+    hours = [cost.estimate(cost.measure([s]), a, prices).compute["Spot CPU"].quantity for s in (one, two, crowded)]
+    assert hours[1] == pytest.approx(hours[0]) and hours[2] == pytest.approx(hours[0])
+    # Wall seconds alone would have halved the bill for the 2-CPU run: CPU-seconds are what is projected.
+    assert cost.measure([two]).cpu_seconds_per_scan > cost.measure([one]).cpu_seconds_per_scan
+
+
+def test_smaller_actors_help_only_as_far_as_their_memory_lets_them(local_summary):
+    """More, smaller actors waste less on threading, but a c7i.4xlarge holds only 32 GiB x 0.8 / 6 GB = 4 actors:
+    16 one-thread actors would need 96 GB."""
+    m, prices = cost.measure([local_summary]), cost.load_prices()
+    hours = {k: cost.estimate(m, cost.Assumptions(scans_per_month=10_000, nodes_per_job=1, cpus_per_actor=k),
+                              prices).plan["Spot CPU"]["scan_node_hours_per_job"] for k in (1, 4, 8)}
+    assert hours[4] < hours[8]  # 4 actors x 4 threads fit, and lose less to threading than 2 x 8
+    # One-thread actors: memory-bound, 4 actors each taking the whole 57 s of one-thread work at 0.6 yield.
+    assert hours[1] * 30 == pytest.approx(10_000 * (57.0 / 0.6 / 4) / 3600)
+    assert hours[1] > hours[4]
+
+
+def test_a_gpu_summary_prices_the_gpu_workers_from_gpu_seconds(tmp_path):
+    rows = [{**r, "actor_gpus": 1.0, "actor_cpus": 2.0} for r in _rows()]
+    gpu = cost.measure([write_summary(rows, str(tmp_path / "gpu.parquet"))])
+    assert gpu.gpu_seconds_per_scan == pytest.approx(57.0)
     prices = cost.load_prices()
+    report = cost.estimate(gpu, cost.Assumptions(scans_per_month=1000, nodes_per_job=1), prices, gpu_measured=gpu)
     assert report.compute["Spot GPU"].unit_price == pytest.approx(
         prices["ec2_spot_per_hour"]["g6.xlarge"] + 150 * prices["ebs_gp3_per_gb_month"] / 730)
-    assert report.compute["Spot GPU"].quantity == pytest.approx(1000 * 60.0 / 3600 / 1 + 5)
+    assert report.compute["Spot GPU"].quantity == pytest.approx(1000 * 57.0 / 3600 + 30 * 5 / 60)
+    assert report.total("Spot GPU") is not None
+
+
+def test_the_serve_endpoint_is_its_own_section_never_in_the_batch_total(local_summary):
+    m, prices = cost.measure([local_summary]), cost.load_prices()
+    report = cost.estimate(m, cost.Assumptions(scans_per_month=10_000), prices)
+    head, replicas = report.serve
+    assert head.quantity == cost.HOURS_PER_MONTH and "m7i.large" in head.item  # a small head, always on
+    assert head.unit_price == pytest.approx(prices["ec2_on_demand_per_hour"]["m7i.large"]
+                                            + 150 * prices["ebs_gp3_per_gb_month"] / 730)
+    more = cost.estimate(m, cost.Assumptions(scans_per_month=10_000, serve_requests_per_month=2000), prices)
+    assert more.serve[1].quantity > replicas.quantity and more.total("Spot CPU") == report.total("Spot CPU")
+    assert report.serve_total() == pytest.approx(head.monthly_usd + replicas.monthly_usd)
 
 
 def test_prices_are_dated_sourced_and_overridable(tmp_path):
@@ -112,30 +208,37 @@ def test_prices_are_dated_sourced_and_overridable(tmp_path):
     assert merged["taken"] == "2027-01-01"
 
 
-def test_unknown_mask_size_is_an_error_unless_given(tmp_path):
-    summary = write_summary(_rows(lambda key, size: f"{tmp_path}/gone/{key}"), str(tmp_path / "summary.parquet"))
-    measured = cost.measure([summary])
+def test_a_summary_without_the_measured_columns_is_an_error_unless_they_are_given(tmp_path):
+    old = [{k: v for k, v in r.items() if k not in ("actor_cpus", "node_cpus", "actor_gpus", "objects_written",
+                                                    "bytes_written", "large_objects_written", "large_bytes_written",
+                                                    "store_item_bytes", "store_index_bytes")} for r in _rows()]
+    summary = write_summary(old, str(tmp_path / "summary.parquet"))
+    with pytest.raises(cost.CostInputError, match="--measured-actor-cpus"):
+        cost.measure([summary])
+    measured = cost.measure([summary], actor_cpus=1)
     with pytest.raises(cost.CostInputError, match="--mask-mb"):
         cost.estimate(measured, cost.Assumptions(scans_per_month=100), cost.load_prices())
-    report = cost.estimate(measured, cost.Assumptions(scans_per_month=100, mask_mb=2.0, passport_kb=5.0),
+    with pytest.raises(cost.CostInputError, match="--item-kb"):
+        cost.estimate(measured, cost.Assumptions(scans_per_month=100, mask_mb=2.0, passport_kb=5.0), cost.load_prices())
+    report = cost.estimate(measured, cost.Assumptions(scans_per_month=100, mask_mb=2.0, passport_kb=5.0, item_kb=3),
                            cost.load_prices())
     assert report.total("Spot CPU") > 0
+    assert cli_main(["cost", "--summary", summary, "--scans-per-month", "100"]) == 2  # CostInputError -> exit 2
 
 
-def test_cost_command_on_a_summary_in_s3(moto_server, s3_bucket, capsys):
-    s3 = boto3.client("s3")
-
-    def put(key: str, size: int) -> str:
-        s3.put_object(Bucket=s3_bucket, Key=f"ct/{key}", Body=b"\0" * size)
-        return f"s3://{s3_bucket}/ct/{key}"
-
-    summary = write_summary(_rows(put), f"s3://{s3_bucket}/ct/_jobs/job-1/summary.parquet")
+def test_cost_command_on_a_summary_in_s3_prints_both_volumes(moto_server, s3_bucket, capsys):
+    summary = write_summary(_rows(), f"s3://{s3_bucket}/ct/_jobs/job-1/summary.parquet")
     assert cli_main(["cost", "--summary", summary, "--scans-per-month", "5000", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    expected = cost.estimate(cost.measure([summary]), cost.Assumptions(scans_per_month=5000), cost.load_prices())
-    assert printed["measured"]["mask_bytes"] == pytest.approx(sum(MASK_BYTES) / 2)
+    m = cost.measure([summary])
+    expected, million = cost.estimate_at([5000, 1_000_000], m, cost.Assumptions(scans_per_month=0), cost.load_prices())
+    assert printed["measured"]["bytes_per_scan"] == pytest.approx(m.bytes_per_scan)
     assert printed["totals"]["Spot CPU"] == pytest.approx(expected.total("Spot CPU"))
     assert printed["per_1k_scans"]["Spot CPU"] == pytest.approx(expected.total("Spot CPU") / 5)
+    (other,) = printed["other_volumes"]
+    assert other["scans_per_month"] == 1_000_000 and other["totals"]["Spot CPU"] == pytest.approx(
+        million.total("Spot CPU"))
+    assert printed["serve"]["total"] == pytest.approx(expected.serve_total())
 
 
 def test_cost_report_job_prints_the_table_and_exits_cleanly(local_summary):
@@ -146,6 +249,83 @@ def test_cost_report_job_prints_the_table_and_exits_cleanly(local_summary):
                                "--scans-per-month", "10000"], check=False, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for text in ("compute: Spot c7i.4xlarge", "compute: on-demand c7i.4xlarge", "S3 Glacier IR", "DynamoDB writes",
-                 "egress", "CloudWatch Logs", "total with Spot CPU", "per 1k", "prices taken"):
-        assert text in out
+    for text in ("compute: Spot c7i.4xlarge", "compute: on-demand c7i.4xlarge", "batch head: on-demand m7i.xlarge",
+                 "S3 Glacier IR", "DynamoDB writes", "egress", "CloudWatch Logs", "batch total with Spot CPU",
+                 "USD @10k", "USD @1M", "per 1k", "prices taken", "SERVE", "serve head: on-demand m7i.large",
+                 "serve total"):
+        assert text in out, text
+
+
+# ------------------------------------------------------------------------- the projection, measured for real
+
+_DRIVER = """
+import sys
+from ray_app.batch import BatchConfig, init_ray, run_batch
+init_ray(num_cpus=3)  # a 2-CPU actor and the 0.5-CPU fetch and write tasks beside it
+report = run_batch(BatchConfig(manifest=sys.argv[1], output=sys.argv[2], job_id=sys.argv[3],
+                               cpus_per_actor=float(sys.argv[4]), min_actors=1, max_actors=1))
+print("SUMMARY", report.summary_uri)
+"""
+
+
+@pytest.fixture(scope="module")
+def realistic_weights(tmp_path_factory, phantom_weights) -> Path:
+    """Random weights of the realistic 3 mm architecture (bench/make_random_weights.py), whose efficiency the
+    report states: the phantom network is too small to use a second thread as well (0.65-0.71 per tile against
+    0.82-0.87, bench/results/thread-scaling-*.json), so a phantom job would not test the stated figure."""
+    root = tmp_path_factory.mktemp("realistic-weights")
+    subprocess.run([sys.executable, str(REPO / "bench" / "make_random_weights.py"), str(root)], check=True,
+                   capture_output=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return root
+
+
+@pytest.mark.slow
+def test_the_real_job_measured_with_1_and_2_cpu_actors_projects_to_the_same_node_hours(realistic_weights, tmp_path):
+    """The real batch job, twice on the same scan: one 1-CPU actor, then one 2-CPU actor (2 torch threads).
+    Projected onto a c7i.4xlarge, both must give the node-hours the stated efficiency predicts."""
+    import nibabel as nib
+
+    from ray_app.phantom import make_phantom
+
+    # A 3 mm CT a little larger than one tile in two axes: 4 tiles of the realistic network, so the network's
+    # forward passes (which threads speed up) dominate as in a full-size CT; one tile of a small scan is
+    # dominated by single-threaded post-processing of the 118 classes' logits and gains nothing from a thread.
+    scan = tmp_path / "ct.nii.gz"
+    nib.save(make_phantom(11, shape=(133, 133, 112))[0], scan)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"scan_id,uri\nct-0,{scan}\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOTALSEG_WEIGHTS_PATH": str(realistic_weights)}
+    summaries = {}
+    for cpus in (1, 2):  # each on a fresh local Ray, as a job on its own cluster
+        done = subprocess.run([sys.executable, "-c", _DRIVER, str(manifest), str(tmp_path / f"out-{cpus}"),
+                               f"job-{cpus}cpu", str(cpus)], env=env, capture_output=True, text=True, timeout=600,
+                               check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (summaries[cpus],) = [line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("SUMMARY ")]
+
+    rows = {cpus: [r for r in read_summary(uri) if r["status"] == "ok"] for cpus, uri in summaries.items()}
+    assert all(len(r) == 1 for r in rows.values())
+    assert {r["actor_cpus"] for r in rows[1]} == {1.0} and {r["actor_cpus"] for r in rows[2]} == {2.0}
+    assert {r["node_cpus"] for r in rows[1] + rows[2]} == {len(os.sched_getaffinity(0))}
+    assert all(r["objects_written"] == 2 and r["bytes_written"] > 0 and 0 < r["store_item_bytes"] < 4096
+               for r in rows[1] + rows[2])  # mask + passport; a compact item
+
+    measured = {cpus: cost.measure([uri]) for cpus, uri in summaries.items()}
+    a, prices = cost.Assumptions(scans_per_month=10_000, nodes_per_job=1), cost.load_prices()
+    hours = {cpus: cost.estimate(m, a, prices).plan["Spot CPU"]["scan_node_hours_per_job"]
+             for cpus, m in measured.items()}
+    actor_efficiency = measured[1].actor_seconds / (2 * measured[2].actor_seconds)
+    print(f"\nactor seconds per scan: 1 CPU {measured[1].actor_seconds:.2f}, 2 CPUs {measured[2].actor_seconds:.2f};"
+          f" the actor's parallel efficiency at 2 threads {actor_efficiency:.2f} (stated:"
+          f" {cost.PARALLEL_EFFICIENCY_2}); scan node-hours per job {hours[1]:.3f} vs {hours[2]:.3f}")
+    if actor_efficiency < 0.5:
+        # Two threads slower than one: the cores were busy with other work (on a quiet machine a second thread
+        # never makes the actor slower), so the run measured the load, not the job.
+        pytest.skip(f"not a measurement: the 2-thread actor was slower than the 1-thread one ({actor_efficiency:.2f};"
+                    f" load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} CPUs)")
+    # The same node-hours within the efficiency's uncertainty: 30 % covers the spread of the measurements behind
+    # the stated figure (0.82-0.90 from tile minima, medians and CPU-seconds, 0.82-0.84 for a whole CT:
+    # bench/results/thread-scaling-*; 0.75 measured here on a quiet machine) and the load of a shared one.
+    assert hours[2] == pytest.approx(hours[1], rel=0.30), (
+        f"the actor's efficiency at 2 threads was {actor_efficiency:.2f} here (load {os.getloadavg()[0]:.1f}),"
+        f" the report states {cost.PARALLEL_EFFICIENCY_2}")

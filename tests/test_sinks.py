@@ -15,11 +15,15 @@ import pytest
 from ray_app import storage
 from ray_app.keys import InvalidId
 from ray_app.sinks import (
+    JOB_INDEX,
     SUMMARY_SCHEMA,
     ArtifactSink,
     DynamoDBPassportStore,
     InvalidPassport,
     create_table,
+    dynamodb_item,
+    index_item_bytes,
+    item_bytes,
     open_passport_store,
     write_summary,
 )
@@ -161,6 +165,62 @@ def test_dynamodb_item_forms(dynamodb_table):
     numbers = ddb.get_item(TableName=dynamodb_table, Key={"scan_id": {"S": "CT_NUM"}, "model_key": {"S": "total_fast"}})
     assert numbers["Item"]["passport"]["M"]["values"]["M"]["floats"]["L"][0] == {"N": "0.1"}
     create_table(dynamodb_table)  # idempotent
+
+
+def _written(sink: ArtifactSink, doc: dict) -> str:
+    """Write the passport as the batch job does (passport.json first); returns its URI."""
+    return sink.put(doc["scan_id"], doc["model"]["key"], "passport.json", json.dumps(doc, indent=1).encode())
+
+
+def test_dynamodb_keeps_a_compact_item_that_points_at_the_full_passport(dynamodb_table, s3_bucket):
+    store = DynamoDBPassportStore(dynamodb_table)
+    sink = ArtifactSink(f"s3://{s3_bucket}/out")
+    ok = big_passport(scan_id="CT_117", values=NUMBERS)
+    failed = passport("CT_BAD", status="failed", error={"code": "not_ct", "message": "modality MR is not CT"})
+    assert store.put(ok, "job-1", passport_uri=_written(sink, ok))
+    assert store.put(failed, "job-1", passport_uri=_written(sink, failed))
+
+    # Readers get the full documents, exactly as written.
+    assert store.get("CT_117", "total_fast") == ok
+    assert store.get_latest("CT_117") == ok
+    assert store.list_by_job("job-1") == [ok, failed]
+    assert store.status("CT_117", "total_fast") == "ok" and store.status("CT_BAD", "total_fast") == "failed"
+    assert store.status("CT_999", "total_fast") is None
+
+    ddb = boto3.client("dynamodb")
+    item = ddb.get_item(TableName=dynamodb_table, Key={"scan_id": {"S": "CT_117"}, "model_key": {"S": "total_fast"}})
+    item = item["Item"]
+    assert "passport" not in item and "passport_gz" not in item
+    assert item["passport_uri"] == {"S": f"s3://{s3_bucket}/out/CT_117/total_fast/passport.json"}
+    present = {name for name, st in ok["structures"].items() if st["present"]}
+    assert set(item["volume_ml"]["M"]) == present  # presence and volume per structure, nothing else
+    assert item["model"]["M"]["key"] == {"S": "total_fast"}
+    bad = ddb.get_item(TableName=dynamodb_table, Key={"scan_id": {"S": "CT_BAD"}, "model_key": {"S": "total_fast"}})
+    assert bad["Item"]["error_code"] == {"S": "not_ct"} and bad["Item"]["error_message"]["S"].startswith("modality")
+
+    # What it saves: the realistic passport's inline item is about 36 KB (36 write units, twice with an ALL
+    # index); the compact one fits one 4 KB read unit and its index copy one write unit.
+    compact = dynamodb_item(ok, "job-1", "s3://bucket/out/CT_117/total_fast/passport.json")
+    assert item_bytes(compact) < 4096
+    assert item_bytes(dynamodb_item(ok, "job-1")) > 30_000
+    assert index_item_bytes(compact) < 1024
+    index = ddb.describe_table(TableName=dynamodb_table)["Table"]["GlobalSecondaryIndexes"][0]
+    assert index["IndexName"] == JOB_INDEX
+    assert index["Projection"] == {"ProjectionType": "INCLUDE", "NonKeyAttributes": ["status", "error_code"]}
+    projected = ddb.query(TableName=dynamodb_table, IndexName=JOB_INDEX, KeyConditionExpression="job_id = :j",
+                          ExpressionAttributeValues={":j": {"S": "job-1"}})["Items"]
+    assert {k for i in projected for k in i} <= {"scan_id", "model_key", "job_id", "status", "error_code"}
+
+
+def test_a_passport_file_overwritten_by_another_run_is_an_error_not_another_answer(dynamodb_table, s3_bucket):
+    store = DynamoDBPassportStore(dynamodb_table)
+    sink = ArtifactSink(f"s3://{s3_bucket}/out")
+    newer = passport(created_at="2026-11-27T11:00:00Z", run=2)
+    assert store.put(newer, "job-2", passport_uri=_written(sink, newer))
+    older = passport(created_at="2026-11-27T10:00:00Z", run=1)
+    assert store.put(older, "job-1", passport_uri=_written(sink, older)) is False  # a late retry of an old run
+    with pytest.raises(storage.StorageError, match="overwrote"):
+        store.get("CT_001", "total_fast")
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from ray_app import storage
-from ray_app.sinks import create_table
+from ray_app.sinks import JOB_INDEX, LARGE_OBJECT_BYTES, create_table
 
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"  # the checkout's deploy/, beside the package
 DATA_POLICY = "iam-policy.json"
@@ -31,8 +31,9 @@ CLUSTER_NAME = "ray-app"
 
 LIFECYCLE_RULE_ID = "ray-app-masks-to-glacier-ir"
 #: Glacier IR bills every object as at least 128 KiB, so small passports and previews are better left in Standard;
-#: masks are megabytes. (S3 lifecycle filters know prefixes, tags and sizes, not file names.)
-MIN_TRANSITION_BYTES = 128 * 1024
+#: masks are megabytes. (S3 lifecycle filters know prefixes, tags and sizes, not file names.) The job summary
+#: counts the bytes written above this size apart, so the cost report prices each class.
+MIN_TRANSITION_BYTES = LARGE_OBJECT_BYTES
 TRANSITION_DAYS = 30
 
 _EC2_TRUST = {
@@ -55,15 +56,24 @@ def _code(exc: ClientError) -> str:
 
 
 def ensure_table(name: str) -> dict:
-    """Create the passport table if absent; report its billing mode and indexes."""
+    """Create the passport table if absent; report its billing mode, indexes and the job index's projection.
+
+    A table made before the job index projected only keys, status and error code still works, but every write
+    copies the whole item into the index: ``index_projection`` says ALL then (changing it means deleting and
+    re-creating the index, which this does not do on its own).
+    """
     create_table(name)
     table = storage.client("dynamodb").describe_table(TableName=name)["Table"]
     billing = (table.get("BillingModeSummary") or {}).get("BillingMode", "PROVISIONED")
+    indexes = {i["IndexName"]: i for i in table.get("GlobalSecondaryIndexes", [])}
+    projection = (indexes.get(JOB_INDEX) or {}).get("Projection", {})
     return {
         "name": name,
         "status": table["TableStatus"],
         "billing_mode": billing,
-        "indexes": sorted(i["IndexName"] for i in table.get("GlobalSecondaryIndexes", [])),
+        "indexes": sorted(indexes),
+        "index_projection": projection.get("ProjectionType"),
+        "index_attributes": sorted(projection.get("NonKeyAttributes", [])),
         "ok": billing == "PAY_PER_REQUEST",
     }
 

@@ -1,30 +1,82 @@
 """What the batch job costs on AWS per month and per 1,000 scans, from a finished job's measured numbers.
 
-Measured (from the job summary and the objects it names): seconds per scan (``total_s`` of the scans that
-succeeded), mask and passport sizes, result objects per scan. Priced with ``ray_app/data/prices.json`` (dated,
-sourced; any key can be overridden by a file). Assumed, and printed as such: actors per node, retention, egress
-share, log volume, per-job node overhead.
+The design priced is the job-scoped cluster: ``ray-app cluster run`` starts a head, runs one batch job on Spot
+workers from zero and tears every node down when the job ends. So the head is paid for the hours jobs run
+(plus its own start-up and teardown per job), and each worker node for its share of the scans plus its own
+start-up. The always-on Serve endpoint is a separate deployment (a small head all month, replicas from zero
+on Spot) and a separate section with its own total, never part of the batch bill.
+
+Measured, from the job summary alone (no object is read but the summary): per scan, the segmentation actor's
+seconds, the CPUs and GPUs it was given and the CPUs of the machine it ran on (so CPU-seconds, not wall
+seconds, are projected: a run measured with one 1-CPU actor on a laptop prices a 16-vCPU Spot node correctly),
+the fetch and write tasks' seconds, every object written and its bytes, and the DynamoDB item's size.
+Priced with ``ray_app/data/prices.json`` (dated, sourced; any key can be overridden by a file). Assumed, and
+printed as such: parallel efficiency beyond the measured one, what a vCPU yields, start-up and teardown
+minutes, nodes per job, jobs per month, retention, egress share, log volume.
 
 Every line is ``quantity x unit price``; :func:`estimate` returns the lines so the arithmetic can be checked.
 Steady state means a month in which ``retention_months`` months of results are stored: the newest month's
-masks in S3 Standard, the older ones in Glacier Instant Retrieval (the bucket's lifecycle rule), passports in
-Standard throughout.
+large objects (masks, DICOM-SEGs) in S3 Standard, older ones in Glacier Instant Retrieval (the bucket's
+lifecycle rule moves objects over 128 KiB after 30 days), small ones (passports, previews) in Standard.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PRICES_FILE = Path(__file__).resolve().parent.parent / "data" / "prices.json"
+CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"  # the checkout's, beside the package
 HOURS_PER_MONTH = 730  # AWS's own convention for monthly estimates
 GB = 1024**3  # AWS bills storage and transfer per GiB ("GB")
-MAX_SIZED_OBJECTS = 200  # HEAD at most this many results per summary to measure sizes
+COMPARE_SCANS_PER_MONTH = 1_000_000  # the second column of the table
+
+#: Parallel efficiency of a segmentation actor at 2 torch threads against 1, t(1) / (2 t(2)): how much of a
+#: second CPU turns into speed. Measured with the realistic 3 mm architecture (PlainConvUNet, 16.6 M parameters,
+#: random weights) on a 2-core Xeon (one thread per core) shared with other jobs:
+#: - one 128x112x112 tile, fp32 (``PYTHONPATH=. python bench/thread_scaling.py --net realistic --repeats 5``,
+#:   bench/results/thread-scaling-realistic.json): 0.87 from the fastest runs, 0.82 from the medians, 0.90 from
+#:   the CPU-seconds per tile (9.3 at 1 thread, 10.4 at 2);
+#: - a whole 512x512x300 CT through the warm Segmenter (8 tiles, resampling, logits, argmax): 85.9 s wall and
+#:   85.3 CPU-s at one thread (``bench/thread_scaling.py --scan synthetic``, bench/results/thread-scaling-
+#:   synthetic-scan.json; an earlier run under a load of 5-9: 87.6 CPU-s), against 51.4-53.1 s wall at 2 threads
+#:   on an idle machine (bench/results/latest.json, "ours"): 85.9 / (2 x 52.2) = 0.82 (0.84 from 87.6). The
+#:   same file's own 2-thread run shared its cores with other work (100 CPU-s in 79 s wall): its wall time means
+#:   nothing, its CPU-seconds give 0.85;
+#: - the real batch job on a 4-tile 3 mm CT, 1-CPU against 2-CPU actor (tests/test_cost.py, quiet machine): 0.75.
+#: So 0.83. A small scan gains less: one tile's logits post-processing is single-threaded and dominates it.
+#: The phantom network gains less too (0.65-0.71 per tile). Beyond 2 threads Amdahl's law extrapolates it
+#: (:func:`efficiency`): 0.41 at 8 threads, 0.62 at 4, which is why the report takes --cpus-per-actor as an
+#: assumption. Override with --parallel-efficiency.
+PARALLEL_EFFICIENCY_2 = 0.83
+#: What a vCPU of the worker instance yields in the cores the CPU-seconds were measured on. c7i/c6i vCPUs are
+#: hyperthreads, two per physical core; on dense fp32 convolution a second thread on a core adds about 20 %,
+#: so 16 vCPUs do the work of about 8 x 1.2 = 9.6 cores: 0.6 per vCPU. Assumed: this machine has one thread
+#: per core, so it cannot be measured here.
+VCPU_YIELD = 0.6
+#: A worker node's start-up per job: EC2 launch and boot of the Deep Learning AMI (1-2 min), pulling the
+#: prebuilt image from ECR (a few GB: about 1-2 min) and starting Ray. Assumed: not measurable here (no AWS).
+NODE_STARTUP_MINUTES = 5.0
+#: The head's start-up per job (as a worker's, plus ``ray up``'s SSH setup) and teardown (the summary written,
+#: ``ray down``, instance termination). Assumed: not measurable here.
+HEAD_STARTUP_MINUTES = 6.0
+HEAD_TEARDOWN_MINUTES = 2.0
+#: Without --nodes-per-job, a job uses as many nodes as keep each one busy at least this long (so a node's
+#: start-up stays under a tenth of its time), at most cluster.yaml's max workers of the kind.
+MIN_NODE_HOURS_PER_JOB = 1.0
+#: Peak memory of one segmentation actor on a full-size CT: 5.2 GB RSS for a 512x512x300 CT with the warm
+#: segmenter (bench/results/latest.json, "ours"), 5.5 GB for 512x512x200 through vanilla TotalSegmentator
+#: (ENVIRONMENT.md); 6 GB with headroom. A node runs no more actors than fit in MEMORY_USABLE of its memory
+#: (the rest: the OS, Ray's raylet and object store, the fetch and write tasks).
+ACTOR_MEMORY_GB = 6.0
+MEMORY_USABLE = 0.8
+#: When cluster.yaml cannot be read: its max workers per kind as committed.
+DEFAULT_MAX_WORKERS = {"cpu": 16, "gpu": 8}
 
 
 class CostInputError(ValueError):
@@ -53,7 +105,33 @@ def _price(prices: dict, table: str, instance: str) -> float:
     try:
         return float(prices[table][instance])
     except KeyError:
-        raise CostInputError(f"no {table} price for {instance!r}; add it with --prices FILE") from None
+        raise CostInputError(f"no {table} entry for {instance!r}; add it with --prices FILE") from None
+
+
+def efficiency(threads: float, at_2: float = PARALLEL_EFFICIENCY_2) -> float:
+    """Parallel efficiency at ``threads`` torch threads by Amdahl's law, its serial share fitted to the
+    efficiency measured at 2: s = 1/e(2) - 1, e(k) = 1 / (1 + (k - 1) s); 1.0 at one thread."""
+    if not 0 < at_2 <= 1:
+        raise CostInputError(f"parallel efficiency must be in (0, 1], got {at_2}")
+    serial = 1 / at_2 - 1
+    return 1 / (1 + (max(1.0, threads) - 1) * serial)
+
+
+def cluster_max_workers(kind: str, path: Path = CLUSTER_YAML) -> tuple[int, str]:
+    """The most worker nodes of ``kind`` (cpu/gpu: node types labelled spot_cpu/spot_gpu) cluster.yaml allows,
+    and where the figure comes from."""
+    try:
+        import yaml
+
+        config = yaml.safe_load(path.read_text())
+        types = config["available_node_types"].values()
+        per_type = sum(int(t.get("max_workers", 0)) for t in types if f"spot_{kind}" in (t.get("resources") or {}))
+        total = min(per_type, int(config.get("max_workers", per_type)))
+        if total > 0:
+            return total, "cluster.yaml"
+    except (OSError, KeyError, TypeError, ValueError, ImportError):
+        pass
+    return DEFAULT_MAX_WORKERS[kind], "cluster.yaml as committed (not readable here)"
 
 
 # -------------------------------------------------------------------------------------------- measured
@@ -61,53 +139,90 @@ def _price(prices: dict, table: str, instance: str) -> float:
 
 @dataclass(frozen=True)
 class Measured:
-    """What a finished job measured, averaged over the scans that succeeded."""
+    """What a finished job measured, averaged over the scans that succeeded.
+
+    ``actor_seconds``: the segmentation actor's time per scan (``segment_s + passport_s``), during which it holds
+    ``actor_cpus`` CPUs (torch threads) and ``actor_gpus`` GPUs; ``threads`` maps each thread count the actor
+    could really use (its CPUs, at most the CPUs of the machine it ran on) to the mean actor seconds and the
+    number of scans at that count. ``task_seconds``: the fetch (download, decode) and write tasks, each one
+    single-threaded CPU task (``read_s`` + the writer's time, ``total_s`` less the other stages).
+    """
 
     summaries: tuple[str, ...]
     scans_ok: int
     seconds_per_scan: float
     segment_seconds: float
-    mask_bytes: float | None
-    passport_bytes: float | None
-    objects_per_scan: float
+    actor_seconds: float
+    task_seconds: float
+    actor_cpus: float
+    actor_gpus: float
+    node_cpus: int | None
+    threads: dict[str, tuple[float, int]]
+    cpu_seconds_per_scan: float  # as measured: actor threads x actor seconds + task seconds
+    gpu_seconds_per_scan: float  # actor GPUs x actor seconds
+    objects_per_scan: float | None
+    bytes_per_scan: float | None
+    large_objects_per_scan: float | None
+    large_bytes_per_scan: float | None
+    store_item_bytes: float | None
+    store_index_bytes: float | None
+
+    def work_seconds(self, at_2: float) -> float:
+        """One-thread-equivalent CPU-seconds per scan: what a single fully efficient core would take."""
+        actor = sum(n * float(k) * t * efficiency(float(k), at_2) for k, (t, n) in self.threads.items()) / self.scans_ok
+        return actor + self.task_seconds
 
 
-def _size(uri: str) -> int | None:
-    from botocore.exceptions import ClientError
-
-    from ray_app import storage
-
-    try:
-        loc = storage.parse_uri(uri)
-        if loc.scheme == "local":
-            return os.path.getsize(loc.path)
-        return storage.client("s3").head_object(Bucket=loc.bucket, Key=loc.key)["ContentLength"]
-    except (OSError, ClientError, storage.UnsupportedUri):  # e.g. deleted since the job ran: not sized
-        return None
-
-
-def _mean(values: list[float]) -> float | None:
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 
-def measure(summary_uris: list[str]) -> Measured:
-    """Read job summaries (Parquet, local or s3://) and size the masks and passports they name."""
+def measure(summary_uris: list[str], actor_cpus: float | None = None) -> Measured:
+    """Read job summaries (Parquet, local or s3://). ``actor_cpus`` stands in for a summary written before the
+    batch job recorded what its actors had (then the machine's CPUs are taken to be at least that)."""
     from ray_app.sinks import read_summary
 
     rows = [row for uri in summary_uris for row in read_summary(uri)]
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("total_s") is not None]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("total_s") is not None
+          and r.get("segment_s") is not None]
     if not ok:
         raise CostInputError(f"no successful scans with timings in {', '.join(summary_uris)}")
-    masks = [s for s in (_size(r["mask_uri"]) for r in ok[:MAX_SIZED_OBJECTS] if r.get("mask_uri")) if s]
-    passports = [s for s in (_size(r["passport_uri"]) for r in ok[:MAX_SIZED_OBJECTS] if r.get("passport_uri")) if s]
+    threads: dict[str, list[float]] = {}
+    cpu_s, gpu_s, actor_s, task_s = [], [], [], []
+    for r in ok:
+        cpus = r.get("actor_cpus") if r.get("actor_cpus") is not None else actor_cpus
+        if cpus is None:
+            raise CostInputError("the summary does not say how many CPUs the segmentation actor had (written before "
+                                 "the batch job recorded it): pass --measured-actor-cpus N")
+        node = r.get("node_cpus") or cpus
+        used = max(1.0, min(float(cpus), float(node)))  # torch threads beyond the machine's CPUs add nothing
+        actor = r["segment_s"] + (r.get("passport_s") or 0.0)
+        tasks = (r.get("read_s") or 0.0) + max(0.0, r["total_s"] - (r.get("read_s") or 0.0) - actor)
+        threads.setdefault(f"{used:g}", []).append(actor)
+        actor_s.append(actor)
+        task_s.append(tasks)
+        cpu_s.append(used * actor + tasks)
+        gpu_s.append((r.get("actor_gpus") or 0.0) * actor)
     return Measured(
         summaries=tuple(summary_uris),
         scans_ok=len(ok),
         seconds_per_scan=_mean([r["total_s"] for r in ok]),
-        segment_seconds=_mean([r["segment_s"] for r in ok if r.get("segment_s") is not None]) or 0.0,
-        mask_bytes=_mean(masks),
-        passport_bytes=_mean(passports),
-        objects_per_scan=_mean([sum(1 for k in ("mask_uri", "passport_uri") if r.get(k)) for r in ok]),
+        segment_seconds=_mean([r["segment_s"] for r in ok]),
+        actor_seconds=_mean(actor_s),
+        task_seconds=_mean(task_s),
+        actor_cpus=_mean([r.get("actor_cpus") if r.get("actor_cpus") is not None else actor_cpus for r in ok]),
+        actor_gpus=_mean([r.get("actor_gpus") or 0.0 for r in ok]),
+        node_cpus=min((r["node_cpus"] for r in ok if r.get("node_cpus")), default=None),
+        threads={k: (sum(v) / len(v), len(v)) for k, v in sorted(threads.items())},
+        cpu_seconds_per_scan=_mean(cpu_s),
+        gpu_seconds_per_scan=_mean(gpu_s),
+        objects_per_scan=_mean([r.get("objects_written") for r in ok]),
+        bytes_per_scan=_mean([r.get("bytes_written") for r in ok]),
+        large_objects_per_scan=_mean([r.get("large_objects_written") for r in ok]),
+        large_bytes_per_scan=_mean([r.get("large_bytes_written") for r in ok]),
+        store_item_bytes=_mean([r.get("store_item_bytes") for r in ok]),
+        store_index_bytes=_mean([r.get("store_index_bytes") for r in ok]),
     )
 
 
@@ -116,23 +231,33 @@ def measure(summary_uris: list[str]) -> Measured:
 
 @dataclass(frozen=True)
 class Assumptions:
-    """The figures a summary cannot measure. Defaults follow ``cluster.yaml``."""
+    """The figures a summary cannot measure. Defaults follow ``cluster.yaml`` and the constants above."""
 
     scans_per_month: int
     cpu_instance: str = "c7i.4xlarge"
     gpu_instance: str = "g6.xlarge"
     head_instance: str = "m7i.xlarge"
-    cpu_actors_per_node: int = 2  # 16 vCPU, --cpus-per-actor 8
-    gpu_actors_per_node: int = 1
-    head_hours: float = HOURS_PER_MONTH  # the head is always on
-    ebs_gb_per_node: float = 150
+    cpus_per_actor: float = 8  # the production job's --cpus-per-actor (cluster.yaml: 2 actors per 16 vCPU)
+    actor_memory_gb: float = ACTOR_MEMORY_GB  # a node runs no more actors than fit in its memory
+    parallel_efficiency: float = PARALLEL_EFFICIENCY_2  # at 2 threads; Amdahl beyond
+    vcpu_yield: float = VCPU_YIELD
     jobs_per_month: int = 30
-    node_overhead_minutes: float = 10  # per job: boot and setup, then idle_timeout_minutes before scale-down
+    nodes_per_job: int | None = None  # None: enough for MIN_NODE_HOURS_PER_JOB each, within cluster.yaml
+    node_startup_minutes: float = NODE_STARTUP_MINUTES
+    head_startup_minutes: float = HEAD_STARTUP_MINUTES
+    head_teardown_minutes: float = HEAD_TEARDOWN_MINUTES
+    ebs_gb_per_node: float = 150
     retention_months: int = 12
-    egress_fraction: float = 1.0  # share of masks downloaded out of AWS once
+    egress_fraction: float = 1.0  # share of the results downloaded out of AWS once
     log_kb_per_scan: float = 10  # to CloudWatch Logs, when a log agent ships them
-    mask_mb: float | None = None  # overrides the measured mask size
-    passport_kb: float | None = None  # overrides the measured passport size
+    mask_mb: float | None = None  # for a summary without bytes_written: the mask's size
+    passport_kb: float | None = None  # ... and the passport's
+    item_kb: float | None = None  # for a summary without store_item_bytes: the DynamoDB item's size
+    # The always-on endpoint, a deployment of its own.
+    serve_head_instance: str = "m7i.large"
+    serve_requests_per_month: int = 1000
+    serve_scale_ups_per_month: int = 30  # replicas come up from zero about once a day
+    serve_idle_minutes: float = 5  # a replica node stays this long after its last request (idle_timeout_minutes)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -157,15 +282,23 @@ class CostReport:
     measured: Measured
     gpu_measured: Measured | None
     prices: dict
-    compute: dict[str, LineItem | None]  # alternatives: one of them runs the scans
+    compute: dict[str, LineItem | None]  # alternatives: the worker node-hours of one of them run the scans
+    head: dict[str, LineItem | None]  # the batch head's hours, which follow that alternative's job hours
     shared: list[LineItem]  # paid whichever compute runs them
+    serve: list[LineItem]  # the always-on endpoint: its own deployment, its own total
+    plan: dict[str, dict] = field(default_factory=dict)  # per alternative: nodes per job, job hours, ...
 
     def per_1k(self, usd: float) -> float:
         return usd / self.assumptions.scans_per_month * 1000
 
     def total(self, option: str) -> float | None:
-        line = self.compute[option]
-        return None if line is None else line.monthly_usd + sum(s.monthly_usd for s in self.shared)
+        line, head = self.compute[option], self.head[option]
+        if line is None:
+            return None
+        return line.monthly_usd + head.monthly_usd + sum(s.monthly_usd for s in self.shared)
+
+    def serve_total(self) -> float:
+        return sum(s.monthly_usd for s in self.serve)
 
 
 def _node_hour_price(prices: dict, table: str, instance: str, a: Assumptions) -> float:
@@ -173,128 +306,301 @@ def _node_hour_price(prices: dict, table: str, instance: str, a: Assumptions) ->
     return _price(prices, table, instance) + a.ebs_gb_per_node * prices["ebs_gp3_per_gb_month"] / HOURS_PER_MONTH
 
 
-def _compute_line(label: str, m: Measured | None, instance: str, actors: int, table: str, prices: dict,
-                  a: Assumptions) -> LineItem | None:
-    if m is None:
-        return None
-    scan_hours = a.scans_per_month * m.seconds_per_scan / 3600 / actors
-    overhead_hours = a.jobs_per_month * a.node_overhead_minutes / 60
+def _plan(kind: str, scan_node_hours: float, a: Assumptions) -> dict:
+    """Nodes per job and the job's hours, from the month's node-hours of scan work."""
+    per_job = scan_node_hours / a.jobs_per_month
+    max_workers, source = cluster_max_workers(kind)
+    if a.nodes_per_job is not None:
+        nodes, why = a.nodes_per_job, "given"
+    else:
+        nodes = min(max_workers, max(1, math.ceil(per_job / MIN_NODE_HOURS_PER_JOB)))
+        why = f"each busy >= {MIN_NODE_HOURS_PER_JOB:g} h, at most {max_workers} ({source})"
+    scan_hours = per_job / nodes
+    job_hours = (a.head_startup_minutes + a.node_startup_minutes + a.head_teardown_minutes) / 60 + scan_hours
+    return {"nodes_per_job": nodes, "nodes_basis": why, "scan_node_hours_per_job": per_job,
+            "scan_hours_per_job": scan_hours, "job_hours": job_hours}
+
+
+def _nodes(plan: dict) -> str:
+    n = plan["nodes_per_job"]
+    return f"{n} node{'s' if n != 1 else ''}"
+
+
+def _cpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions) -> tuple[LineItem, dict]:
+    vcpus = _price(prices, "instance_vcpus", a.cpu_instance)
+    e_target = efficiency(a.cpus_per_actor, a.parallel_efficiency)
+    work = m.work_seconds(a.parallel_efficiency)
+    actor_work = work - m.task_seconds
+    # Per scan on the target node: the actor's work at the target's thread count, the tasks single-threaded...
+    node_seconds = (actor_work / e_target + m.task_seconds) / (vcpus * a.vcpu_yield)
+    # ... unless the actors that fill its vCPUs do not fit in its memory: then fewer actors run, and each
+    # scan takes its actor's wall time over the actors that fit.
+    memory = _price(prices, "instance_memory_gib", a.cpu_instance)
+    fit = math.floor(memory * MEMORY_USABLE / a.actor_memory_gb)
+    wanted = max(1, math.floor(vcpus / a.cpus_per_actor))
+    if fit < 1:
+        raise CostInputError(f"a {a.actor_memory_gb:g} GB actor does not fit in a {a.cpu_instance} ({memory:g} GiB)")
+    memory_note = ""
+    if fit < wanted:
+        threads = min(a.cpus_per_actor, vcpus)
+        node_seconds = max(node_seconds, actor_work / (threads * e_target * a.vcpu_yield) / fit)
+        memory_note = f" (memory: {fit} of {wanted} actors fit at {a.actor_memory_gb:g} GB)"
+    scan_node_hours = a.scans_per_month * node_seconds / 3600
+    plan = _plan("cpu", scan_node_hours, a)
+    startup = plan["nodes_per_job"] * a.jobs_per_month * a.node_startup_minutes / 60
+    measured_at = ", ".join(f"{k} thread{'s' if k != '1' else ''} x {t:.1f} s" for k, (t, _) in m.threads.items())
+    line = LineItem(
+        f"compute: {label} {a.cpu_instance}", scan_node_hours + startup, "node-h",
+        _node_hour_price(prices, table, a.cpu_instance, a),
+        f"{m.cpu_seconds_per_scan:.1f} CPU-s/scan measured (actor {measured_at}, tasks {m.task_seconds:.1f} s)"
+        f" = {work:.1f} 1-thread-s; on {vcpus:g} vCPU x {a.vcpu_yield:g} yield, {a.cpus_per_actor:g}-thread actors"
+        f" at {e_target:.2f} efficiency{memory_note}: {node_seconds:.2f} node-s/scan; + {_nodes(plan)} x"
+        f" {a.jobs_per_month} jobs x {a.node_startup_minutes:g} min start-up; price incl. {a.ebs_gb_per_node:g} GB gp3")
+    return line, plan
+
+
+def _gpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions) -> tuple[LineItem, dict]:
+    gpus = _price(prices, "instance_gpus", a.gpu_instance)
+    vcpus = _price(prices, "instance_vcpus", a.gpu_instance)
+    if m.gpu_seconds_per_scan <= 0:
+        raise CostInputError("the GPU summary's actors had no GPU (actor_gpus 0): is it a CPU run?")
+    gpu_bound = m.gpu_seconds_per_scan / gpus
+    cpu_bound = m.task_seconds / (vcpus * a.vcpu_yield)  # the fetch and write tasks beside, on its vCPUs
+    node_seconds = max(gpu_bound, cpu_bound)
+    scan_node_hours = a.scans_per_month * node_seconds / 3600
+    plan = _plan("gpu", scan_node_hours, a)
+    startup = plan["nodes_per_job"] * a.jobs_per_month * a.node_startup_minutes / 60
+    line = LineItem(
+        f"compute: {label} {a.gpu_instance}", scan_node_hours + startup, "node-h",
+        _node_hour_price(prices, table, a.gpu_instance, a),
+        f"{m.gpu_seconds_per_scan:.1f} GPU-s/scan measured ({m.actor_gpus:g} GPU x {m.actor_seconds:.1f} s) on"
+        f" {gpus:g} GPU/node; tasks {m.task_seconds:.1f} CPU-s beside it on {vcpus:g} vCPU"
+        f"{' (the bound)' if cpu_bound > gpu_bound else ''}; + {_nodes(plan)} x {a.jobs_per_month}"
+        f" jobs x {a.node_startup_minutes:g} min start-up; price incl. {a.ebs_gb_per_node:g} GB gp3")
+    return line, plan
+
+
+def _head_line(plan: dict, prices: dict, a: Assumptions) -> LineItem:
+    per_job_overhead = a.head_startup_minutes + a.node_startup_minutes + a.head_teardown_minutes
     return LineItem(
-        f"compute: {label} {instance}", scan_hours + overhead_hours, "node-h",
-        _node_hour_price(prices, table, instance, a),
-        f"{a.scans_per_month} scans x {m.seconds_per_scan:.1f} s / {actors} actors per node"
-        f" + {a.jobs_per_month} jobs x {a.node_overhead_minutes:g} min; price incl. {a.ebs_gb_per_node:g} GB gp3")
+        f"batch head: on-demand {a.head_instance}", a.jobs_per_month * plan["job_hours"], "h",
+        _node_hour_price(prices, "ec2_on_demand_per_hour", a.head_instance, a),
+        f"job-scoped: {a.jobs_per_month} jobs x ({plan['scan_hours_per_job']:.2f} h of scans on"
+        f" {_nodes(plan)} + {per_job_overhead:g} min: head start-up {a.head_startup_minutes:g},"
+        f" workers' {a.node_startup_minutes:g}, teardown {a.head_teardown_minutes:g}); incl. its gp3 volume")
+
+
+def _serve_lines(m: Measured, prices: dict, a: Assumptions) -> list[LineItem]:
+    vcpus = _price(prices, "instance_vcpus", a.cpu_instance)
+    e_target = efficiency(a.cpus_per_actor, a.parallel_efficiency)
+    actor_work = m.work_seconds(a.parallel_efficiency) - m.task_seconds
+    # A request is fetched, segmented and answered inside the replica: all of it at the replica's threads.
+    node_seconds = (actor_work + m.task_seconds) / e_target / (vcpus * a.vcpu_yield)
+    idle_hours = a.serve_scale_ups_per_month * (a.node_startup_minutes + a.serve_idle_minutes) / 60
+    return [
+        LineItem(f"serve head: on-demand {a.serve_head_instance}", HOURS_PER_MONTH, "h",
+                 _node_hour_price(prices, "ec2_on_demand_per_hour", a.serve_head_instance, a),
+                 "always on (Serve's proxy and controller, no replicas); incl. its gp3 volume"),
+        LineItem(f"serve replicas: Spot {a.cpu_instance}",
+                 a.serve_requests_per_month * node_seconds / 3600 + idle_hours, "node-h",
+                 _node_hour_price(prices, "ec2_spot_per_hour", a.cpu_instance, a),
+                 f"{a.serve_requests_per_month:,} requests (assumed) x {node_seconds:.2f} node-s (the batch job's"
+                 f" per-scan work at {a.cpus_per_actor:g} threads) + {a.serve_scale_ups_per_month} scale-ups from zero"
+                 f" x ({a.node_startup_minutes:g} min start-up + {a.serve_idle_minutes:g} min idle)"),
+    ]
+
+
+def _sizes(m: Measured, a: Assumptions) -> tuple[dict, str]:
+    """Per scan: objects and bytes written (large ones apart) and the DynamoDB item sizes."""
+    from ray_app.sinks import LARGE_OBJECT_BYTES
+
+    if a.mask_mb is not None or a.passport_kb is not None:
+        if a.mask_mb is None or a.passport_kb is None:
+            raise CostInputError("give both --mask-mb and --passport-kb, or neither")
+        mask, passport = a.mask_mb * 1024**2, a.passport_kb * 1024
+        large = [x for x in (mask, passport) if x > LARGE_OBJECT_BYTES]
+        s = {"objects": 2, "bytes": mask + passport, "large_objects": len(large), "large_bytes": sum(large)}
+        basis = f"given: mask {a.mask_mb:g} MB + passport {a.passport_kb:g} KB"
+    elif m.bytes_per_scan is None:
+        raise CostInputError("the summary does not record the objects written per scan (written before the batch "
+                             "job counted them): re-run with this version, or pass --mask-mb and --passport-kb")
+    else:
+        s = {"objects": m.objects_per_scan, "bytes": m.bytes_per_scan, "large_objects": m.large_objects_per_scan,
+             "large_bytes": m.large_bytes_per_scan}
+        basis = (f"measured {m.objects_per_scan:.2f} objects, {m.bytes_per_scan / 1024**2:.2f} MB per scan"
+                 f" ({m.large_bytes_per_scan / 1024**2:.2f} MB in {m.large_objects_per_scan:.2f} objects over"
+                 f" {LARGE_OBJECT_BYTES // 1024} KiB)")
+    if a.item_kb is not None:
+        s["item"], s["index_item"] = a.item_kb * 1024, m.store_index_bytes or 100
+    elif m.store_item_bytes is None:
+        raise CostInputError("the summary does not record the DynamoDB item size (written before the batch job "
+                             "measured it): re-run with this version, or pass --item-kb")
+    else:
+        s["item"], s["index_item"] = m.store_item_bytes, m.store_index_bytes
+    return s, basis
 
 
 def estimate(measured: Measured, assumptions: Assumptions, prices: dict,
              gpu_measured: Measured | None = None) -> CostReport:
     """All line items for ``assumptions.scans_per_month``."""
     a, p, n = assumptions, prices, assumptions.scans_per_month
-    if n <= 0 or a.cpu_actors_per_node <= 0 or a.gpu_actors_per_node <= 0 or a.retention_months < 1:
-        raise CostInputError("scans per month and actors per node must be positive, retention at least 1 month")
-    mask_bytes = a.mask_mb * 1024**2 if a.mask_mb is not None else measured.mask_bytes
-    passport_bytes = a.passport_kb * 1024 if a.passport_kb is not None else measured.passport_bytes
-    if mask_bytes is None:
-        raise CostInputError("mask size unknown: the summary names no readable masks; pass --mask-mb")
-    if passport_bytes is None:
-        raise CostInputError("passport size unknown: the summary names no readable passports; pass --passport-kb")
-    mask_gb, passport_gb = mask_bytes / GB, passport_bytes / GB
-    item_kb = math.ceil(passport_bytes / 1024)  # DynamoDB bills writes per started KB, reads per started 4 KB
+    if (n <= 0 or a.jobs_per_month <= 0 or a.retention_months < 1 or a.cpus_per_actor <= 0
+            or not 0 < a.vcpu_yield <= 1 or (a.nodes_per_job is not None and a.nodes_per_job <= 0)):
+        raise CostInputError("scans and jobs per month, CPUs per actor and nodes per job must be positive, retention "
+                             "at least 1 month, vCPU yield in (0, 1]")
+    sizes, size_basis = _sizes(measured, a)
+    large_gb, small_gb = sizes["large_bytes"] / GB, (sizes["bytes"] - sizes["large_bytes"]) / GB
+    item_kb = math.ceil(sizes["item"] / 1024)  # DynamoDB bills writes per started KB, reads per started 4 KB
+    index_kb = math.ceil(sizes["index_item"] / 1024)
     retention = a.retention_months
-    size_basis = "measured" if a.mask_mb is None else "given"
 
-    compute = {
-        "Spot CPU": _compute_line("Spot", measured, a.cpu_instance, a.cpu_actors_per_node, "ec2_spot_per_hour", p, a),
-        "on-demand CPU": _compute_line("on-demand", measured, a.cpu_instance, a.cpu_actors_per_node,
-                                       "ec2_on_demand_per_hour", p, a),
-        "Spot GPU": _compute_line("Spot", gpu_measured, a.gpu_instance, a.gpu_actors_per_node, "ec2_spot_per_hour",
-                                  p, a),
-        "on-demand GPU": _compute_line("on-demand", gpu_measured, a.gpu_instance, a.gpu_actors_per_node,
-                                       "ec2_on_demand_per_hour", p, a),
+    compute: dict[str, LineItem | None] = {}
+    head: dict[str, LineItem | None] = {}
+    plan: dict[str, dict] = {}
+    alternatives = {
+        "Spot CPU": (_cpu_lines, "Spot", "ec2_spot_per_hour", measured),
+        "on-demand CPU": (_cpu_lines, "on-demand", "ec2_on_demand_per_hour", measured),
+        "Spot GPU": (_gpu_lines, "Spot", "ec2_spot_per_hour", gpu_measured),
+        "on-demand GPU": (_gpu_lines, "on-demand", "ec2_on_demand_per_hour", gpu_measured),
     }
+    for option, (lines, label, table, m) in alternatives.items():
+        if m is None:
+            compute[option] = head[option] = None
+            continue
+        compute[option], plan[option] = lines(label, table, m, p, a)
+        head[option] = _head_line(plan[option], p, a)
+
     shared = [
-        LineItem(f"head node: on-demand {a.head_instance}", a.head_hours, "h",
-                 _node_hour_price(p, "ec2_on_demand_per_hour", a.head_instance, a), "always on, incl. its gp3 volume"),
-        LineItem("S3 Standard: newest month's masks + all passports", n * (mask_gb + retention * passport_gb),
-                 "GB-month", p["s3_standard_per_gb_month"],
-                 f"{size_basis} mask {mask_bytes / 1024**2:.2f} MB, passport {passport_bytes / 1024:.1f} KB;"
-                 f" {retention} months kept"),
-        LineItem("S3 Glacier IR: older masks", n * mask_gb * (retention - 1), "GB-month",
-                 p["s3_glacier_ir_per_gb_month"], f"lifecycle rule after 30 days; {retention - 1} months' masks"),
-        LineItem("S3 PUT: results", n * measured.objects_per_scan / 1000, "1k requests", p["s3_put_per_1000"],
-                 f"measured {measured.objects_per_scan:.1f} objects per scan"),
+        LineItem("S3 Standard: new large + all small objects", n * (large_gb + retention * small_gb),
+                 "GB-month", p["s3_standard_per_gb_month"], f"{size_basis}; {retention} months kept"),
+        LineItem("S3 Glacier IR: older large objects", n * large_gb * (retention - 1), "GB-month",
+                 p["s3_glacier_ir_per_gb_month"], f"lifecycle rule after 30 days; {retention - 1} months' worth"),
+        LineItem("S3 PUT: results", n * sizes["objects"] / 1000, "1k requests", p["s3_put_per_1000"],
+                 f"{sizes['objects']:.2f} objects written per scan"),
         LineItem("S3 GET: inputs", n * 2 / 1000, "1k requests", p["s3_get_per_1000"], "HEAD + GET per scan"),
-        LineItem("S3 lifecycle transitions", n / 1000, "1k requests", p["s3_glacier_ir_transition_per_1000"],
-                 "one mask per scan"),
-        LineItem("DynamoDB writes (table + job index)", n * 2 * item_kb / 1e6, "M write units",
-                 p["dynamodb_write_per_million"], f"{item_kb} KB passport item, written to the table and its GSI"),
-        LineItem("DynamoDB reads (resume check)", n * math.ceil(item_kb / 4) / 1e6, "M read units",
+        LineItem("S3 lifecycle transitions", n * sizes["large_objects"] / 1000, "1k requests",
+                 p["s3_glacier_ir_transition_per_1000"], f"{sizes['large_objects']:.2f} large objects per scan"),
+        LineItem("DynamoDB writes (table + job index)", n * (item_kb + index_kb) / 1e6, "M write units",
+                 p["dynamodb_write_per_million"],
+                 f"{sizes['item']:.0f} B compact item ({item_kb} units) + {sizes['index_item']:.0f} B index copy"
+                 f" ({index_kb})"),
+        LineItem("DynamoDB reads (resume check)", n * math.ceil(sizes["item"] / 4096) / 1e6, "M read units",
                  p["dynamodb_read_per_million"], "one strongly consistent GetItem per scan"),
-        LineItem("DynamoDB storage", n * retention * 2 * item_kb * 1024 / GB, "GB-month",
-                 p["dynamodb_storage_per_gb_month"], f"table + GSI copy, {retention} months kept"),
-        LineItem("egress to the internet", n * mask_gb * a.egress_fraction, "GB", p["egress_internet_per_gb"],
-                 f"{a.egress_fraction:g} of masks downloaded once (assumed)"),
+        LineItem("DynamoDB storage", n * retention * (sizes["item"] + sizes["index_item"] + 200) / GB, "GB-month",
+                 p["dynamodb_storage_per_gb_month"], f"item + index copy + 100 B overhead each, {retention} months"),
+        LineItem("egress to the internet", n * (large_gb + small_gb) * a.egress_fraction, "GB",
+                 p["egress_internet_per_gb"], f"{a.egress_fraction:g} of the results downloaded once (assumed)"),
         LineItem("CloudWatch Logs ingestion", n * a.log_kb_per_scan * 1024 / GB, "GB",
                  p["cloudwatch_logs_ingest_per_gb"], f"{a.log_kb_per_scan:g} KB per scan (assumed)"),
         LineItem("CloudWatch Logs storage", n * a.log_kb_per_scan * 1024 / GB * retention, "GB-month",
                  p["cloudwatch_logs_storage_per_gb_month"], f"{retention} months kept"),
     ]
-    return CostReport(a, measured, gpu_measured, prices, compute, shared)
+    return CostReport(a, measured, gpu_measured, prices, compute, head, shared, _serve_lines(measured, p, a), plan)
+
+
+def estimate_at(volumes: list[int], measured: Measured, assumptions: Assumptions, prices: dict,
+                gpu_measured: Measured | None = None) -> list[CostReport]:
+    """One report per monthly volume, all else equal."""
+    return [estimate(measured, dataclasses.replace(assumptions, scans_per_month=v), prices, gpu_measured)
+            for v in volumes]
 
 
 # ------------------------------------------------------------------------------------------------ output
 
 
-def _row(line: LineItem, report: CostReport) -> str:
-    qty = f"{line.quantity:,.3f} {line.unit}"
-    return (f"{line.item:<44} {qty:>22} {'$' + format(line.unit_price, '.5g'):>10} "
-            f"{line.monthly_usd:>12,.2f} {report.per_1k(line.monthly_usd):>10,.3f}  {line.basis}")
+def _volume(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else f"{n:,}"
 
 
-def format_report(report: CostReport) -> str:
-    """The table a user reads: compute alternatives, shared lines, then one total per alternative."""
-    a, m, p = report.assumptions, report.measured, report.prices
-    head = f"{'line item':<44} {'quantity':>22} {'price':>10} {'USD/month':>12} {'per 1k':>10}  basis"
+def format_report(reports: CostReport | list[CostReport]) -> str:
+    """The table a user reads: one column pair (quantity, USD/month) per monthly volume; compute alternatives
+    with the batch head their job hours need, the shared lines, the batch totals, then the Serve endpoint."""
+    reports = [reports] if isinstance(reports, CostReport) else reports
+    first = reports[0]
+    a, m, p = first.assumptions, first.measured, first.prices
+    cols = "".join(f" {'quantity @' + _volume(r.assumptions.scans_per_month):>27} "
+                   f"{'USD @' + _volume(r.assumptions.scans_per_month):>10}" for r in reports)
+    head = f"{'line item':<44} {'price':>10}{cols}  basis (at {_volume(a.scans_per_month)}/month)"
+    rule = "-" * len(head)
+    threads = ", ".join(f"{k} thread{'s' if k != '1' else ''}: {t:.1f} s x {n}" for k, (t, n) in m.threads.items())
     out = [
-        f"Cost estimate: {a.scans_per_month:,} scans/month, {p.get('region', '?')}, prices taken {p.get('taken', '?')}",
-        (f"measured: {m.scans_ok} ok scans in {', '.join(m.summaries)}: {m.seconds_per_scan:.1f} s/scan total"
-         f" ({m.segment_seconds:.1f} s segmentation)"),
+        (f"Cost estimate, scans/month: {', '.join(f'{r.assumptions.scans_per_month:,}' for r in reports)};"
+         f" {p.get('region', '?')}, prices taken {p.get('taken', '?')}"),
+        (f"measured: {m.scans_ok} ok scans in {', '.join(m.summaries)}: actor {m.actor_seconds:.1f} s/scan"
+         f" ({threads}; node CPUs {m.node_cpus}), fetch + write tasks {m.task_seconds:.1f} s"
+         f" -> {m.cpu_seconds_per_scan:.1f} CPU-s/scan"),
+        (f"assumed: parallel efficiency {a.parallel_efficiency:g} at 2 threads (measured: a whole CT 0.82-0.84), Amdahl beyond:"
+         f" {efficiency(a.cpus_per_actor, a.parallel_efficiency):.2f} at {a.cpus_per_actor:g}; vCPU yield"
+         f" {a.vcpu_yield:g}; {a.jobs_per_month} jobs/month; start-up: head {a.head_startup_minutes:g} min, node"
+         f" {a.node_startup_minutes:g} min; teardown {a.head_teardown_minutes:g} min (not measurable here);"
+         f" {a.actor_memory_gb:g} GB per actor"),
     ]
-    g = report.gpu_measured
+    g = first.gpu_measured
     if g is not None:
-        out.append(f"measured (GPU): {g.scans_ok} ok scans in {', '.join(g.summaries)}:"
-                   f" {g.seconds_per_scan:.1f} s/scan")
-    out += ["", head, "-" * len(head)]
-    for option, line in report.compute.items():
-        out.append(_row(line, report) if line else f"compute: {option:<35} not measured (pass a summary of such a run)")
-    out.append("-" * len(head))
-    out += [_row(line, report) for line in report.shared]
-    out.append("-" * len(head))
-    for option in report.compute:
-        total = report.total(option)
-        if total is not None:
-            out.append(f"{'total with ' + option:<44} {'':>22} {'':>10} {total:>12,.2f} {report.per_1k(total):>10,.3f}")
+        out.append(f"measured (GPU): {g.scans_ok} ok scans in {', '.join(g.summaries)}: {g.gpu_seconds_per_scan:.1f}"
+                   f" GPU-s/scan")
+
+    def row(lines: list[LineItem | None]) -> str:
+        line = next(x for x in lines if x is not None)
+        cells = "".join(f" {x.quantity:>13,.2f} {x.unit:<13} {x.monthly_usd:>10,.2f}" for x in lines)
+        return f"{line.item[:44]:<44} {'$' + format(line.unit_price, '.4g'):>10}{cells}  {line.basis}"
+
+    def total_row(label: str, totals: list[float]) -> str:
+        cells = "".join(f" {'per 1k scans ' + format(r.per_1k(t), ',.3f'):>27} {t:>10,.2f}"
+                        for r, t in zip(reports, totals))
+        return f"{label:<44} {'':>10}{cells}"
+
+    out += ["", "BATCH (job-scoped cluster: head and workers exist only while a job runs)", head, rule]
+    for option in first.compute:
+        if first.compute[option] is None:
+            out.append(f"compute: {option:<35} not measured (pass a summary of such a run)")
+            continue
+        out.append(row([r.compute[option] for r in reports]))
+        out.append(row([r.head[option] for r in reports]))
+        nodes = ", ".join(f"{r.plan[option]['nodes_per_job']} @{_volume(r.assumptions.scans_per_month)}"
+                          for r in reports)
+        out.append(f"{'':<44} {'':>10}  nodes per job: {nodes} ({first.plan[option]['nodes_basis']})")
+    out.append(rule)
+    for i, line in enumerate(first.shared):
+        out.append(row([r.shared[i] for r in reports]))
+    out.append(rule)
+    for option in first.compute:
+        if first.total(option) is not None:
+            out.append(total_row(f"batch total with {option}", [r.total(option) for r in reports]))
+    out += ["", ("SERVE (always-on endpoint: small head 730 h + replicas from zero; its own deployment, not in"
+                 " the batch total)"), rule]
+    out += [row([r.serve[i] for r in reports]) for i in range(len(first.serve))]
+    out.append(f"{'serve total':<44} {'':>10}" + "".join(f" {'':>27} {r.serve_total():>10,.2f}" for r in reports))
     out.append(f"'per 1k': USD per 1,000 scans. Prices: {p.get('source', '')}")
     return "\n".join(out)
 
 
 def report_dict(report: CostReport) -> dict:
     """The same figures as JSON-ready data."""
-    def line(item: LineItem | None) -> dict | None:
+    def line(item: LineItem | None, per_scan: bool = True) -> dict | None:
         if item is None:
             return None
-        return {**asdict(item), "monthly_usd": item.monthly_usd, "per_1k_scans_usd": report.per_1k(item.monthly_usd)}
+        out = {**asdict(item), "monthly_usd": item.monthly_usd}
+        if per_scan:
+            out["per_1k_scans_usd"] = report.per_1k(item.monthly_usd)
+        return out
 
+    a = report.assumptions
     return {
-        "assumptions": asdict(report.assumptions),
+        "scans_per_month": a.scans_per_month,
+        "assumptions": {**asdict(a), "efficiency_at_cpus_per_actor": efficiency(a.cpus_per_actor,
+                                                                                a.parallel_efficiency)},
         "measured": asdict(report.measured),
         "gpu_measured": asdict(report.gpu_measured) if report.gpu_measured else None,
         "prices": {k: report.prices.get(k) for k in ("taken", "region", "currency", "source")},
         "compute": {k: line(v) for k, v in report.compute.items()},
+        "head": {k: line(v) for k, v in report.head.items()},
+        "plan": report.plan,
         "shared": [line(s) for s in report.shared],
         "totals": {k: report.total(k) for k in report.compute},
         "per_1k_scans": {k: (None if t is None else report.per_1k(t))
                          for k, t in ((k, report.total(k)) for k in report.compute)},
+        "serve": {"lines": [line(s, per_scan=False) for s in report.serve], "total": report.serve_total()},
     }
 
 
@@ -308,14 +614,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-summary", action="append", default=[], metavar="URI",
                    help="summary.parquet of a run on the GPU workers (repeatable); without it GPU is not priced")
     p.add_argument("--scans-per-month", type=int, required=True)
+    p.add_argument("--compare-scans-per-month", type=int, default=COMPARE_SCANS_PER_MONTH, metavar="N",
+                   help=f"a second column at this volume (default {COMPARE_SCANS_PER_MONTH:,}; 0: none)")
     p.add_argument("--prices", help=f"JSON overriding keys of {PRICES_FILE.name} (local or s3://)")
-    p.add_argument("--mask-mb", type=float, help="mask size instead of the measured one")
-    p.add_argument("--passport-kb", type=float, help="passport size instead of the measured one")
-    for name in ("cpu_instance", "gpu_instance", "head_instance"):
+    p.add_argument("--measured-actor-cpus", type=float,
+                   help="CPUs the measured run's actors had, for a summary that does not record it")
+    p.add_argument("--mask-mb", type=float, help="with --passport-kb: sizes for a summary without bytes_written")
+    p.add_argument("--passport-kb", type=float)
+    p.add_argument("--item-kb", type=float, help="DynamoDB item size for a summary without store_item_bytes")
+    for name in ("cpu_instance", "gpu_instance", "head_instance", "serve_head_instance"):
         p.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
-    for name in ("cpu_actors_per_node", "gpu_actors_per_node", "jobs_per_month", "retention_months"):
+    for name in ("jobs_per_month", "retention_months", "serve_requests_per_month", "serve_scale_ups_per_month"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("head_hours", "ebs_gb_per_node", "node_overhead_minutes", "egress_fraction", "log_kb_per_scan"):
+    p.add_argument("--nodes-per-job", type=int, default=None,
+                   help=f"worker nodes a job runs on (default: each busy >= {MIN_NODE_HOURS_PER_JOB:g} h, at most"
+                        " cluster.yaml's max workers)")
+    for name in ("cpus_per_actor", "actor_memory_gb", "parallel_efficiency", "vcpu_yield", "node_startup_minutes", "head_startup_minutes",
+                 "head_teardown_minutes", "ebs_gb_per_node", "egress_fraction", "log_kb_per_scan",
+                 "serve_idle_minutes"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
@@ -323,11 +639,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     fields = Assumptions.__dataclass_fields__
     assumptions = Assumptions(**{k: v for k, v in vars(args).items() if k in fields})
+    volumes = [args.scans_per_month]
+    if args.compare_scans_per_month and args.compare_scans_per_month != args.scans_per_month:
+        volumes.append(args.compare_scans_per_month)
     try:
-        report = estimate(measure(args.summary), assumptions, load_prices(args.prices),
-                          measure(args.gpu_summary) if args.gpu_summary else None)
+        measured = measure(args.summary, args.measured_actor_cpus)
+        gpu = measure(args.gpu_summary, args.measured_actor_cpus) if args.gpu_summary else None
+        reports = estimate_at(volumes, measured, assumptions, load_prices(args.prices), gpu)
     except CostInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(report_dict(report), indent=1) if args.json else format_report(report))
+    if args.json:
+        print(json.dumps({**report_dict(reports[0]), "other_volumes": [report_dict(r) for r in reports[1:]]},
+                         indent=1))
+    else:
+        print(format_report(reports))
     return 0
