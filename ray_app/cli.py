@@ -143,7 +143,29 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
     print(format_report(report))
+    if report.succeeded:
+        print(_projection(report.summary_uri))
     return report.exit_code
+
+
+PROJECTED_SCANS_PER_MONTH = 10_000
+
+
+def _projection(summary_uri: str) -> str:
+    """Every job's closing lines: what it measured, and the month on AWS priced from that (a pilot with --limit
+    prices 10,000 scans from 20); ``ray-app cost`` shows every line and assumption."""
+    from ray_app.ops import cost
+
+    try:
+        m = cost.measure([summary_uri])
+        report = cost.estimate(m, cost.Assumptions(scans_per_month=PROJECTED_SCANS_PER_MONTH), cost.load_prices())
+    except cost.CostInputError as exc:
+        return f"projection: none ({exc})"
+    return (f"measured: {m.scans_ok} scans, {m.cpu_seconds_per_scan:.1f} CPU-s each ({m.actor_cpus:g}-CPU actor "
+            f"{m.actor_seconds:.1f} s, fetch and write {m.task_seconds:.1f} s), {(m.bytes_per_scan or 0) / 1e6:.2f} "
+            f"MB written\nprojected: {PROJECTED_SCANS_PER_MONTH:,} such scans a month on AWS, job-scoped with Spot "
+            f"CPU: about ${report.total('Spot CPU'):,.2f} (every line: ray-app cost --summary {summary_uri} "
+            f"--scans-per-month {PROJECTED_SCANS_PER_MONTH})")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -248,7 +248,9 @@ def test_ray_job_submit_runs_the_batch_job_on_a_started_head(phantom_weights, ex
     assert doc["status"] == "ok" and (out / "submitted" / MODEL / "mask.nii.gz").is_file()
 
 
-def test_a_pilot_with_limit_runs_the_first_scans_and_the_full_run_then_does_the_rest(ray_cluster, tmp_path):
+def test_a_pilot_with_limit_runs_the_first_scans_prices_the_month_and_the_full_run_does_the_rest(
+        ray_cluster, tmp_path, capsys):
+    from ray_app.ops import cost
     from tests._scan_factory import small_phantom
 
     ids = ["p-0", "p-1", "p-2"]
@@ -257,8 +259,17 @@ def test_a_pilot_with_limit_runs_the_first_scans_and_the_full_run_then_does_the_
         (tmp_path / f"{sid}.nii.gz").write_bytes(small_phantom(600 + i))
         lines.append(f"{sid},{tmp_path / f'{sid}.nii.gz'}")
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
-    cfg = {"manifest": str(tmp_path / "m.csv"), "output": str(tmp_path / "out"), "max_actors": 1}
-    pilot = run_batch(BatchConfig(**cfg, job_id="pilot", limit=2))
-    assert sorted(r["scan_id"] for r in pilot.rows if r["status"] == "ok") == ["p-0", "p-1"]
-    full = run_batch(BatchConfig(**cfg, job_id="full"))
+    argv = ["batch", "--manifest", str(tmp_path / "m.csv"), "--output", str(tmp_path / "out"), "--max-actors", "1"]
+
+    assert cli.main([*argv, "--job-id", "pilot", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    summary = str(tmp_path / "out" / "_jobs" / "pilot" / "summary.parquet")
+    assert sorted(r["scan_id"] for r in read_summary(summary) if r["status"] == "ok") == ["p-0", "p-1"]
+    measured = cost.measure([summary])
+    month = cost.estimate(measured, cost.Assumptions(scans_per_month=10_000), cost.load_prices()).total("Spot CPU")
+    assert f"measured: 2 scans, {measured.cpu_seconds_per_scan:.1f} CPU-s each" in out
+    assert f"projected: 10,000 such scans a month on AWS, job-scoped with Spot CPU: about ${month:,.2f}" in out
+
+    full = run_batch(BatchConfig(manifest=str(tmp_path / "m.csv"), output=str(tmp_path / "out"), job_id="full",
+                                 max_actors=1))
     assert [r["scan_id"] for r in full.rows if r["status"] == "ok"] == ["p-2"] and sorted(full.skipped) == ids[:2]
