@@ -308,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cost", help="monthly AWS cost and cost per 1,000 scans from a finished job's summary")
     add_cost_arguments(p)
     p.set_defaults(func=cmd_cost)
+
+    from ray_app.ops import report
+
+    p = sub.add_parser("report", help="an HTML page from a job summary: statuses, stage seconds, organ volumes")
+    report.add_arguments(p)
+    p.set_defaults(func=report.run)
     return parser
 
 
