@@ -314,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="an HTML page from a job summary: statuses, stage seconds, organ volumes")
     report.add_arguments(p)
     p.set_defaults(func=report.run)
+
+    from ray_app.ops import export
+
+    p = sub.add_parser("export", help="a job's passports as one Parquet or CSV table (one row per scan)")
+    export.add_arguments(p)
+    p.set_defaults(func=export.run)
     return parser
 
 
