@@ -74,10 +74,55 @@ def test_setup_keeps_other_lifecycle_rules_and_replaces_only_its_own(s3_bucket, 
     assert sorted(r["ID"] for r in rules) == sorted(["someone-elses", aws_setup.LIFECYCLE_RULE_ID])
 
 
+def test_input_glacier_rule_is_opt_in_added_once_and_keeps_the_buckets_other_rules(moto_server):
+    suffix = uuid.uuid4().hex[:8]
+    s3 = boto3.client("s3")
+    inputs, results = f"scans-{suffix}", f"results-{suffix}"
+    s3.create_bucket(Bucket=inputs)
+    other = {"ID": "someone-elses", "Status": "Enabled", "Filter": {"Prefix": "tmp/"}, "Expiration": {"Days": 1}}
+    s3.put_bucket_lifecycle_configuration(Bucket=inputs, LifecycleConfiguration={"Rules": [other]})
+    base = ("--table", f"passports-{suffix}", "--output", f"s3://{results}/ct")
+
+    assert "input_lifecycle" not in run_setup(*base, "--input", f"s3://{inputs}/ct")  # not without the option
+    assert [r["ID"] for r in s3.get_bucket_lifecycle_configuration(Bucket=inputs)["Rules"]] == ["someone-elses"]
+
+    args = (*base, "--input", f"s3://{inputs}/ct", "--input-glacier-days", "90")
+    first, second = run_setup(*args), run_setup(*args)
+    assert first["input_lifecycle"] == second["input_lifecycle"]
+    assert {k: first["input_lifecycle"][k] for k in ("rule_id", "days", "storage_class", "prefix")} == \
+        {"rule_id": aws_setup.INPUT_LIFECYCLE_RULE_ID, "days": 90, "storage_class": "GLACIER_IR", "prefix": "ct/"}
+    rules = {r["ID"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=inputs)["Rules"]}
+    assert sorted(rules) == sorted(["someone-elses", aws_setup.INPUT_LIFECYCLE_RULE_ID])  # once, other kept
+    assert rules["someone-elses"]["Expiration"] == {"Days": 1}
+    mine = rules[aws_setup.INPUT_LIFECYCLE_RULE_ID]
+    assert mine["Transitions"] == [{"Days": 90, "StorageClass": "GLACIER_IR"}]
+    # moto 5.2 returns an And filter without its size (the rule as sent: test_lifecycle_rule_moves_only_large...)
+    assert mine["Filter"]["And"]["Prefix"] == "ct/"
+    (out_rule,) = s3.get_bucket_lifecycle_configuration(Bucket=results)["Rules"]  # the output's rule unchanged
+    assert out_rule["ID"] == aws_setup.LIFECYCLE_RULE_ID and out_rule["Transitions"][0]["Days"] == 30
+
+    # Changing N replaces the rule rather than adding a second one.
+    run_setup(*base, "--input", f"s3://{inputs}/ct", "--input-glacier-days", "120")
+    rules = {r["ID"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=inputs)["Rules"]}
+    assert len(rules) == 2 and rules[aws_setup.INPUT_LIFECYCLE_RULE_ID]["Transitions"][0]["Days"] == 120
+
+
+def test_input_glacier_rule_that_would_move_the_results_is_refused(moto_server):
+    suffix = uuid.uuid4().hex[:8]
+    args = ["--table", f"passports-{suffix}", "--output", f"s3://shared-{suffix}/data/results/",
+            "--input", f"s3://shared-{suffix}/data/", "--input-glacier-days", "30"]
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "setup_aws.py"), *args],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "would move the results as well" in proc.stderr
+    assert "shared-" + suffix not in [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
+
+
 def test_lifecycle_rule_moves_only_large_objects_under_the_prefix():
     rule = aws_setup.lifecycle_rule("ct/")
     assert rule["Filter"] == {"And": {"Prefix": "ct/", "ObjectSizeGreaterThan": 128 * 1024}}
     assert aws_setup.lifecycle_rule("")["Filter"] == {"ObjectSizeGreaterThan": 128 * 1024}
+    scans = aws_setup.lifecycle_rule("ct/", rule_id=aws_setup.INPUT_LIFECYCLE_RULE_ID, days=90)
+    assert scans["Filter"] == rule["Filter"] and scans["Transitions"] == [{"Days": 90, "StorageClass": "GLACIER_IR"}]
 
 
 # ------------------------------------------------------------------------------------------ IAM as data
