@@ -320,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a job's passports as one Parquet or CSV table (one row per scan)")
     export.add_arguments(p)
     p.set_defaults(func=export.run)
+
+    from ray_app.ops import watch
+
+    p = sub.add_parser("status", help="a job's progress from its passports: counts, error codes, rate, ETA")
+    watch.add_arguments(p)
+    p.set_defaults(func=watch.run)
     return parser
 
 
