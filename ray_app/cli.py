@@ -143,6 +143,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
     print(format_report(report))
+    from ray_app.ops.cloudwatch import publish_job
+
+    try:  # opt-in (RAY_APP_CLOUDWATCH_NAMESPACE): the failure-share alarm's numbers
+        publish_job(report.rows)
+    except Exception as exc:  # noqa: BLE001 - the job's results stand; only its metrics are missing
+        print(f"warning: CloudWatch metrics not published: {exc}", file=sys.stderr)
     return report.exit_code
 
 

@@ -127,6 +127,14 @@ def test_lifecycle_rule_moves_only_large_objects_under_the_prefix():
 
 # ------------------------------------------------------------------------------------------ IAM as data
 
+#: The SSM agent's message channels: AWS offers no resource-level permissions for them (AmazonSSMManagedInstanceCore).
+SSM_CHANNELS = ("ssmmessages:CreateControlChannel", "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",
+                "ssmmessages:OpenDataChannel", "ec2messages:AcknowledgeMessage", "ec2messages:DeleteMessage",
+                "ec2messages:FailMessage", "ec2messages:GetEndpoint", "ec2messages:GetMessages",
+                "ec2messages:SendReply")
+#: Writes that AWS allows only on "*": each bounded otherwise (a condition) or harmless outside the node itself.
+NO_RESOURCE_LEVEL = {"cloudwatch:PutMetricData", *SSM_CHANNELS}
+
 DATA_ACTIONS = {
     "s3:GetObject": {f"arn:aws:s3:::{PARAMS.input_bucket}/*"},
     "s3:ListBucket": {f"arn:aws:s3:::{PARAMS.input_bucket}"},
@@ -138,6 +146,15 @@ DATA_ACTIONS = {
     "ecr:GetAuthorizationToken": {"*"},  # ECR's login has no resource; it grants no pull by itself
     "ecr:BatchGetImage": {"arn:aws:ecr:us-east-1:123456789012:repository/ray-app"},
     "ecr:GetDownloadUrlForLayer": {"arn:aws:ecr:us-east-1:123456789012:repository/ray-app"},
+    # The CloudWatch agent (deploy/cloudwatch/agent.json): this cluster's log groups, its config as Ray stores it.
+    **{f"logs:{a}": {"arn:aws:logs:us-east-1:123456789012:log-group:/ray-app/ray-app/*"}
+       for a in ("CreateLogGroup", "CreateLogStream", "PutLogEvents", "DescribeLogStreams", "PutRetentionPolicy")},
+    "cloudwatch:PutMetricData": {"*"},  # no resource-level permission; limited to two namespaces by a condition
+    "ssm:GetParameter": {"arn:aws:ssm:us-east-1:123456789012:parameter/AmazonCloudWatch-ray_*_config_ray-app"},
+    "ec2:DescribeTags": {"*"},
+    # Managed by SSM, so Ray's launcher can run the agent's own document on the node.
+    "ssm:UpdateInstanceInformation": {"arn:aws:ec2:us-east-1:123456789012:instance/*"},
+    **{a: {"*"} for a in SSM_CHANNELS},
 }
 READ_ONLY_PREFIXES = ("Describe", "Get", "List")
 
@@ -169,14 +186,19 @@ def test_no_wildcard_actions_and_no_wildcard_resources_for_writes(name):
     assert policy["Version"] == "2012-10-17"
     for action, resources in grants(policy).items():
         assert "*" not in action, action
-        if not action.split(":")[1].startswith(READ_ONLY_PREFIXES):
+        if not action.split(":")[1].startswith(READ_ONLY_PREFIXES) and action not in NO_RESOURCE_LEVEL:
             assert "*" not in resources, f"{action} may write anywhere"
 
 
 def test_data_policy_grants_only_the_listed_actions_on_the_listed_resources():
     policy = aws_setup.render_policy(aws_setup.DATA_POLICY, **PARAMS.template_values())
     assert grants(policy) == DATA_ACTIONS
-    assert all("Condition" not in st for st in policy["Statement"])
+    conditioned = [st for st in policy["Statement"] if "Condition" in st]
+    assert [st["Action"] for st in conditioned] == [["cloudwatch:PutMetricData"]]
+    from ray_app.ops import cloudwatch  # the job's namespace and the agent's (deploy/cloudwatch/agent.json)
+    agent = json.loads((REPO / "deploy" / "cloudwatch" / "agent.json").read_text())
+    assert conditioned[0]["Condition"] == {"StringEquals": {"cloudwatch:namespace": [
+        cloudwatch.DEFAULT_NAMESPACE, agent["metrics"]["namespace"]]}}
 
 
 def test_head_policy_only_manages_this_clusters_workers():
@@ -186,7 +208,13 @@ def test_head_policy_only_manages_this_clusters_workers():
     # the nodes (the dead-man's switch runs it there).
     assert set(granted) == {"ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeSubnets",
                             "ec2:DescribeSecurityGroups", "ec2:RunInstances",
-                            "ec2:CreateTags", "ec2:TerminateInstances", "iam:PassRole", "ssm:GetParameters"}
+                            "ec2:CreateTags", "ec2:TerminateInstances", "iam:PassRole", "ssm:GetParameters",
+                            # Ray's launcher sets up CloudWatch on the workers the head starts (cluster.yaml)
+                            "ssm:SendCommand", "ssm:ListCommandInvocations", "ec2:DescribeInstanceStatus",
+                            "cloudwatch:PutMetricAlarm"}
+    assert granted["cloudwatch:PutMetricAlarm"] == {"arn:aws:cloudwatch:us-east-1:123456789012:alarm:ray-app-*"}
+    assert granted["ssm:SendCommand"] == {"arn:aws:ec2:us-east-1:123456789012:instance/*",
+                                          "arn:aws:ssm:us-east-1::document/AmazonCloudWatch-ManageAgent"}
     assert granted["iam:PassRole"] == {f"arn:aws:iam::123456789012:role/{aws_setup.WORKER_ROLE}"}
     by_sid = {st["Sid"]: st for st in policy["Statement"]}
     terminate = by_sid["RetagAndTerminateOwnNodes"]

@@ -1,0 +1,48 @@
+"""The batch job's outcome as CloudWatch metrics, for the dashboard and the failure-share alarm in
+``deploy/cloudwatch/`` (which Ray's launcher puts from ``cluster.yaml``'s ``provider.cloudwatch``).
+
+Opt-in: a job publishes only when ``RAY_APP_CLOUDWATCH_NAMESPACE`` is set (``ray-app cluster run`` carries the
+operator's ``RAY_APP_*`` variables to the job), so local runs and tests never call CloudWatch. One
+``PutMetricData`` per job, after the summary is written:
+
+* ``ScansSucceeded`` and ``ScansFailed`` (Count, no dimensions: what the alarm divides), and
+* ``ScansFailedByCode`` with an ``ErrorCode`` dimension, one datum per code (the dashboard's breakdown). A name
+  of its own, so no statistic of ``ScansFailed`` can ever add the breakdown to the total (moto's does).
+
+Only counts and error codes leave the job: no scan ids, no paths.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+ENV_NAMESPACE = "RAY_APP_CLOUDWATCH_NAMESPACE"
+DEFAULT_NAMESPACE = "ray-app"
+SUCCEEDED = "ScansSucceeded"
+FAILED = "ScansFailed"
+FAILED_BY_CODE = "ScansFailedByCode"
+ERROR_CODE = "ErrorCode"
+METRIC_NAMES = (SUCCEEDED, FAILED, FAILED_BY_CODE)
+
+
+def job_metric_data(rows: list[dict]) -> list[dict]:
+    """The ``MetricData`` of one job from its summary rows (``status``, ``error_code``)."""
+    ok = sum(1 for r in rows if r.get("status") == "ok")
+    codes = Counter(r.get("error_code") or "unknown" for r in rows if r.get("status") in ("failed", "rejected"))
+    data = [{"MetricName": SUCCEEDED, "Value": float(ok), "Unit": "Count"},
+            {"MetricName": FAILED, "Value": float(sum(codes.values())), "Unit": "Count"}]
+    data += [{"MetricName": FAILED_BY_CODE, "Dimensions": [{"Name": ERROR_CODE, "Value": code}], "Value": float(n),
+              "Unit": "Count"} for code, n in sorted(codes.items())]
+    return data
+
+
+def publish_job(rows: list[dict], namespace: str | None = None) -> bool:
+    """Put the job's metrics when a namespace is given or configured; returns whether it did."""
+    namespace = namespace or os.environ.get(ENV_NAMESPACE)
+    if not namespace:
+        return False
+    from ray_app import storage
+
+    storage.client("cloudwatch").put_metric_data(Namespace=namespace, MetricData=job_metric_data(rows))
+    return True
