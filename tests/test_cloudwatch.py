@@ -62,6 +62,17 @@ def test_cluster_yaml_names_the_dashboard_and_alarms_the_way_rays_launcher_reads
     assert "cloudwatch" not in serve_cluster_config(load_cluster())["provider"]
 
 
+def test_preflight_stops_a_cluster_run_started_where_ray_cannot_find_the_files(monkeypatch, tmp_path):
+    from ray_app.errors import PreflightError
+    from tests._fake_cluster import load_cluster
+
+    monkeypatch.chdir(REPO)
+    assert "deploy/cloudwatch/alarms.json" in cloudwatch.check_cluster_files(load_cluster())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PreflightError, match="run from the checkout's root"):
+        cloudwatch.check_cluster_files(load_cluster())
+
+
 def test_the_agent_is_off_while_node_images_are_resolve_ssm_because_rays_launcher_cannot_look_them_up(moto_server):
     """With ``agent: config:``, Ray's create_node first calls DescribeImages on the node's ImageId (to tag AMIs with
     the agent preinstalled): a ``resolve:ssm:`` ImageId is refused there, so every node launch would fail."""

@@ -46,3 +46,20 @@ def publish_job(rows: list[dict], namespace: str | None = None) -> bool:
 
     storage.client("cloudwatch").put_metric_data(Namespace=namespace, MetricData=job_metric_data(rows))
     return True
+
+
+def check_cluster_files(cluster: dict) -> str:
+    """Preflight: the files ``provider.cloudwatch`` names exist where Ray's launcher will open them (relative to the
+    working directory of ``ray up``); a missing one would stop the head's setup after the node is already paid for."""
+    from pathlib import Path
+
+    from ray_app.errors import PreflightError
+
+    section = (cluster.get("provider") or {}).get("cloudwatch") or {}
+    paths = [v["config"] for v in section.values() if isinstance(v, dict) and v.get("config")]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise PreflightError(f"cluster.yaml's provider.cloudwatch names {', '.join(missing)}, not found from "
+                             f"{Path.cwd()}: Ray opens them relative to the working directory; run from the "
+                             "checkout's root")
+    return f"CloudWatch files: {', '.join(paths)}" if paths else "CloudWatch: not configured"
