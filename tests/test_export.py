@@ -84,6 +84,13 @@ def test_a_compact_store_item_exports_like_the_full_passport(passports):
     assert passport_row(compact) == passport_row(full)
 
 
+def test_csv_cells_never_start_a_spreadsheet_formula():
+    from ray_app.ops.export import to_bytes
+
+    text = to_bytes(["scan_id", "error_code"], [{"scan_id": "a1", "error_code": "=HYPERLINK(\"x\")"}], "csv").decode()
+    assert text.splitlines()[1].split(",")[1].startswith("\"'=")
+
+
 def test_unknown_job_and_bad_suffix_are_errors(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'p.sqlite'}"
     assert cli.main(["export", "--job", "nope", "--passports", uri, "--out", str(tmp_path / "x.parquet")]) == 1

@@ -57,10 +57,15 @@ def export_rows(docs: list[dict]) -> tuple[list[str], list[dict]]:
 
 def to_bytes(columns: list[str], rows: list[dict], fmt: str) -> bytes:
     if fmt == "csv":
+        from ray_app.keys import looks_like_formula
+
+        def cell(v):  # ids are validated formula-free when stored; text from another store form is not trusted
+            return "'" + v if isinstance(v, str) and looks_like_formula(v) else v
+
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: cell(v) for k, v in r.items()} for r in rows)
         return buf.getvalue().encode()
     import pyarrow as pa
     import pyarrow.parquet as pq
