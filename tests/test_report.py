@@ -55,7 +55,7 @@ def test_report_of_a_real_job_shows_statuses_stages_and_lists_a_planted_12_ml_li
     images = _images(page)
     assert len(images) == 3 and all(i.startswith(b"\x89PNG\r\n\x1a\n") and len(i) > 5000 for i in images)
     assert "http://" not in page and "https://" not in page  # opens offline: nothing to fetch
-    assert "13 scans: 12 ok" in page and "1 failed" in page
+    assert "13 scans: 12 ok" in page and "1 failed</span>;" in page and re.search(r"\d+ scans? with a volume worth a\s+look \(\d+ organ volumes?\)", page)
     assert "<td>cut</td><td>failed</td><td>truncated_file</td>" in page  # the real failure, by code
 
     listed = dict(re.findall(r"<tr class=outlier><td>([^<]+)</td><td>liver</td><td>([^<]+)</td>", page))

@@ -175,8 +175,11 @@ def plot_organs(rows: list[dict]) -> str:
                 ax.axvline(f, color="#ef6c00", linestyle="--", linewidth=1)
         inside = [v for v in vals if lo <= v <= hi]
         outside = [v for v in vals if not lo <= v <= hi]
-        ax.plot(inside, [0] * len(inside), "o", color="#1565c0", alpha=0.6)
-        ax.plot(outside, [0] * len(outside), "o", color="#c62828", alpha=0.9)
+        # A fixed, deterministic jitter, so scans with close volumes stay visible as separate dots.
+        jitter = [((i * 0.618) % 1 - 0.5) * 0.6 for i in range(len(vals))]
+        ax.plot(inside, jitter[:len(inside)], "o", color="#1565c0", alpha=0.6)
+        ax.plot(outside, jitter[len(inside):], "o", color="#c62828", alpha=0.9)
+        ax.set_ylim(-0.5, 0.5)
         ax.set_yticks([])
         ax.set_ylabel(organ, rotation=0, ha="right", va="center")
         ax.set_xlim(left=0, right=max([hi * 1.15, *(v * 1.1 for v in vals)]))
@@ -229,8 +232,9 @@ table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padd
 .big{{font-size:1.4em}}.bad{{color:#c62828}}img{{max-width:100%}}</style></head><body>
 <h1>Job report: {esc(', '.join(jobs))}</h1>
 <p>From <code>{esc(source)}</code>, generated {generated}.</p>
-<p class=big>{len(rows)} scans: {ok} ok, <span class={'bad' if failed else ''}>{failed} failed</span>,
-{len(found)} volume{'s' if len(found) != 1 else ''} worth a look.</p>
+<p class=big>{len(rows)} scans: {ok} ok, <span class={'bad' if failed else ''}>{failed} failed</span>;
+{len({o.scan_id for o in found})} scan{'s' if len({o.scan_id for o in found}) != 1 else ''} with a volume worth a
+look ({len(found)} organ volume{'s' if len(found) != 1 else ''}).</p>
 <h2 id=status>Scans by status and error code</h2>
 <img alt="scans by status and error code" src="data:image/png;base64,{plot_status(rows)}">
 <table><tr><th>status</th><th>error code</th><th>scans</th></tr>{status_rows}</table>
