@@ -14,8 +14,8 @@ from ray_app.batch import BatchConfig, run_batch
 _LINE = re.compile(r"^(?P<name>\w+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 
 
-def _scrape() -> tuple[str, dict[tuple[str, frozenset], float]]:
-    """The endpoint's text and, per (name, labels we set), the value summed over worker processes."""
+def _scrape(job_id: str) -> tuple[str, dict[tuple[str, frozenset], float]]:
+    """The endpoint's text and, per (name, labels we set), the job's values summed over worker processes."""
     import ray
 
     (node,) = [n for n in ray.nodes() if n["Alive"]]
@@ -27,6 +27,8 @@ def _scrape() -> tuple[str, dict[tuple[str, frozenset], float]]:
         if not m or "ray_app_" not in m["name"]:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m["labels"]))
+        if labels.get("job_id") != job_id:  # other tests' jobs share this Ray
+            continue
         mine = frozenset((k, v) for k, v in labels.items() if k in ("status", "error_code", "stage", "le"))
         out[(m["name"], mine)] = out.get((m["name"], mine), 0.0) + float(m["value"])
     return text, out
@@ -42,7 +44,7 @@ SEGMENTED = (metrics.PREFIX + metrics.STAGE_SECONDS + "_count", frozenset({("sta
 def test_a_local_job_counts_its_scans_and_stage_seconds_on_rays_metrics_endpoint(ray_cluster, tmp_path):
     from tests._scan_factory import small_phantom
 
-    _, before = _scrape()
+    _, before = _scrape("met-1")
     (tmp_path / "fine.nii.gz").write_bytes(small_phantom(901))
     (tmp_path / "cut.nii.gz").write_bytes(small_phantom(902)[:2000])
     (tmp_path / "m.csv").write_text(f"scan_id,uri\nqz-fine,{tmp_path / 'fine.nii.gz'}\nqz-cut,{tmp_path / 'cut.nii.gz'}\n")
@@ -55,7 +57,7 @@ def test_a_local_job_counts_its_scans_and_stage_seconds_on_rays_metrics_endpoint
 
     deadline = time.monotonic() + 60  # Ray exports user metrics every few seconds
     while True:
-        text, after = _scrape()
+        text, after = _scrape("met-1")
         if (delta(OK), delta(CUT), delta(SEGMENTED)) == (1.0, 1.0, 1.0) or time.monotonic() > deadline:
             break
         time.sleep(2)
@@ -63,4 +65,4 @@ def test_a_local_job_counts_its_scans_and_stage_seconds_on_rays_metrics_endpoint
     # Every scan's total seconds land in the histogram's buckets; the +Inf bucket holds both scans.
     total_inf = (metrics.PREFIX + metrics.STAGE_SECONDS + "_bucket", frozenset({("stage", "total_s"), ("le", "+Inf")}))
     assert delta(total_inf) == 2.0
-    assert "qz-" not in text and "met-1" not in text  # neither scan ids nor the job id as labels
+    assert "qz-" not in text  # no scan ids as labels
