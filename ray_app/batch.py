@@ -301,7 +301,14 @@ def _make_writer(output: str, store_uri: str, job_id: str, preview: bool, label_
         timings = result.passport.setdefault("timings", {})
         timings["total_s"] = sum(v for k, v in timings.items() if k in ("read_s", "segment_s", "passport_s")) \
             + (time.perf_counter() - start)
-        return pipeline.summary_row(result.passport, job_id, result.locations, result.usage)
+        row = pipeline.summary_row(result.passport, job_id, result.locations, result.usage)
+        try:
+            from ray_app.metrics import record_scan
+
+            record_scan(row)  # Ray's metrics endpoint: scans by status and code, seconds per stage
+        except Exception:  # noqa: BLE001 - metrics never fail a scan
+            pass
+        return row
 
     return _write
 

@@ -143,6 +143,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
     print(format_report(report))
+    from ray_app.ops.cloudwatch import publish_job
+
+    try:  # opt-in (RAY_APP_CLOUDWATCH_NAMESPACE): the failure-share alarm's numbers
+        publish_job(report.rows)
+    except Exception as exc:  # noqa: BLE001 - the job's results stand; only its metrics are missing
+        print(f"warning: CloudWatch metrics not published: {exc}", file=sys.stderr)
     if report.succeeded:
         print(_projection(report.summary_uri))
     return report.exit_code
@@ -251,6 +257,7 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
 
     from ray_app.errors import RayAppError
     from ray_app.ops import cluster, preflight
+    from ray_app.ops.cloudwatch import with_cloudwatch
     from ray_app.settings import get_settings
 
     batch_argv = _absolute_paths([a for a in args.batch_args if a != "--"]) if args.local else \
@@ -261,9 +268,11 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"job {cfg.job_id}", flush=True)
+    conf = yaml.safe_load(Path(args.config).read_text())
+    if args.cloudwatch:
+        conf = with_cloudwatch(conf)
     if not args.no_preflight:
         try:
-            conf = yaml.safe_load(Path(args.config).read_text())
             for line in preflight.run(conf, cfg, get_settings(), worker_role=None if args.local else args.worker_role):
                 print(f"preflight: {line}", flush=True)
         except RayAppError as exc:
@@ -273,7 +282,7 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
         launcher = cluster.LocalLauncher(args.config, head_cpus=args.head_cpus, idle_s=args.idle_minutes * 60,
                                          max_lifetime_s=args.max_hours * 3600)
     else:
-        launcher = cluster.AwsLauncher(args.config)
+        launcher = cluster.AwsLauncher(conf if args.cloudwatch else args.config)
     return cluster.run_job(launcher, batch_argv, job_id=cfg.job_id, env=cluster.job_env(), keep=args.keep)
 
 
@@ -330,6 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cost", help="monthly AWS cost and cost per 1,000 scans from a finished job's summary")
     add_cost_arguments(p)
     p.set_defaults(func=cmd_cost)
+
+    from ray_app.ops import report
+
+    p = sub.add_parser("report", help="an HTML page from a job summary: statuses, stage seconds, organ volumes")
+    report.add_arguments(p)
+    p.set_defaults(func=report.run)
+
+    from ray_app.ops import export
+
+    p = sub.add_parser("export", help="a job's passports as one Parquet or CSV table (one row per scan)")
+    export.add_arguments(p)
+    p.set_defaults(func=export.run)
+
+    from ray_app.ops import watch
+
+    p = sub.add_parser("status", help="a job's progress from its passports: counts, error codes, rate, ETA")
+    watch.add_arguments(p)
+    p.set_defaults(func=watch.run)
     return parser
 
 
@@ -350,6 +377,8 @@ def _add_cluster_parser(sub) -> None:
                    "still ends it once idle); `ray-app cluster down` removes it")
     p.add_argument("--worker-role", default=WORKER_ROLE, help="role whose policy must allow writing the output")
     p.add_argument("--no-preflight", action="store_true", help="skip the checks before the cluster starts")
+    p.add_argument("--cloudwatch", action="store_true", help="add deploy/cloudwatch/provider.yaml: the dashboard "
+                   "and alarms through Ray's launcher (see deploy/cloudwatch/README.md before relying on it)")
     p.add_argument("--idle-minutes", type=float, default=15.0,
                    help="--local: the dead-man's switch's idle limit (on AWS: cluster.yaml's head_start_ray_commands)")
     p.add_argument("--max-hours", type=float, default=12.0, help="--local: the head's maximum lifetime (likewise)")

@@ -77,13 +77,66 @@ def test_setup_keeps_other_lifecycle_rules_and_replaces_only_its_own(s3_bucket, 
     assert sorted(r["ID"] for r in rules) == sorted(["someone-elses", aws_setup.LIFECYCLE_RULE_ID])
 
 
+def test_input_glacier_rule_is_opt_in_added_once_and_keeps_the_buckets_other_rules(moto_server):
+    suffix = uuid.uuid4().hex[:8]
+    s3 = boto3.client("s3")
+    inputs, results = f"scans-{suffix}", f"results-{suffix}"
+    s3.create_bucket(Bucket=inputs)
+    other = {"ID": "someone-elses", "Status": "Enabled", "Filter": {"Prefix": "tmp/"}, "Expiration": {"Days": 1}}
+    s3.put_bucket_lifecycle_configuration(Bucket=inputs, LifecycleConfiguration={"Rules": [other]})
+    base = ("--table", f"passports-{suffix}", "--output", f"s3://{results}/ct")
+
+    assert "input_lifecycle" not in run_setup(*base, "--input", f"s3://{inputs}/ct")  # not without the option
+    assert [r["ID"] for r in s3.get_bucket_lifecycle_configuration(Bucket=inputs)["Rules"]] == ["someone-elses"]
+
+    args = (*base, "--input", f"s3://{inputs}/ct", "--input-glacier-days", "90")
+    first, second = run_setup(*args), run_setup(*args)
+    assert first["input_lifecycle"] == second["input_lifecycle"]
+    assert {k: first["input_lifecycle"][k] for k in ("rule_id", "days", "storage_class", "prefix")} == \
+        {"rule_id": aws_setup.INPUT_LIFECYCLE_RULE_ID, "days": 90, "storage_class": "GLACIER_IR", "prefix": "ct/"}
+    rules = {r["ID"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=inputs)["Rules"]}
+    assert sorted(rules) == sorted(["someone-elses", aws_setup.INPUT_LIFECYCLE_RULE_ID])  # once, other kept
+    assert rules["someone-elses"]["Expiration"] == {"Days": 1}
+    mine = rules[aws_setup.INPUT_LIFECYCLE_RULE_ID]
+    assert mine["Transitions"] == [{"Days": 90, "StorageClass": "GLACIER_IR"}]
+    # moto 5.2 returns an And filter without its size (the rule as sent: test_lifecycle_rule_moves_only_large...)
+    assert mine["Filter"]["And"]["Prefix"] == "ct/"
+    (out_rule,) = s3.get_bucket_lifecycle_configuration(Bucket=results)["Rules"]  # the output's rule unchanged
+    assert out_rule["ID"] == aws_setup.LIFECYCLE_RULE_ID and out_rule["Transitions"][0]["Days"] == 30
+
+    # Changing N replaces the rule rather than adding a second one.
+    run_setup(*base, "--input", f"s3://{inputs}/ct", "--input-glacier-days", "120")
+    rules = {r["ID"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=inputs)["Rules"]}
+    assert len(rules) == 2 and rules[aws_setup.INPUT_LIFECYCLE_RULE_ID]["Transitions"][0]["Days"] == 120
+
+
+def test_input_glacier_rule_that_would_move_the_results_is_refused(moto_server):
+    suffix = uuid.uuid4().hex[:8]
+    args = ["--table", f"passports-{suffix}", "--output", f"s3://shared-{suffix}/data/results/",
+            "--input", f"s3://shared-{suffix}/data/", "--input-glacier-days", "30"]
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "setup_aws.py"), *args],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "would move the results as well" in proc.stderr
+    assert "shared-" + suffix not in [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
+
+
 def test_lifecycle_rule_moves_only_large_objects_under_the_prefix():
     rule = aws_setup.lifecycle_rule("ct/")
     assert rule["Filter"] == {"And": {"Prefix": "ct/", "ObjectSizeGreaterThan": 128 * 1024}}
     assert aws_setup.lifecycle_rule("")["Filter"] == {"ObjectSizeGreaterThan": 128 * 1024}
+    scans = aws_setup.lifecycle_rule("ct/", rule_id=aws_setup.INPUT_LIFECYCLE_RULE_ID, days=90)
+    assert scans["Filter"] == rule["Filter"] and scans["Transitions"] == [{"Days": 90, "StorageClass": "GLACIER_IR"}]
 
 
 # ------------------------------------------------------------------------------------------ IAM as data
+
+#: The SSM agent's message channels: AWS offers no resource-level permissions for them (AmazonSSMManagedInstanceCore).
+SSM_CHANNELS = ("ssmmessages:CreateControlChannel", "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",
+                "ssmmessages:OpenDataChannel", "ec2messages:AcknowledgeMessage", "ec2messages:DeleteMessage",
+                "ec2messages:FailMessage", "ec2messages:GetEndpoint", "ec2messages:GetMessages",
+                "ec2messages:SendReply")
+#: Writes that AWS allows only on "*": each bounded otherwise (a condition) or harmless outside the node itself.
+NO_RESOURCE_LEVEL = {"cloudwatch:PutMetricData", *SSM_CHANNELS}
 
 DATA_ACTIONS = {
     # Inputs; the job summaries jobs/cost_report.py reads on the cluster; the full passports a compact DynamoDB
@@ -100,6 +153,15 @@ DATA_ACTIONS = {
     "ecr:GetAuthorizationToken": {"*"},  # ECR's login has no resource; it grants no pull by itself
     "ecr:BatchGetImage": {"arn:aws:ecr:us-east-1:123456789012:repository/ray-app"},
     "ecr:GetDownloadUrlForLayer": {"arn:aws:ecr:us-east-1:123456789012:repository/ray-app"},
+    # The CloudWatch agent (deploy/cloudwatch/agent.json): this cluster's log groups, its config as Ray stores it.
+    **{f"logs:{a}": {"arn:aws:logs:us-east-1:123456789012:log-group:/ray-app/ray-app/*"}
+       for a in ("CreateLogGroup", "CreateLogStream", "PutLogEvents", "DescribeLogStreams", "PutRetentionPolicy")},
+    "cloudwatch:PutMetricData": {"*"},  # no resource-level permission; limited to two namespaces by a condition
+    "ssm:GetParameter": {"arn:aws:ssm:us-east-1:123456789012:parameter/AmazonCloudWatch-ray_*_config_ray-app"},
+    "ec2:DescribeTags": {"*"},
+    # Managed by SSM, so Ray's launcher can run the agent's own document on the node.
+    "ssm:UpdateInstanceInformation": {"arn:aws:ec2:us-east-1:123456789012:instance/*"},
+    **{a: {"*"} for a in SSM_CHANNELS},
 }
 READ_ONLY_PREFIXES = ("Describe", "Get", "List")
 
@@ -131,14 +193,19 @@ def test_no_wildcard_actions_and_no_wildcard_resources_for_writes(name):
     assert policy["Version"] == "2012-10-17"
     for action, resources in grants(policy).items():
         assert "*" not in action, action
-        if not action.split(":")[1].startswith(READ_ONLY_PREFIXES):
+        if not action.split(":")[1].startswith(READ_ONLY_PREFIXES) and action not in NO_RESOURCE_LEVEL:
             assert "*" not in resources, f"{action} may write anywhere"
 
 
 def test_data_policy_grants_only_the_listed_actions_on_the_listed_resources():
     policy = aws_setup.render_policy(aws_setup.DATA_POLICY, **PARAMS.template_values())
     assert grants(policy) == DATA_ACTIONS
-    assert all("Condition" not in st for st in policy["Statement"])
+    conditioned = [st for st in policy["Statement"] if "Condition" in st]
+    assert [st["Action"] for st in conditioned] == [["cloudwatch:PutMetricData"]]
+    from ray_app.ops import cloudwatch  # the job's namespace and the agent's (deploy/cloudwatch/agent.json)
+    agent = json.loads((REPO / "deploy" / "cloudwatch" / "agent.json").read_text())
+    assert conditioned[0]["Condition"] == {"StringEquals": {"cloudwatch:namespace": [
+        cloudwatch.DEFAULT_NAMESPACE, agent["metrics"]["namespace"]]}}
 
 
 def test_head_policy_only_manages_this_clusters_workers():
@@ -148,7 +215,13 @@ def test_head_policy_only_manages_this_clusters_workers():
     # the nodes (the dead-man's switch runs it there).
     assert set(granted) == {"ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeSubnets",
                             "ec2:DescribeSecurityGroups", "ec2:RunInstances",
-                            "ec2:CreateTags", "ec2:TerminateInstances", "iam:PassRole", "ssm:GetParameters"}
+                            "ec2:CreateTags", "ec2:TerminateInstances", "iam:PassRole", "ssm:GetParameters",
+                            # Ray's launcher sets up CloudWatch on the workers the head starts (cluster.yaml)
+                            "ssm:SendCommand", "ssm:ListCommandInvocations", "ec2:DescribeInstanceStatus",
+                            "cloudwatch:PutMetricAlarm"}
+    assert granted["cloudwatch:PutMetricAlarm"] == {"arn:aws:cloudwatch:us-east-1:123456789012:alarm:ray-app-*"}
+    assert granted["ssm:SendCommand"] == {"arn:aws:ec2:us-east-1:123456789012:instance/*",
+                                          "arn:aws:ssm:us-east-1::document/AmazonCloudWatch-ManageAgent"}
     assert granted["iam:PassRole"] == {f"arn:aws:iam::123456789012:role/{aws_setup.WORKER_ROLE}"}
     by_sid = {st["Sid"]: st for st in policy["Statement"]}
     terminate = by_sid["RetagAndTerminateOwnNodes"]

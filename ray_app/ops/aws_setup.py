@@ -3,6 +3,9 @@
 - the passport table (:func:`ray_app.sinks.create_table`: on-demand, with its job index);
 - the output bucket: default encryption, all public access blocked, and one lifecycle rule that moves large
   objects under the output prefix (the masks) to Glacier Instant Retrieval after 30 days;
+- optionally (``input_glacier_days``) a second lifecycle rule, on the input bucket, that moves large objects under
+  the input prefix (the scans, once segmented) to Glacier Instant Retrieval after that many days (opt-in: the
+  inputs are usually someone else's data);
 - optionally (``iam=True``) the head and worker roles and instance profiles that ``cluster.yaml`` names, with the
   policies in ``deploy/`` as inline policies, and the Spot service-linked role the head needs to launch Spot.
 
@@ -35,6 +38,7 @@ LIFECYCLE_RULE_ID = "ray-app-masks-to-glacier-ir"
 #: counts the bytes written above this size apart, so the cost report prices each class.
 MIN_TRANSITION_BYTES = LARGE_OBJECT_BYTES
 TRANSITION_DAYS = 30
+INPUT_LIFECYCLE_RULE_ID = "ray-app-inputs-to-glacier-ir"
 
 _EC2_TRUST = {
     "Version": "2012-10-17",
@@ -81,15 +85,42 @@ def ensure_table(name: str) -> dict:
 # ------------------------------------------------------------------------------------------------ bucket
 
 
-def lifecycle_rule(prefix: str) -> dict:
+def lifecycle_rule(prefix: str, *, rule_id: str = LIFECYCLE_RULE_ID, days: int = TRANSITION_DAYS) -> dict:
+    """Objects over :data:`MIN_TRANSITION_BYTES` under ``prefix`` to Glacier IR after ``days`` (the masks' rule by
+    default; :func:`ensure_input_lifecycle` uses it with its own id and days for the input scans)."""
     size = {"ObjectSizeGreaterThan": MIN_TRANSITION_BYTES}
     rule_filter = {"And": {"Prefix": prefix, **size}} if prefix else size
     return {
-        "ID": LIFECYCLE_RULE_ID,
+        "ID": rule_id,
         "Status": "Enabled",
         "Filter": rule_filter,
-        "Transitions": [{"Days": TRANSITION_DAYS, "StorageClass": "GLACIER_IR"}],
+        "Transitions": [{"Days": days, "StorageClass": "GLACIER_IR"}],
     }
+
+
+def put_lifecycle_rule(bucket: str, rule: dict) -> list[str]:
+    """Put ``rule`` on the bucket, replacing only the rule with its ID; other rules are kept. Returns the IDs."""
+    s3 = storage.client("s3")
+    try:
+        rules = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    except ClientError as exc:
+        if _code(exc) != "NoSuchLifecycleConfiguration":
+            raise
+        rules = []
+    rules = [r for r in rules if r.get("ID") != rule["ID"]] + [rule]
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
+    return [r["ID"] for r in rules]
+
+
+def ensure_input_lifecycle(bucket: str, prefix: str, days: int) -> dict:
+    """Opt-in: the input scans under ``prefix`` to Glacier IR after ``days``. The bucket must exist (it is the
+    scans' bucket, never created here). Returns the rule's id, days, class and size floor, so it can be priced."""
+    if days < 1:
+        raise ValueError(f"--input-glacier-days must be at least 1, not {days}")
+    rule = lifecycle_rule(prefix, rule_id=INPUT_LIFECYCLE_RULE_ID, days=days)
+    ids = put_lifecycle_rule(bucket, rule)
+    return {"bucket": bucket, "prefix": prefix, "rule_id": INPUT_LIFECYCLE_RULE_ID, "days": days,
+            "storage_class": "GLACIER_IR", "min_object_bytes": MIN_TRANSITION_BYTES, "lifecycle_rules": ids}
 
 
 def ensure_bucket(bucket: str, prefix: str = "", region: str | None = None, sse: str = "AES256") -> dict:
@@ -124,15 +155,8 @@ def ensure_bucket(bucket: str, prefix: str = "", region: str | None = None, sse:
             "Rules": [{"ApplyServerSideEncryptionByDefault": default, "BucketKeyEnabled": sse == "aws:kms"}]
         },
     )
-    try:
-        rules = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
-    except ClientError as exc:
-        if _code(exc) != "NoSuchLifecycleConfiguration":
-            raise
-        rules = []
-    rules = [r for r in rules if r.get("ID") != LIFECYCLE_RULE_ID] + [lifecycle_rule(prefix)]
-    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
-    return {"name": bucket, "created": created, "lifecycle_rules": [r["ID"] for r in rules], "sse": sse}
+    ids = put_lifecycle_rule(bucket, lifecycle_rule(prefix))
+    return {"name": bucket, "created": created, "lifecycle_rules": ids, "sse": sse}
 
 
 # --------------------------------------------------------------------------------------------------- IAM
@@ -206,9 +230,19 @@ def ensure_iam(params: IamParams, deploy_dir: Path = DEPLOY_DIR) -> dict:
 
 
 def setup(table: str, bucket: str, prefix: str = "", region: str | None = None, sse: str = "AES256",
-          iam: IamParams | None = None) -> dict:
-    """Everything above, in dependency order; returns what it found or made."""
+          iam: IamParams | None = None, input_lifecycle: tuple[str, str, int] | None = None) -> dict:
+    """Everything above, in dependency order; returns what it found or made.
+
+    ``input_lifecycle``: (input bucket, input prefix, days) for :func:`ensure_input_lifecycle`; refused when the
+    output prefix lies under the input prefix in the same bucket (the rule would move the results too)."""
+    if input_lifecycle is not None:
+        in_bucket, in_prefix, _ = input_lifecycle
+        if in_bucket == bucket and prefix.startswith(in_prefix):
+            raise ValueError(f"the output s3://{bucket}/{prefix} lies under the input prefix "
+                             f"s3://{in_bucket}/{in_prefix}: its Glacier rule would move the results as well")
     report = {"table": ensure_table(table), "bucket": ensure_bucket(bucket, prefix, region, sse)}
+    if input_lifecycle is not None:
+        report["input_lifecycle"] = ensure_input_lifecycle(*input_lifecycle)
     if iam is not None:
         report["iam"] = ensure_iam(iam)
     report["ok"] = report["table"]["ok"]

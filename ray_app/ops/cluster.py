@@ -79,6 +79,8 @@ def serve_cluster_config(cluster: dict) -> dict:
         name: t for name, t in serve["available_node_types"].items()
         if name == serve["head_node_type"] or "spot_cpu" in t.get("resources", {})}
     serve["initialization_commands"] = [c for c in serve["initialization_commands"] if "shutdown" not in c]
+    # The batch cluster's CloudWatch alarms (a node up 13 h, the job failure share) do not fit an always-on endpoint.
+    serve["provider"].pop("cloudwatch", None)
     serve["file_mounts"] = {"~/ray-app-token": "~/.ray-app-token", "~/serve_config.yaml": "serve_config.yaml"}
     token = "export RAY_APP_API_TOKEN_FILE=$HOME/ray-app-token; "
     serve["head_start_ray_commands"] = [token + c if "ray start" in c else c for c in
@@ -115,8 +117,9 @@ class AwsLauncher(Launcher):
     """``cluster.yaml`` on AWS through Ray's cluster launcher SDK (the calls behind ``ray up``, ``ray exec`` and
     ``ray down``)."""
 
-    def __init__(self, config: str | Path = CLUSTER_YAML):
-        self.config = str(config)
+    def __init__(self, config: str | Path | dict = CLUSTER_YAML):
+        """``config``: a cluster.yaml's path, or its contents (e.g. with CloudWatch added)."""
+        self.config = config if isinstance(config, dict) else str(config)
 
     def up(self) -> None:
         from ray.autoscaler import sdk

@@ -99,6 +99,9 @@ def run(cluster: dict, cfg: BatchConfig, settings: Settings, *, worker_role: str
     :class:`PreflightError`. ``worker_role`` None: a local rehearsal (no region, role or image to check)."""
     if worker_role:
         yield check_region(cluster)
+        from ray_app.ops.cloudwatch import check_cluster_files
+
+        yield check_cluster_files(cluster)
     yield check_resources(cluster, cfg)
     manifest = read_manifest(cfg.manifest)
     yield f"manifest: {len(manifest.rows)} runnable rows, {len(manifest.problems)} rejected"

@@ -1,0 +1,164 @@
+"""CloudWatch: cluster.yaml's ``provider.cloudwatch`` through Ray's own helper against moto, the names in
+``deploy/cloudwatch/`` against what the code emits, and the batch job's metrics put for real."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from ray_app import cli
+from ray_app.ops import cloudwatch
+from tests._fake_cluster import REPO, load_cluster
+
+CW_DIR = REPO / "deploy" / "cloudwatch"
+
+
+def prepared_cluster() -> dict:
+    """cluster.yaml as ``ray-app cluster run --cloudwatch`` launches it, through Ray's own schema validation."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(cloudwatch.with_cloudwatch(load_cluster()))
+    validate_config(config)
+    return config
+
+
+def _load(name: str):
+    return json.loads((CW_DIR / name).read_text())
+
+
+def _helper(config: dict, node_id: str):
+    from ray.autoscaler._private.aws.cloudwatch.cloudwatch_helper import CloudwatchHelper
+
+    return CloudwatchHelper(config["provider"], node_id, config["cluster_name"])
+
+
+def test_cluster_yaml_names_the_dashboard_and_alarms_the_way_rays_launcher_reads_them(moto_server, monkeypatch):
+    from ray.autoscaler._private.aws.cloudwatch.cloudwatch_helper import CloudwatchHelper
+
+    assert "cloudwatch" not in load_cluster()["provider"], "opt-in: an SSM wait on every node's start-up path"
+    config = prepared_cluster()  # Ray's schema validator passes with the cloudwatch section
+    provider = config["provider"]
+    assert CloudwatchHelper.cloudwatch_config_exists(provider, "dashboard")
+    assert CloudwatchHelper.cloudwatch_config_exists(provider, "alarm")
+    assert provider["cloudwatch"]["agent"]["retryer"]["max_attempts"] * \
+        provider["cloudwatch"]["agent"]["retryer"]["delay_seconds"] <= 600  # a node waits at most 10 min for SSM
+
+    monkeypatch.chdir(REPO)  # Ray resolves the paths against the working directory of `ray up`
+    helper = _helper(config, "i-0123456789abcdef0")
+    helper._put_cloudwatch_dashboard()  # Ray's own call, against moto
+    cw = boto3.client("cloudwatch")
+    body = json.loads(cw.get_dashboard(DashboardName="ray-app-jobs")["DashboardBody"])
+    assert len(body["widgets"]) == len(_load("dashboard.json"))
+    assert "{region}" not in json.dumps(body) and "{cluster_name}" not in json.dumps(body)
+
+    for alarm in helper._replace_alarm_config_vars("alarm"):  # what Ray uploads, then puts per node
+        helper._replace_all_config_variables(alarm, "i-0123456789abcdef0", "ray-app", "us-east-1")
+        cw.put_metric_alarm(**alarm)
+    names = {a["AlarmName"] for a in cw.describe_alarms(AlarmNamePrefix="ray-app-")["MetricAlarms"]}
+    assert names == {"ray-app-job-failure-share", "ray-app-node-i-0123456789abcdef0-up-13h"}
+    # Every alarm name starts with the cluster name: the head's policy may put only those (deploy/iam-head-policy.json).
+    assert all(a["AlarmName"].startswith("{cluster_name}-") for a in _load("alarms.json"))
+
+    from ray_app.ops.cluster import serve_cluster_config
+
+    # The always-on Serve head would trip the 13 h alarm: its cluster gets none of these.
+    assert "cloudwatch" not in serve_cluster_config(load_cluster())["provider"]
+
+
+def test_preflight_stops_a_cluster_run_started_where_ray_cannot_find_the_files(monkeypatch, tmp_path):
+    from ray_app.errors import PreflightError
+
+    monkeypatch.chdir(REPO)
+    assert "deploy/cloudwatch/alarms.json" in cloudwatch.check_cluster_files(cloudwatch.with_cloudwatch(load_cluster()))
+    assert cloudwatch.check_cluster_files(load_cluster()) == "CloudWatch: not configured"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PreflightError, match="run from the checkout's root"):
+        cloudwatch.check_cluster_files(cloudwatch.with_cloudwatch(load_cluster()))
+
+
+def test_the_agent_is_off_while_node_images_are_resolve_ssm_because_rays_launcher_cannot_look_them_up(moto_server):
+    """With ``agent: config:``, Ray's create_node first calls DescribeImages on the node's ImageId (to tag AMIs with
+    the agent preinstalled): a ``resolve:ssm:`` ImageId is refused there, so every node launch would fail."""
+    config = prepared_cluster()
+    image_ids = {t["node_config"]["ImageId"] for t in config["available_node_types"].values()}
+    if any(i.startswith("resolve:ssm:") for i in image_ids):
+        assert not config["provider"]["cloudwatch"]["agent"].get("config")
+    ec2 = boto3.client("ec2")
+    for image in image_ids:
+        if image.startswith("resolve:ssm:"):
+            with pytest.raises(ClientError, match="InvalidAMIID.Malformed"):
+                ec2.describe_images(ImageIds=[image])  # the call ray/autoscaler/_private/aws/node_provider.py makes
+
+
+def test_names_in_the_cloudwatch_files_match_what_the_code_and_ray_emit():
+    agent, alarms, dashboard = _load("agent.json"), _load("alarms.json"), _load("dashboard.json")
+    text = json.dumps([alarms, dashboard])
+    # The job's metrics: every name used for the job namespace is one ray_app.ops.cloudwatch puts, and both are used.
+    used = set(re.findall(r'"Namespace": "ray-app", "MetricName": "(\w+)"', json.dumps(alarms)))
+    used |= {m[1] for w in dashboard for m in w["properties"].get("metrics", []) if m and m[0] == "ray-app"}
+    used |= set(re.findall(r"SEARCH\('\{ray-app,\w+\} MetricName=\\\"(\w+)\\\"", text))
+    assert used == set(cloudwatch.METRIC_NAMES)
+    assert f"{{ray-app,{cloudwatch.ERROR_CODE}}}" in text and cloudwatch.DEFAULT_NAMESPACE == "ray-app"
+    # The agent's metrics and log groups, as the dashboard reads them.
+    assert f"{{{agent['metrics']['namespace']},InstanceId}}" in text
+    groups = {f["log_group_name"] for f in agent["logs"]["logs_collected"]["files"]["collect_list"]}
+    assert set(re.findall(r"SOURCE '([^']+)'", text)) <= groups
+    # Each collected file pattern matches a log file name Ray writes.
+    from ray.dashboard.modules.job.common import JOB_LOGS_PATH_TEMPLATE
+
+    patterns = [f["file_path"] for f in agent["logs"]["logs_collected"]["files"]["collect_list"]]
+    logs = "/tmp/ray/session_latest/logs/"
+    for name in (JOB_LOGS_PATH_TEMPLATE.format(submission_id="raysubmit_abc"), "ray-data/ray-data.log",
+                 "serve/proxy_10.0.0.1.log", "monitor.log"):
+        assert any(fnmatch.fnmatch(logs + name, p) for p in patterns), name
+    # Never the runtime_env agent's log: it holds every variable a job carries (ENVIRONMENT.md).
+    assert not any(fnmatch.fnmatch(logs + "runtime_env_agent.log", p) for p in patterns)
+    assert all(f["retention_in_days"] in (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365)
+               for f in agent["logs"]["logs_collected"]["files"]["collect_list"])
+
+
+def test_job_metric_data_counts_scans_and_codes_without_ids(monkeypatch):
+    rows = [{"scan_id": "a", "status": "ok"}, {"scan_id": "b", "status": "failed", "error_code": "truncated_file"},
+            {"scan_id": "c", "status": "rejected", "error_code": "not_ct"}, {"scan_id": "d", "status": "ok"}]
+    data = cloudwatch.job_metric_data(rows)
+    plain = {d["MetricName"]: d["Value"] for d in data if "Dimensions" not in d}
+    assert plain == {"ScansSucceeded": 2.0, "ScansFailed": 2.0}
+    assert {d["Dimensions"][0]["Value"]: d["Value"] for d in data if "Dimensions" in d} == \
+        {"truncated_file": 1.0, "not_ct": 1.0}
+    assert '"a"' not in json.dumps(data) and '"b"' not in json.dumps(data)
+    monkeypatch.delenv(cloudwatch.ENV_NAMESPACE, raising=False)
+    assert cloudwatch.publish_job(rows) is False  # off unless asked: local runs never call CloudWatch
+
+
+@pytest.mark.timeout(300)
+def test_a_batch_job_puts_its_counts_to_cloudwatch_when_asked(ray_cluster, tmp_path, monkeypatch):
+    from tests._scan_factory import small_phantom
+
+    (tmp_path / "ok.nii.gz").write_bytes(small_phantom(801))
+    (tmp_path / "cut.nii.gz").write_bytes(small_phantom(802)[:2000])
+    (tmp_path / "m.csv").write_text(f"scan_id,uri\nok,{tmp_path / 'ok.nii.gz'}\ncut,{tmp_path / 'cut.nii.gz'}\n")
+    namespace = f"ray-app-test-{os.getpid()}"
+    monkeypatch.setenv(cloudwatch.ENV_NAMESPACE, namespace)
+    assert cli.main(["batch", "--manifest", str(tmp_path / "m.csv"), "--output", str(tmp_path / "out"),
+                     "--job-id", "cw-1", "--max-actors", "1"]) == 1  # one scan failed
+
+    cw = boto3.client("cloudwatch")
+    metrics = cw.list_metrics(Namespace=namespace)["Metrics"]
+    assert {(m["MetricName"], tuple((d["Name"], d["Value"]) for d in m["Dimensions"])) for m in metrics} == {
+        ("ScansSucceeded", ()), ("ScansFailed", ()), ("ScansFailedByCode", (("ErrorCode", "truncated_file"),))}
+    # The alarm's expression over what was put: 1 failed of 2 is over its 10% threshold.
+    (alarm,) = [a for a in _load("alarms.json") if a["AlarmName"].endswith("job-failure-share")]
+    sums = {}
+    for q in alarm["Metrics"][:2]:
+        stat = cw.get_metric_statistics(Namespace=namespace, MetricName=q["MetricStat"]["Metric"]["MetricName"],
+                                        StartTime="2000-01-01T00:00:00Z", EndTime="2100-01-01T00:00:00Z",
+                                        Period=q["MetricStat"]["Period"], Statistics=["Sum"])
+        sums[q["Id"]] = sum(p["Sum"] for p in stat["Datapoints"])
+    assert sums == {"failed": 1.0, "succeeded": 1.0}
+    assert sums["failed"] / (sums["failed"] + sums["succeeded"]) > alarm["Threshold"]
