@@ -87,17 +87,13 @@ def test_batch_and_serve_leave_no_secret_in_any_log_or_output(moto_server, phant
 
 
 def test_a_cluster_job_gets_the_settings_and_the_region_but_no_secret(monkeypatch):
-    monkeypatch.setenv("RAY_APP_PRECISION", "bf16")
-    monkeypatch.setenv("RAY_APP_S3_SSE", "aws:kms")
-    monkeypatch.setenv("RAY_APP_API_TOKEN", "secret-token")
-    monkeypatch.setenv("RAY_APP_API_TOKEN_FILE", "/home/me/token")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-key")
+    # The region comes from the environment as the preflight resolved it; the settings from the shell given here
+    # (not set in os.environ: the process's cached Settings would keep them for every later test).
     monkeypatch.setenv("AWS_REGION", "eu-central-1")
-    monkeypatch.delenv("RAY_APP_AWS_REGION", raising=False)
-    from ray_app import storage
-
-    storage.clear_client_cache()
-    env = job_env()
+    shell = {"RAY_APP_PRECISION": "bf16", "RAY_APP_S3_SSE": "aws:kms", "RAY_APP_API_TOKEN": "secret-token",
+             "RAY_APP_API_TOKEN_FILE": "/home/me/token", "AWS_SECRET_ACCESS_KEY": "secret-key",
+             "AWS_REGION": "eu-central-1"}
+    env = job_env(shell)
     assert env["RAY_APP_PRECISION"] == "bf16" and env["RAY_APP_S3_SSE"] == "aws:kms"
     assert env["RAY_APP_AWS_REGION"] == "eu-central-1", "the nodes must use the region the preflight checked"
     assert "secret" not in " ".join(env.values()) and not any(k.startswith("AWS_") for k in env)
