@@ -57,10 +57,11 @@ def session_log_files() -> list[Path]:
     return [p for p in (session / "logs").rglob("*") if p.is_file()]
 
 
-def log_hits(needles: list[str]) -> dict[str, list[str]]:
-    """needle -> names of the session's log files that contain it (bytes search, so any encoding is covered)."""
+def log_hits(needles: list[str], paths: list[Path] | None = None) -> dict[str, list[str]]:
+    """needle -> names of the files that contain it (bytes search, so any encoding is covered); by default the files
+    of this Ray session's logs."""
     hits: dict[str, list[str]] = {n: [] for n in needles}
-    for path in session_log_files():
+    for path in session_log_files() if paths is None else paths:
         try:
             data = path.read_bytes()
         except OSError:

@@ -19,24 +19,11 @@ import pytest
 
 from ray_app.ops.cluster import free_port, job_env
 from tests._scan_factory import small_phantom
+from tests._service import log_hits
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 RAY_APP = str(Path(sys.executable).with_name("ray-app"))
-
-
-def _files_holding(roots: list[Path], needles: list[str]) -> dict[str, list[str]]:
-    hits: dict[str, list[str]] = {}
-    for root in roots:
-        for path in (p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
-            try:
-                data = path.read_bytes()
-            except OSError:
-                continue
-            for needle in needles:
-                if needle.encode() in data:
-                    hits.setdefault(needle[:6] + "...", []).append(str(path))
-    return hits
 
 
 def test_batch_and_serve_leave_no_secret_in_any_log_or_output(moto_server, phantom_weights, tmp_path):
@@ -81,7 +68,8 @@ def test_batch_and_serve_leave_no_secret_in_any_log_or_output(moto_server, phant
 
         logs = list(ray_tmp.rglob("runtime_env_agent*.log"))
         assert logs, "no runtime_env agent log was written: the search would prove nothing"
-        assert _files_holding([ray_tmp, tmp_path], list(canaries.values())) == {}
+        files = [p for root in (ray_tmp, tmp_path) for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+        assert log_hits(list(canaries.values()), files) == {}
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
