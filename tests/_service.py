@@ -15,8 +15,6 @@ import httpx
 from ray_app.ops.cluster import free_port
 
 
-
-
 @contextlib.contextmanager
 def running_service(token: str, settings: dict[str, Any], *, max_queued: int = 4) -> Iterator[httpx.Client]:
     """One replica (1 CPU) on 127.0.0.1:<free port>, ready once its model is loaded; shut down on exit so the
