@@ -21,6 +21,7 @@ from typing import Any
 
 from ray_app import pipeline, storage
 from ray_app.errors import PreflightError, RayAppError, WorkerLost
+from ray_app.keys import job_file_uri
 from ray_app.manifest import read_manifest
 from ray_app.settings import Settings, get_settings
 from ray_app.sinks import ArtifactSink, PassportStore, open_passport_store, write_summary
@@ -82,7 +83,7 @@ class BatchConfig:
 
     def job_uri(self, name: str) -> str:
         """A file of this job's own folder, ``OUTPUT/_jobs/<job_id>/``."""
-        return f"{self.output.rstrip('/')}/_jobs/{self.job_id}/{name}"
+        return job_file_uri(self.output, self.job_id, name)
 
     @property
     def summary_uri(self) -> str:

@@ -60,6 +60,12 @@ def scan_file_uri(output_prefix: str, scan_id: str, name: str) -> str:
     return _inside(output_prefix, (("scan_id", scan_id), ("file name", name)))
 
 
+def job_file_uri(output_prefix: str, job_id: str, name: str) -> str:
+    """``{prefix}/_jobs/{job_id}/{name}``: a job's own files (its record ``job.json``, its summary), beside the scans'
+    folders; no scan id can start with ``_``, so no scan's folder is ever ``_jobs``."""
+    return f"{output_prefix.rstrip('/')}/_jobs/{job_id}/{name}"
+
+
 def _inside(output_prefix: str, parts: tuple[tuple[str, str], ...]) -> str:
     for what, value in parts:
         validate_id(value, what)

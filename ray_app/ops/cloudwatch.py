@@ -19,6 +19,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from ray_app.ops.aws_setup import DEPLOY_DIR
+
 ENV_NAMESPACE = "RAY_APP_CLOUDWATCH_NAMESPACE"
 DEFAULT_NAMESPACE = "ray-app"
 SUCCEEDED = "ScansSucceeded"
@@ -50,7 +52,7 @@ def publish_job(rows: list[dict], namespace: str | None = None) -> bool:
     return True
 
 
-PROVIDER_YAML = Path(__file__).resolve().parents[2] / "deploy" / "cloudwatch" / "provider.yaml"  # the checkout's
+PROVIDER_YAML = DEPLOY_DIR / "cloudwatch" / "provider.yaml"
 
 
 def with_cloudwatch(cluster: dict) -> dict:

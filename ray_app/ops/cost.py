@@ -30,8 +30,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ray_app.ops.cluster import CLUSTER_YAML
+
 PRICES_FILE = Path(__file__).resolve().parent.parent / "data" / "prices.json"
-CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"  # the checkout's, beside the package
 HOURS_PER_MONTH = 730  # AWS's own convention for monthly estimates
 GB = 1024**3  # AWS bills storage and transfer per GiB ("GB")
 COMPARE_SCANS_PER_MONTH = 1_000_000  # the second column of the table

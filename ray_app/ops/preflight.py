@@ -64,10 +64,10 @@ def check_resources(cluster: dict, cfg: BatchConfig) -> str:
 def check_worker_role(role: str, cfg: BatchConfig) -> str:
     """The workers' role may write under the job's output: ``jobs/setup_aws.py --output`` bakes one prefix into its
     policy, and a job with another ``--output`` would segment every scan and then fail every write."""
-    loc = storage.parse_uri(cfg.output)
-    if loc.scheme != "s3":
+    if not storage.is_s3(cfg.output):
         raise PreflightError(f"--output {cfg.output} is not on S3: cluster nodes cannot write to this machine")
-    probe = f"arn:aws:s3:::{loc.bucket}/{loc.key.rstrip('/')}/_jobs/{cfg.job_id}/job.json"
+    record = storage.parse_uri(cfg.job_uri("job.json"))  # the first object the job writes
+    probe = f"arn:aws:s3:::{record.bucket}/{record.key}"
     try:
         doc = storage.client("iam").get_role_policy(RoleName=role, PolicyName=DATA_POLICY_NAME)["PolicyDocument"]
     except ClientError as exc:

@@ -88,9 +88,10 @@ def job_status(job_id: str, docs: list[dict], *, total: int | None = None, start
 def job_record(output: str, job_id: str) -> tuple[int | None, datetime | None]:
     """(size, started_at) from ``OUTPUT/_jobs/<job>/job.json``: the manifest's runnable rows, capped by the limit."""
     from ray_app import storage
+    from ray_app.keys import job_file_uri
     from ray_app.manifest import read_manifest
 
-    record = json.loads(storage.read_bytes(f"{output.rstrip('/')}/_jobs/{job_id}/job.json"))
+    record = json.loads(storage.read_bytes(job_file_uri(output, job_id, "job.json")))
     size = None
     if record.get("manifest"):
         size = len(read_manifest(record["manifest"]).rows)
