@@ -28,7 +28,7 @@ RUN pip install --no-cache-dir /tmp/ray_app && rm -rf /tmp/ray_app
 ENV TOTALSEG_HOME_DIR=/home/ray/.totalsegmentator
 RUN totalseg_download_weights -t total_fast \
  && totalseg_download_weights -t total \
- && python -c "from ray_app.totalseg import disable_usage_stats; disable_usage_stats()"
+ && python -c "from ray_app.core.totalseg import disable_usage_stats; disable_usage_stats()"
 
 # Everything is in the image: a missing model is an error, never a download from a worker.
 ENV RAY_APP_DOWNLOAD_WEIGHTS=false

@@ -28,7 +28,7 @@ def small_scan(seed: int) -> bytes:
     import nibabel as nib
     import numpy as np
 
-    from ray_app.phantom import make_phantom
+    from ray_app.demo.phantom import make_phantom
 
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     affine[:3, 3] = (-96.0, -96.0, -72.0)  # wide enough to hold air around the body (a Hounsfield check)
@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("TOTALSEG_WEIGHTS_PATH", str(REPO / "ray_app" / "phantom_weights"))
+    os.environ.setdefault("TOTALSEG_WEIGHTS_PATH", str(REPO / "ray_app" / "demo" / "phantom_weights"))
     os.environ.setdefault("TOTALSEG_HOME_DIR", tempfile.mkdtemp(prefix="totalseg-home-"))
     sys.path.insert(0, str(REPO))
     import ray
 
-    from ray_app.batch import BatchConfig, init_ray, run_batch
-    from ray_app.totalseg import disable_usage_stats
+    from ray_app.adapters.batch import BatchConfig, init_ray, run_batch
+    from ray_app.core.totalseg import disable_usage_stats
 
     disable_usage_stats()
     work = Path(args.out or tempfile.mkdtemp(prefix="batch-memory-"))
@@ -82,11 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         path.write_bytes(small_scan(300 + i))
         files.append(str(path))
     manifest = work / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps({"scan_id": f"scan-{i:04d}", "uri": files[i % len(files)]}) + "\n"
-                                for i in range(args.scans)))
+    manifest.write_text(
+        "".join(
+            json.dumps({"scan_id": f"scan-{i:04d}", "uri": files[i % len(files)]}) + "\n" for i in range(args.scans)
+        )
+    )
     init_ray(num_cpus=args.cpus)
-    print(f"{args.scans} scans ({args.distinct} distinct files) -> {work / 'out'}; driver RSS after ray.init "
-          f"{rss_mib():.0f} MiB", flush=True)
+    print(
+        f"{args.scans} scans ({args.distinct} distinct files) -> {work / 'out'}; driver RSS after ray.init "
+        f"{rss_mib():.0f} MiB",
+        flush=True,
+    )
 
     samples: list[tuple[float, float, float]] = []
     done = threading.Event()
@@ -99,8 +105,15 @@ def main(argv: list[str] | None = None) -> int:
 
     thread = threading.Thread(target=sampler, daemon=True)
     thread.start()
-    report = run_batch(BatchConfig(manifest=str(manifest), output=str(work / "out"), job_id="batch-memory",
-                                   max_actors=args.actors, min_actors=args.actors))
+    report = run_batch(
+        BatchConfig(
+            manifest=str(manifest),
+            output=str(work / "out"),
+            job_id="batch-memory",
+            max_actors=args.actors,
+            min_actors=args.actors,
+        )
+    )
     done.set()
     thread.join()
     wall = time.monotonic() - start
@@ -110,10 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     first_half = [r for t, r, _ in samples if t < wall / 2]
     second_half = [r for t, r, _ in samples if t >= wall / 2]
     figures = {
-        "scans": args.scans, "ok": report.succeeded, "failed": report.failed, "wall_s": round(wall, 1),
+        "scans": args.scans,
+        "ok": report.succeeded,
+        "failed": report.failed,
+        "wall_s": round(wall, 1),
         "scans_per_min": round(60 * args.scans / wall, 1),
-        "driver_rss_mib": {"start": round(rss[0]), "max": round(max(rss)), "end": round(rss[-1]),
-                           "max_first_half": round(max(first_half)), "max_second_half": round(max(second_half))},
+        "driver_rss_mib": {
+            "start": round(rss[0]),
+            "max": round(max(rss)),
+            "end": round(rss[-1]),
+            "max_first_half": round(max(first_half)),
+            "max_second_half": round(max(second_half)),
+        },
         "object_store_mib": {"max": max(store), "mean": round(sum(store) / len(store), 1)},
         "samples": len(samples),
     }

@@ -65,21 +65,44 @@ def main() -> None:
     mask_mb = clean.large_bytes_per_scan / 1024**2
     passport_kb = (clean.bytes_per_scan - clean.large_bytes_per_scan) / 1024
     sizes = ["--mask-mb", f"{mask_mb:.3f}", "--passport-kb", f"{passport_kb:.1f}"]
-    shape = ["--cpu-instance", "m7a.4xlarge", "--cpus-per-actor", "2", "--vcpu-yield", "1", "--head-instance",
-             "m7i.large"]
-    reports = [(opts, _run([RAY_APP, "cost", "--summary", summary, "--scans-per-month", "10000", *opts], env))
-               for opts in (sizes, [*sizes, *shape])]
+    shape = [
+        "--cpu-instance",
+        "m7a.4xlarge",
+        "--cpus-per-actor",
+        "2",
+        "--vcpu-yield",
+        "1",
+        "--head-instance",
+        "m7i.large",
+    ]
+    reports = [
+        (opts, _run([RAY_APP, "cost", "--summary", summary, "--scans-per-month", "10000", *opts], env))
+        for opts in (sizes, [*sizes, *shape])
+    ]
 
-    text = "\n".join([
-        f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs; made by: .venv/bin/python bench/cost_job.py "
-        f"--scans {args.scans}",
-        f"# {args.scans} x synthetic 512x512x300 CT (0.78x0.78x1.5 mm), realistic 3 mm architecture, random weights",
-        f"$ ray-app batch --manifest MANIFEST --output OUT      (defaults; whole command {wall:.0f} s)",
-        batch.strip(), "",
-        "# the same CT with the phantom weights (clean organ masks), for the sizes of what a job writes",
-        sizes_batch.strip().splitlines()[-3], "",
-        *[line for opts, out in reports for line in
-          ("$ ray-app cost --summary SUMMARY --scans-per-month 10000 " + " ".join(opts), out.strip(), "")]])
+    text = "\n".join(
+        [
+            f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs; made by: .venv/bin/python bench/cost_job.py "
+            f"--scans {args.scans}",
+            f"# {args.scans} x synthetic 512x512x300 CT (0.78x0.78x1.5 mm), realistic 3 mm architecture,"
+            " random weights",
+            f"$ ray-app batch --manifest MANIFEST --output OUT      (defaults; whole command {wall:.0f} s)",
+            batch.strip(),
+            "",
+            "# the same CT with the phantom weights (clean organ masks), for the sizes of what a job writes",
+            sizes_batch.strip().splitlines()[-3],
+            "",
+            *[
+                line
+                for opts, out in reports
+                for line in (
+                    "$ ray-app cost --summary SUMMARY --scans-per-month 10000 " + " ".join(opts),
+                    out.strip(),
+                    "",
+                )
+            ],
+        ]
+    )
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
 

@@ -9,7 +9,7 @@ mkdir -p "$site"
 python3 -m pip install --quiet --no-index --no-deps --no-build-isolation --target "$site" .gpu/wheels/*
 tar -xJf .gpu/sitk.tar.xz -C "$site"
 export PYTHONPATH="$site:$PWD" BENCH_EXAMPLES="$PWD/.gpu/examples" PYTHONNOUSERSITE=1
-python3 -c "import torch, SimpleITK, nnunetv2, totalsegmentator.nnunet, ray_app.segmenter; \
+python3 -c "import torch, SimpleITK, nnunetv2, totalsegmentator.nnunet, ray_app.core.segmenter; \
 print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 out="${OUT:-/tmp}"

@@ -38,7 +38,7 @@ def percentile(values: list[float], q: float) -> float:
 def phantom_scan() -> bytes:
     import nibabel as nib
 
-    from ray_app.phantom import make_phantom
+    from ray_app.demo.phantom import make_phantom
 
     ct = make_phantom(7)[0]
     return gzip.compress(nib.Nifti1Image(ct.get_fdata().astype("int16"), ct.affine).to_bytes(), compresslevel=1)
@@ -49,25 +49,35 @@ def start_local(args) -> str:
     import ray
     from ray import serve
 
-    from ray_app.serve_app import build_app
+    from ray_app.adapters.serve import build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(address="local", num_cpus=args.cluster_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"min_replicas": args.replicas, "max_replicas": args.replicas,
-                         "max_ongoing_requests": args.max_ongoing, "max_queued_requests": args.max_queued,
-                         "num_cpus": args.replica_cpus, "settings": {"download_weights": False}}),
-              name="ray-app", route_prefix="/")
+    serve.run(
+        build_app(
+            {
+                "min_replicas": args.replicas,
+                "max_replicas": args.replicas,
+                "max_ongoing_requests": args.max_ongoing,
+                "max_queued_requests": args.max_queued,
+                "num_cpus": args.replica_cpus,
+                "settings": {"download_weights": False},
+            }
+        ),
+        name="ray-app",
+        route_prefix="/",
+    )
     return f"http://127.0.0.1:{port}"
 
 
 def in_process_seconds(data: bytes, kind: str | None, threads: int, repeats: int) -> float:
     """Median ``Segmenter.segment`` + passport time for the scan in this process (model loaded once)."""
-    from ray_app import pipeline
-    from ray_app.scan import load_bytes
-    from ray_app.segmenter import Segmenter
+    from ray_app.core import pipeline
+    from ray_app.core.scan import load_bytes
+    from ray_app.core.segmenter import Segmenter
 
     segmenter = Segmenter(fast=True, num_threads=threads)
     scan = load_bytes(data, "bench", kind=kind)
@@ -88,8 +98,13 @@ def run_load(url: str, token: str, data: bytes, content_type: str, n: int, c: in
     def one(i: int):
         t = time.perf_counter()
         try:
-            r = httpx.post(f"{url}/v1/segment", content=data, params={"scan_id": f"bench-{i}", "mode": mode},
-                           headers=headers, timeout=900)
+            r = httpx.post(
+                f"{url}/v1/segment",
+                content=data,
+                params={"scan_id": f"bench-{i}", "mode": mode},
+                headers=headers,
+                timeout=900,
+            )
         except httpx.HTTPError as exc:
             return type(exc).__name__, time.perf_counter() - t, None
         server = None
@@ -113,14 +128,23 @@ def report(title: str, results, wall: float) -> dict:
         return {}
     lat = [x for x, _ in ok]
     overhead = [x - s for x, s in ok]
-    out = {"p50": percentile(lat, 50), "p95": percentile(lat, 95), "p99": percentile(lat, 99),
-           "throughput": len(ok) / wall, "server_p50": statistics.median(s for _, s in ok),
-           "overhead_p50": statistics.median(overhead)}
-    print(f"   latency s: p50 {out['p50']:.2f}  p95 {out['p95']:.2f}  p99 {out['p99']:.2f}  "
-          f"(min {min(lat):.2f}, max {max(lat):.2f})")
+    out = {
+        "p50": percentile(lat, 50),
+        "p95": percentile(lat, 95),
+        "p99": percentile(lat, 99),
+        "throughput": len(ok) / wall,
+        "server_p50": statistics.median(s for _, s in ok),
+        "overhead_p50": statistics.median(overhead),
+    }
+    print(
+        f"   latency s: p50 {out['p50']:.2f}  p95 {out['p95']:.2f}  p99 {out['p99']:.2f}  "
+        f"(min {min(lat):.2f}, max {max(lat):.2f})"
+    )
     print(f"   throughput: {out['throughput']:.3f} scans/s ({60 * out['throughput']:.1f} per minute)")
-    print(f"   replica time (read+segment+passport) p50 {out['server_p50']:.2f} s; "
-          f"latency minus replica time p50 {out['overhead_p50']:.2f} s (HTTP, proxy, routing, queueing)")
+    print(
+        f"   replica time (read+segment+passport) p50 {out['server_p50']:.2f} s; "
+        f"latency minus replica time p50 {out['overhead_p50']:.2f} s (HTTP, proxy, routing, queueing)"
+    )
     return out
 
 
@@ -145,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.start:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("TOTALSEG_WEIGHTS_PATH", str(REPO / "ray_app" / "phantom_weights"))
+        os.environ.setdefault("TOTALSEG_WEIGHTS_PATH", str(REPO / "ray_app" / "demo" / "phantom_weights"))
         os.environ.setdefault("TOTALSEG_HOME_DIR", tempfile.mkdtemp(prefix="totalseg-home-"))
         os.environ.setdefault("RAY_APP_API_TOKEN", secrets.token_urlsafe(24))
     token = os.environ.get("RAY_APP_API_TOKEN")
@@ -154,19 +178,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.scan:
         data = Path(args.scan).read_bytes()
-        content_type = next((ct for ext, ct in CONTENT_TYPES.items() if args.scan.endswith(ext)),
-                            "application/octet-stream")
+        content_type = next(
+            (ct for ext, ct in CONTENT_TYPES.items() if args.scan.endswith(ext)), "application/octet-stream"
+        )
     else:
         data, content_type = phantom_scan(), "application/gzip"
     kind = {"application/gzip": "nifti-gz", "application/x-nifti": "nifti", "application/zip": "dicom-zip"}.get(
-        content_type)
+        content_type
+    )
 
     baseline = None
     if args.baseline:
         # Before any load, so the in-process runs have the CPUs to themselves.
         baseline = in_process_seconds(data, kind, args.baseline_threads, args.baseline)
-        print(f"in-process Segmenter + passport ({args.baseline_threads} thread(s)), median of {args.baseline}: "
-              f"{baseline:.2f} s")
+        print(
+            f"in-process Segmenter + passport ({args.baseline_threads} thread(s)), median of {args.baseline}: "
+            f"{baseline:.2f} s"
+        )
     url = args.url or (start_local(args) if args.start else None)
     if not url:
         p.error("give --url or --start")
@@ -174,16 +202,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.sequential:
         results, wall = run_load(url, token, data, content_type, args.sequential, 1, args.mode)
-        seq = report("sequential (c=1; the model is preloaded, so no request pays for loading it)",
-                     results, wall)
+        seq = report("sequential (c=1; the model is preloaded, so no request pays for loading it)", results, wall)
         if seq and baseline:
-            print(f"   p50 latency over in-process time: +{seq['p50'] - baseline:.2f} s "
-                  f"({100 * (seq['p50'] / baseline - 1):.0f} %)")
+            print(
+                f"   p50 latency over in-process time: +{seq['p50'] - baseline:.2f} s "
+                f"({100 * (seq['p50'] / baseline - 1):.0f} %)"
+            )
     results, wall = run_load(url, token, data, content_type, args.requests, args.concurrency, args.mode)
     load = report(f"load (n={args.requests}, c={args.concurrency})", results, wall)
     if load and baseline and args.start:
-        print(f"   p50 latency over in-process time: +{load['p50'] - baseline:.2f} s; ideal throughput at "
-              f"{args.replicas} replica(s): {args.replicas / baseline:.3f} scans/s")
+        print(
+            f"   p50 latency over in-process time: +{load['p50'] - baseline:.2f} s; ideal throughput at "
+            f"{args.replicas} replica(s): {args.replicas / baseline:.3f} scans/s"
+        )
     if args.start:
         from ray import serve
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from ray_app import made_weights as mw
-from ray_app.phantom import make_phantom
+from ray_app.demo import made_weights as mw
+from ray_app.demo.phantom import make_phantom
 
 
 def main() -> None:

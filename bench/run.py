@@ -5,8 +5,8 @@
     .venv/bin/python bench/run.py --scans example_ct_sm --repeats 2 --device cuda
 
 Every (variant, scan) runs in a fresh child process, so peak RSS is that run's own: its process alone, and plus
-its largest child process (vanilla's preprocessing and export workers), the same way for every variant. "forward share" is the network forward's share of the worker's
-seconds (segmentation and passport: what a batch actor or Serve replica spends per scan; decoding and writing
+its largest child process (vanilla's preprocessing and export workers), the same way for every variant.
+"forward share" is the network forward's share of the worker's seconds (segmentation and passport: what a batch actor or Serve replica spends per scan; decoding and writing
 run in other tasks). Then the Ray Data batch job runs N copies of one scan on a local Ray with k one-CPU
 actors, against k times the rate of one warm one-thread segmenter. Figures go to ``bench/results/latest.json``
 and a table.
@@ -32,9 +32,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 EXAMPLES = Path(os.environ.get("BENCH_EXAMPLES", REPO / "tests" / "data" / "totalseg-example"))
 #: Segmenter options per variant: "ours" is the exact path; "ours-fast" pulls the levers that trade exactness.
-VARIANTS = {"ours": {}, "ours-bf16": {"precision": "bf16"}, "ours-crop": {"crop_to_body": True},
-            "ours-fast": {"precision": "bf16", "crop_to_body": True}}
-PHANTOM_WEIGHTS = REPO / "ray_app" / "phantom_weights"
+VARIANTS = {
+    "ours": {},
+    "ours-bf16": {"precision": "bf16"},
+    "ours-crop": {"crop_to_body": True},
+    "ours-fast": {"precision": "bf16", "crop_to_body": True},
+}
+PHANTOM_WEIGHTS = REPO / "ray_app" / "demo" / "phantom_weights"
 DEFAULT_RANDOM_WEIGHTS = Path(tempfile.gettempdir()) / "ray_app_bench_weights"
 
 
@@ -47,7 +51,7 @@ def synthetic_ct() -> Path:
     Made once, in the parent, so that no child's peak RSS includes building the phantom."""
     import nibabel as nib
 
-    from ray_app.phantom import make_phantom
+    from ray_app.demo.phantom import make_phantom
 
     if not SYNTHETIC.exists():
         affine = np.diag([-0.78, -0.78, 1.5, 1.0])
@@ -130,7 +134,7 @@ def child(variant: str, scan: str, device: str, repeats: int, out_mask: str) -> 
     if variant == "vanilla":
         from totalsegmentator.python_api import totalsegmentator
 
-        from ray_app.totalseg import disable_usage_stats
+        from ray_app.core.totalseg import disable_usage_stats
 
         disable_usage_stats()
         for _ in range(repeats):
@@ -142,9 +146,9 @@ def child(variant: str, scan: str, device: str, repeats: int, out_mask: str) -> 
             forwards.append((clock.seconds, clock.calls))
         mask = np.asanyarray(out.dataobj).astype(np.uint8)
     else:
-        from ray_app import outputs, pipeline
-        from ray_app.scan import scan_from_image
-        from ray_app.segmenter import Segmenter
+        from ray_app.core import outputs, pipeline
+        from ray_app.core.scan import scan_from_image
+        from ray_app.core.segmenter import Segmenter
 
         t = time.perf_counter()
         seg = Segmenter(fast=True, device=device, **VARIANTS[variant])
@@ -164,8 +168,7 @@ def child(variant: str, scan: str, device: str, repeats: int, out_mask: str) -> 
             walls.append(time.perf_counter() - t)
             cpus.append(_cpu() - c)
             forwards.append((clock.seconds, clock.calls))
-            stages.update({"read_decode_s": read, **result.passport["timings"], "worker_s": worker,
-                           "write_s": write})
+            stages.update({"read_decode_s": read, **result.passport["timings"], "worker_s": worker, "write_s": write})
         mask = result.mask
     np.save(out_mask, mask)
     net = networks[-1]
@@ -174,11 +177,20 @@ def child(variant: str, scan: str, device: str, repeats: int, out_mask: str) -> 
     self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {
-        "variant": variant, "scan": scan, "device": device, "shape": list(img.shape),
-        "wall_s": walls, "cpu_s": cpus, "forward_s": fwd_s, "forward_calls": calls,
-        "forward_share": fwd_s / stages.get("worker_s", walls[-1]), "tile_gflop": gflop,
+        "variant": variant,
+        "scan": scan,
+        "device": device,
+        "shape": list(img.shape),
+        "wall_s": walls,
+        "cpu_s": cpus,
+        "forward_s": fwd_s,
+        "forward_calls": calls,
+        "forward_share": fwd_s / stages.get("worker_s", walls[-1]),
+        "tile_gflop": gflop,
         "gflops_per_s": gflop * calls / fwd_s if fwd_s else None,
-        "peak_rss_mb": self_rss, "peak_rss_children_mb": child_rss, "stages": stages,
+        "peak_rss_mb": self_rss,
+        "peak_rss_children_mb": child_rss,
+        "stages": stages,
         "threads": torch.get_num_threads(),
     }
 
@@ -188,16 +200,24 @@ def batch_child(scan: str, n: int, actors: int, device: str) -> dict:
 
     The rate counts the scans after the first ``actors`` (the pool's warm-up: Ray start, model load) over the
     time between the ``actors``-th and the last finished passport."""
-    from ray_app import batch
+    from ray_app.adapters import batch
 
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     path = input_path(scan)
     (work / "manifest.csv").write_text("scan_id,uri\n" + "".join(f"s{i:03d},{path}\n" for i in range(n)))
     batch.init_ray(num_cpus=actors + 1)  # one CPU per actor, one for decoding and writing
     t = time.time()
-    report = batch.run_batch(batch.BatchConfig(manifest=str(work / "manifest.csv"), output=str(work / "out"),
-                                               device=device, min_actors=actors, max_actors=actors,
-                                               cpus_per_actor=1.0, gpus_per_actor=1.0 if device == "cuda" else 0))
+    report = batch.run_batch(
+        batch.BatchConfig(
+            manifest=str(work / "manifest.csv"),
+            output=str(work / "out"),
+            device=device,
+            min_actors=actors,
+            max_actors=actors,
+            cpus_per_actor=1.0,
+            gpus_per_actor=1.0 if device == "cuda" else 0,
+        )
+    )
     wall = time.time() - t
     assert report.succeeded == n, report.rows
     # finished_at: when the actor finished each passport (segmentation done; the write overlaps the next scan)
@@ -231,8 +251,12 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
             continue
         x, y = a == label, b == label
         dices[int(label)] = float(2 * np.logical_and(x, y).sum() / (x.sum() + y.sum()))
-    return {"voxel_agreement": float((a == b).mean()), "identical": bool(np.array_equal(a, b)),
-            "min_dice": min(dices.values()) if dices else 1.0, "classes": len(dices)}
+    return {
+        "voxel_agreement": float((a == b).mean()),
+        "identical": bool(np.array_equal(a, b)),
+        "min_dice": min(dices.values()) if dices else 1.0,
+        "classes": len(dices),
+    }
 
 
 def main() -> None:
@@ -258,15 +282,28 @@ def main() -> None:
         return
     if args.weights == "random" and not (weights / "Dataset297_TotalSegmentator_total_3mm_1559subj").exists():
         subprocess.run([sys.executable, str(HERE / "make_random_weights.py"), str(weights)], check=True)
-    env = {**os.environ, "TOTALSEG_WEIGHTS_PATH": str(weights),
-           "TOTALSEG_HOME_DIR": tempfile.mkdtemp(prefix="bench-totalseg-home-")}
+    env = {
+        **os.environ,
+        "TOTALSEG_WEIGHTS_PATH": str(weights),
+        "TOTALSEG_HOME_DIR": tempfile.mkdtemp(prefix="bench-totalseg-home-"),
+    }
     if "synthetic" in args.scans.split(","):
         synthetic_ct()
     results, masks = [], {}
     tmp = Path(tempfile.mkdtemp(prefix="bench-masks-"))
+
     def run_child(*child_args: str, threads: int | None = None) -> dict:
-        cmd = [sys.executable, __file__, "--weights", args.weights, "--device", args.device,
-               "--repeats", str(args.repeats), *child_args]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--weights",
+            args.weights,
+            "--device",
+            args.device,
+            "--repeats",
+            str(args.repeats),
+            *child_args,
+        ]
         child_env = {**env, "OMP_NUM_THREADS": str(threads)} if threads else env
         proc = subprocess.run(cmd, check=False, env=child_env, capture_output=True, text=True, cwd=REPO)
         if proc.returncode:
@@ -286,10 +323,14 @@ def main() -> None:
                     row["parity_vs_vanilla"] = agreement(masks[variant, scan], masks["vanilla", scan])
     import torch
 
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                       f"{torch.get_num_threads()} torch threads", "weights": args.weights,
-            "device": args.device, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "matmul_fp32_gflops": matmul_peak_gflops() if args.device == "cpu" else None}
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads",
+        "weights": args.weights,
+        "device": args.device,
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "matmul_fp32_gflops": matmul_peak_gflops() if args.device == "cpu" else None,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     def save(batch_result) -> None:
@@ -306,29 +347,43 @@ def main() -> None:
         batch_result["efficiency"] = batch_result["steady_scans_per_s"] / (int(k) / single["stages"]["worker_s"])
         save(batch_result)
         b = batch_result
-        print(f"Ray Data: {b['scans']} x {b['scan']}, {b['actors']} one-CPU actors: {b['steady_scans_per_s']:.4f} "
-              f"scans/s steady ({b['wall_s']:.0f} s wall incl. start); one warm one-thread worker "
-              f"{b['single_worker_scans_per_s']:.4f} scans/s; efficiency vs k x single: {b['efficiency']:.0%}")
+        print(
+            f"Ray Data: {b['scans']} x {b['scan']}, {b['actors']} one-CPU actors: {b['steady_scans_per_s']:.4f} "
+            f"scans/s steady ({b['wall_s']:.0f} s wall incl. start); one warm one-thread worker "
+            f"{b['single_worker_scans_per_s']:.4f} scans/s; efficiency vs k x single: {b['efficiency']:.0%}"
+        )
 
 
 def table(meta: dict, results: list[dict]) -> str:
-    lines = [f"{meta['machine']}; weights: {meta['weights']}; device: {meta['device']}; {meta['when']}",
-             f"fp32 matmul reference: {meta['matmul_fp32_gflops'] or 0:.0f} GFLOP/s",
-             "| scan | variant | wall s (warm) | CPU s | forward s | forward share | GFLOP/s | peak RSS MB main / + child | "
-             "speed-up | parity |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{meta['machine']}; weights: {meta['weights']}; device: {meta['device']}; {meta['when']}",
+        f"fp32 matmul reference: {meta['matmul_fp32_gflops'] or 0:.0f} GFLOP/s",
+        "| scan | variant | wall s (warm) | CPU s | forward s | forward share | GFLOP/s | peak RSS MB main / + child | "
+        "speed-up | parity |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         base = next((x for x in results if x["scan"] == r["scan"] and x["variant"] == "vanilla"), None)
         speed = f"{base['wall_s'][-1] / r['wall_s'][-1]:.2f}x" if base else "-"
         par = r.get("parity_vs_vanilla")
-        parity = "-" if not par else ("identical" if par["identical"] else
-                                      f"agree {par['voxel_agreement']:.5f}, min Dice {par['min_dice']:.4f}")
+        parity = (
+            "-"
+            if not par
+            else (
+                "identical"
+                if par["identical"]
+                else f"agree {par['voxel_agreement']:.5f}, min Dice {par['min_dice']:.4f}"
+            )
+        )
         # Counted the same way for every variant: the run's own process, then plus its largest child process
         # (getrusage's RUSAGE_CHILDREN ru_maxrss; vanilla's preprocessing/export workers). Peaks of different
         # processes need not coincide, so the sum is an upper bound of what was resident at once.
         rss = f"{r['peak_rss_mb']:.0f} / {r['peak_rss_mb'] + r['peak_rss_children_mb']:.0f}"
-        lines.append(f"| {r['scan']} {tuple(r['shape'])} | {r['variant']} | {r['wall_s'][-1]:.1f} | "
-                     f"{r['cpu_s'][-1]:.1f} | {r['forward_s']:.1f} | {r['forward_share']:.0%} | "
-                     f"{r['gflops_per_s'] or 0:.0f} | {rss} | {speed} | {parity} |")
+        lines.append(
+            f"| {r['scan']} {tuple(r['shape'])} | {r['variant']} | {r['wall_s'][-1]:.1f} | "
+            f"{r['cpu_s'][-1]:.1f} | {r['forward_s']:.1f} | {r['forward_share']:.0%} | "
+            f"{r['gflops_per_s'] or 0:.0f} | {rss} | {speed} | {parity} |"
+        )
     return "\n".join(lines)
 
 

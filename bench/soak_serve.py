@@ -3,7 +3,8 @@
 Keeps more requests in flight than the deployment can hold (``replicas * (max_ongoing + max_queued)``) for the
 given time and checks the overload contract: every answer is ``200`` or Serve's ``503`` backpressure (no other
 5xx, no connection errors), and the replica's resident memory stays flat (growth under 10% from the end of the
-warm-up to the end of the run, by window medians and peaks). Prints latency percentiles, throughput, the status mix and the RSS series.
+warm-up to the end of the run, by window medians and peaks).
+Prints latency percentiles, throughput, the status mix and the RSS series.
 
 Self-contained (a local Ray + Serve with the project's phantom weights and a one-tile phantom scan):
     python bench/soak_serve.py --minutes 5 -c 8
@@ -37,7 +38,7 @@ def one_tile_phantom() -> bytes:
     import nibabel as nib
     import numpy as np
 
-    from ray_app.phantom import make_phantom
+    from ray_app.demo.phantom import make_phantom
 
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     affine[:3, 3] = (-142.5, -118.5, -133.5)
@@ -49,26 +50,39 @@ def start_local(args, token_file: str) -> str:
     import ray
     from ray import serve
 
-    from ray_app.serve_app import build_app
+    from ray_app.adapters.serve import build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(address="local", num_cpus=args.cluster_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"min_replicas": args.replicas, "max_replicas": args.replicas,
-                         "max_ongoing_requests": args.max_ongoing, "max_queued_requests": args.max_queued,
-                         "retry_after_s": 1, "num_cpus": args.replica_cpus,
-                         "settings": {"download_weights": False, "api_token_file": token_file}}),
-              name="ray-app", route_prefix="/")
+    serve.run(
+        build_app(
+            {
+                "min_replicas": args.replicas,
+                "max_replicas": args.replicas,
+                "max_ongoing_requests": args.max_ongoing,
+                "max_queued_requests": args.max_queued,
+                "retry_after_s": 1,
+                "num_cpus": args.replica_cpus,
+                "settings": {"download_weights": False, "api_token_file": token_file},
+            }
+        ),
+        name="ray-app",
+        route_prefix="/",
+    )
     return f"http://127.0.0.1:{port}"
 
 
 def replica_pids() -> list[int]:
     import ray._private.state
 
-    return [a["Pid"] for a in ray._private.state.actors().values()
-            if "SegmentService" in a["ActorClassName"] and a["State"] == "ALIVE"]
+    return [
+        a["Pid"]
+        for a in ray._private.state.actors().values()
+        if "SegmentService" in a["ActorClassName"] and a["State"] == "ALIVE"
+    ]
 
 
 def rss_mib(pid: int) -> float | None:
@@ -97,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("TOTALSEG_WEIGHTS_PATH", str(REPO / "ray_app" / "phantom_weights"))
+    os.environ.setdefault("TOTALSEG_WEIGHTS_PATH", str(REPO / "ray_app" / "demo" / "phantom_weights"))
     os.environ.setdefault("TOTALSEG_HOME_DIR", tempfile.mkdtemp(prefix="totalseg-home-"))
     import httpx
 
@@ -111,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     with httpx.Client(base_url=url, timeout=60) as c:
         while c.get("/readyz").status_code != 200:
             time.sleep(0.5)
-    print(f"endpoint {url}; capacity {capacity} requests ({args.replicas} replica(s) x (max_ongoing "
-          f"{args.max_ongoing} + max_queued {args.max_queued})); {args.concurrency} clients for {args.minutes} min")
+    print(
+        f"endpoint {url}; capacity {capacity} requests ({args.replicas} replica(s) x (max_ongoing "
+        f"{args.max_ongoing} + max_queued {args.max_queued})); {args.concurrency} clients for {args.minutes} min"
+    )
 
     results: list[tuple[float, str, float]] = []  # (time since start, status, latency)
     lock = threading.Lock()
@@ -167,14 +183,28 @@ def main(argv: list[str] | None = None) -> int:
     growth = (statistics.median(tail) - base) / base
     peak_growth = (max(tail) - max(head)) / max(head)
     figures = {
-        "minutes": round(wall / 60, 2), "concurrency": args.concurrency, "capacity": capacity,
-        "responses": dict(statuses), "ok_per_min": round(60 * len(ok) / wall, 2),
-        "latency_200_s": {"p50": percentile(ok, 50), "p95": percentile(ok, 95), "p99": percentile(ok, 99),
-                          "max": max(ok)} if ok else None,
+        "minutes": round(wall / 60, 2),
+        "concurrency": args.concurrency,
+        "capacity": capacity,
+        "responses": dict(statuses),
+        "ok_per_min": round(60 * len(ok) / wall, 2),
+        "latency_200_s": {
+            "p50": percentile(ok, 50),
+            "p95": percentile(ok, 95),
+            "p99": percentile(ok, 99),
+            "max": max(ok),
+        }
+        if ok
+        else None,
         "latency_503_s": {"p50": percentile(rejected, 50), "p99": percentile(rejected, 99)} if rejected else None,
-        "replica_rss_mib": {"first_third_median": round(base, 1), "last_third_median": round(statistics.median(tail), 1),
-                            "first_third_max": round(max(head), 1), "last_third_max": round(max(tail), 1),
-                            "growth_pct_median": round(100 * growth, 2), "growth_pct_peak": round(100 * peak_growth, 2)},
+        "replica_rss_mib": {
+            "first_third_median": round(base, 1),
+            "last_third_median": round(statistics.median(tail), 1),
+            "first_third_max": round(max(head), 1),
+            "last_third_max": round(max(tail), 1),
+            "growth_pct_median": round(100 * growth, 2),
+            "growth_pct_peak": round(100 * peak_growth, 2),
+        },
         "rss_series": [(round(t), round(v)) for t, v in rss],
     }
     print(json.dumps({k: v for k, v in figures.items() if k != "rss_series"}, indent=1))

@@ -11,7 +11,8 @@ means k threads finish k times sooner. Reported from the fastest run of each (lo
 adds time, so the minimum is the best estimate of an idle machine) and from the medians. ``--scan synthetic``
 times what a segmentation actor does per scan instead (resampling, every tile, the logits' aggregation and
 argmax, resampling back: ``Segmenter.segment``) on bench/run.py's synthetic 512x512x300 CT with the realistic
-network's random weights (made in bench/run.py's weights folder when absent). Writes ``bench/results/thread-scaling-<net>.json``.
+network's random weights (made in bench/run.py's weights folder when absent).
+Writes ``bench/results/thread-scaling-<net>.json``.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ REPO = HERE.parent
 
 
 def network(name: str):
-    from ray_app import made_weights as mw
+    from ray_app.demo import made_weights as mw
 
     if name == "realistic":
         intensity = mw.IntensityProperties(mean=0.0, std=1.0, percentile_00_5=-1000.0, percentile_99_5=1000.0)
         plans = mw.make_plans(297, mw.REALISTIC_3MM, intensity, median_shape=(300, 256, 256))
         dataset = mw.make_dataset_json(297, 1559)
     else:
-        folder = next((REPO / "ray_app" / "phantom_weights").glob("Dataset297_*/*__3d_fullres"))
+        folder = next((REPO / "ray_app" / "demo" / "phantom_weights").glob("Dataset297_*/*__3d_fullres"))
         plans = json.loads((folder / "plans.json").read_text())
         dataset = json.loads((folder / "dataset.json").read_text())
     net = mw.build_network(plans, dataset, 297).eval()
@@ -79,7 +80,7 @@ def main() -> None:
         "net": args.net,
         "patch_size": patch,
         "machine": f"{os.uname().machine}, {len(os.sched_getaffinity(0))} CPUs, "
-                   f"load {os.getloadavg()[0]:.2f} at the end",
+        f"load {os.getloadavg()[0]:.2f} at the end",
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"PYTHONPATH=. python bench/thread_scaling.py --net {args.net} --repeats {args.repeats}",
         "load_at_start": load_at_start,
@@ -109,7 +110,7 @@ def whole_scan(args) -> None:
     import nibabel as nib
     import torch
 
-    from ray_app.segmenter import Segmenter
+    from ray_app.core.segmenter import Segmenter
 
     load_at_start = os.getloadavg()[0]
     img = nib.load(synthetic_ct())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir, for an uninstalled checkout
 
-from ray_app.cli import main  # noqa: E402
+from ray_app.adapters.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["cost", *sys.argv[1:]]))

@@ -34,9 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="s3://bucket/prefix/ the batch job writes results to")
     parser.add_argument("--iam", action="store_true", help="also create the head/worker roles and profiles")
     parser.add_argument("--input", help="s3://bucket of the input scans (needed with --iam)")
-    parser.add_argument("--input-glacier-days", type=int, metavar="N",
-                        help="opt-in: move objects over 128 KiB under --input's prefix to Glacier Instant Retrieval "
-                             "N days after upload (a lifecycle rule on the input bucket; its other rules are kept)")
+    parser.add_argument(
+        "--input-glacier-days",
+        type=int,
+        metavar="N",
+        help="opt-in: move objects over 128 KiB under --input's prefix to Glacier Instant Retrieval "
+        "N days after upload (a lifecycle rule on the input bucket; its other rules are kept)",
+    )
     parser.add_argument("--cluster-name", default=aws_setup.CLUSTER_NAME, help="cluster_name in cluster.yaml")
     parser.add_argument("--head-role", default=aws_setup.HEAD_ROLE)
     parser.add_argument("--worker-role", default=aws_setup.WORKER_ROLE)
@@ -49,9 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.input:
             parser.error("--iam needs --input s3://INPUT_BUCKET")
         iam = aws_setup.IamParams(
-            input_bucket=_bucket_and_prefix(args.input)[0], output_bucket=bucket, output_prefix=prefix,
-            table=args.table, region=storage.aws_region()[0], account_id=aws_setup.account_id(),
-            cluster_name=args.cluster_name, head_role=args.head_role, worker_role=args.worker_role)
+            input_bucket=_bucket_and_prefix(args.input)[0],
+            output_bucket=bucket,
+            output_prefix=prefix,
+            table=args.table,
+            region=storage.aws_region()[0],
+            account_id=aws_setup.account_id(),
+            cluster_name=args.cluster_name,
+            head_role=args.head_role,
+            worker_role=args.worker_role,
+        )
     input_lifecycle = None
     if args.input_glacier_days is not None:
         if not args.input:
@@ -60,8 +71,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--input-glacier-days must be at least 1")
         input_lifecycle = (*_bucket_and_prefix(args.input), args.input_glacier_days)
     try:
-        report = aws_setup.setup(args.table, bucket, prefix, region=storage.aws_region()[0], sse=settings.s3_sse,
-                                 iam=iam, input_lifecycle=input_lifecycle)
+        report = aws_setup.setup(
+            args.table,
+            bucket,
+            prefix,
+            region=storage.aws_region()[0],
+            sse=settings.s3_sse,
+            iam=iam,
+            input_lifecycle=input_lifecycle,
+        )
     except ValueError as exc:
         parser.error(str(exc))
     print(json.dumps(report, indent=2))

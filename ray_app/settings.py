@@ -23,12 +23,14 @@ class Settings(BaseSettings):
         default=None, description="Torch threads per segmenter; default: the CPUs this process may use."
     )
     precision: Literal["fp32", "bf16"] = Field(
-        default="fp32", description="CPU forward precision; bf16 is faster on CPUs with AVX-512 BF16/AMX but not "
-        "bit-identical to vanilla (on CUDA nnU-Net's own fp16 autocast applies either way)."
+        default="fp32",
+        description="CPU forward precision; bf16 is faster on CPUs with AVX-512 BF16/AMX but not "
+        "bit-identical to vanilla (on CUDA nnU-Net's own fp16 autocast applies either way).",
     )
     crop_to_body: bool = Field(
-        default=False, description="Tile only the body's bounding box (HU > -500): fewer tiles over air; changes "
-        "nnU-Net's tile grid, so masks may differ from vanilla at a few voxels."
+        default=False,
+        description="Tile only the body's bounding box (HU > -500): fewer tiles over air; changes "
+        "nnU-Net's tile grid, so masks may differ from vanilla at a few voxels.",
     )
     download_weights: bool = Field(
         default=True, description="Let TotalSegmentator download missing weights (off for air-gapped nodes)."
@@ -51,8 +53,9 @@ class Settings(BaseSettings):
     # AWS (boto3 also honours AWS_ENDPOINT_URL / AWS_REGION on its own)
     aws_endpoint_url: str | None = None
     aws_region: str | None = Field(
-        default=None, description="Overrides boto3's own region chain (AWS_REGION, AWS_DEFAULT_REGION, the profile); "
-        "see ray_app.storage.aws_region."
+        default=None,
+        description="Overrides boto3's own region chain (AWS_REGION, AWS_DEFAULT_REGION, the profile); "
+        "see ray_app.storage.aws_region.",
     )
     s3_sse: Literal["AES256", "aws:kms"] = "AES256"
 
@@ -78,7 +81,9 @@ class Settings(BaseSettings):
     )
     serve_retry_after_s: int = Field(default=10, ge=0)
     serve_cpus_per_replica: float = Field(default=1.0, ge=0)
-    serve_gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs per replica; 0: one when device is cuda.")
+    serve_gpus_per_replica: float = Field(
+        default=0.0, ge=0, description="GPUs per replica; 0: one when device is cuda."
+    )
     serve_extra_models: int = Field(
         default=1, ge=0, description="Models besides the default one (other mode / roi_subset) a replica keeps loaded."
     )

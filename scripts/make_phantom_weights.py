@@ -41,11 +41,11 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from ray_app import made_weights as mw
 from ray_app.phantom import make_phantom, phantom_labels
 
-OUT_ROOT = Path(__file__).resolve().parents[1] / "ray_app" / "phantom_weights"
+from ray_app import made_weights as mw
+
+OUT_ROOT = Path(__file__).resolve().parents[1] / "ray_app" / "demo" / "phantom_weights"
 HELD_OUT_SEEDS = (900001, 900002, 900003)
 UNUSED_CLASS_BIAS = -1000.0  # logit of the classes the phantom lacks: never predicted
 PARTS = (291, 292, 293, 294, 295)
@@ -99,7 +99,7 @@ class Head:
     lut: np.ndarray  # (256,) phantom total id -> training index
 
     @classmethod
-    def for_task(cls, task_id: int) -> "Head":
+    def for_task(cls, task_id: int) -> Head:
         classes = phantom_classes(task_id)
         dataset_ids = [0, *sorted(classes.values())]
         lut = np.zeros(256, dtype=np.uint8)
@@ -114,9 +114,7 @@ class PatchSampler:
     def __init__(self, images, labels, patch, fg_oversample, rng):
         self.images, self.labels, self.patch, self.rng = images, labels, np.array(patch), rng
         self.fg_oversample = fg_oversample
-        self.fg_voxels = [
-            {c: np.argwhere(lab == c)[::50] for c in np.unique(lab) if c > 0} for lab in labels
-        ]
+        self.fg_voxels = [{c: np.argwhere(lab == c)[::50] for c in np.unique(lab) if c > 0} for lab in labels]
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, np.ndarray]:
         xs, ys = [], []
@@ -230,8 +228,11 @@ def train(cfg: ModelCfg, seed: int = 0) -> list[Path]:
         running = now if running is None else 0.95 * running + 0.05 * now
         if step % 100 == 0 or step == cfg.steps - 1:
             per_head = " ".join(f"{v:.3f}" for v in running) if len(heads) > 1 else ""
-            print(f"  [{'+'.join(map(str, cfg.task_ids))}] step {step:4d} loss {running.sum():.3f} {per_head} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            print(
+                f"  [{'+'.join(map(str, cfg.task_ids))}] step {step:4d} loss {running.sum():.3f} {per_head} "
+                f"({time.time() - t0:.0f} s)",
+                flush=True,
+            )
 
     state = net.state_dict()
     folders = []
@@ -256,7 +257,11 @@ def evaluate(task_id: int, seeds=HELD_OUT_SEEDS) -> dict[str, float]:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     predictor = nnUNetPredictor(
-        tile_step_size=0.8, use_gaussian=True, use_mirroring=False, device=torch.device("cpu"), verbose=False,
+        tile_step_size=0.8,
+        use_gaussian=True,
+        use_mirroring=False,
+        device=torch.device("cpu"),
+        verbose=False,
         allow_tqdm=False,
     )
     predictor.initialize_from_trained_model_folder(str(mw.model_dir(OUT_ROOT, task_id)), use_folds=(0,))

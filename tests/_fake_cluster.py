@@ -67,30 +67,54 @@ def node_processes() -> dict[str, dict[int, str]]:
         for var in environ.split(b"\0"):
             if var.startswith(NODE_ID_ENV):
                 title = cmdline.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-                nodes.setdefault(var[len(NODE_ID_ENV):].decode(), {})[int(entry.name)] = title
+                nodes.setdefault(var[len(NODE_ID_ENV) :].decode(), {})[int(entry.name)] = title
     return nodes
 
 
 @contextlib.contextmanager
-def fake_cluster(tmp_path: Path, head_cpus: int = 0, max_workers_per_type: int = 1,
-                 env: dict[str, str] | None = None) -> Iterator[dict]:
+def fake_cluster(
+    tmp_path: Path, head_cpus: int = 0, max_workers_per_type: int = 1, env: dict[str, str] | None = None
+) -> Iterator[dict]:
     """Start a head with the fake autoscaler on cluster.yaml's node types; yield its address, environment and temp
     dir (``leftovers`` is filled in on exit: Ray processes that outlived the head, then killed)."""
     port = free_port()
     fake_yaml = tmp_path / "fake-cluster.yaml"
     fake_yaml.write_text(yaml.safe_dump(fake_multinode_config(prepared_cluster(), port, max_workers_per_type)))
     temp_dir = tempfile.mkdtemp(prefix="rayfake-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", **(env or {})}
+    env = {
+        **os.environ,
+        "RAY_FAKE_CLUSTER": "1",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        **(env or {}),
+    }
     env.pop("RAY_ADDRESS", None)
-    cluster = {"address": f"127.0.0.1:{port}", "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
-               "temp_dir": temp_dir, "leftovers": []}
+    cluster = {
+        "address": f"127.0.0.1:{port}",
+        "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+        "temp_dir": temp_dir,
+        "leftovers": [],
+    }
     with open(tmp_path / "head.log", "wb") as log:
         head = subprocess.Popen(
-            [RAY_CLI, "start", "--head", "--block", f"--port={port}", f"--num-cpus={head_cpus}",
-             f"--object-store-memory={200 * 1024**2}", "--include-dashboard=false", "--disable-usage-stats",
-             f"--autoscaling-config={fake_yaml}", f"--temp-dir={temp_dir}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                RAY_CLI,
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                f"--num-cpus={head_cpus}",
+                f"--object-store-memory={200 * 1024**2}",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--autoscaling-config={fake_yaml}",
+                f"--temp-dir={temp_dir}",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         yield cluster
     finally:

@@ -10,16 +10,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import httpx
 
 from ray_app.ops.cluster import free_port
 
 RAY_BIN = Path(sys.executable).parent
-
-
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -33,21 +31,45 @@ def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 1, env: dict[str, str] | None = None,
-             before_stop: Callable[[dict], None] | None = None) -> Iterator[dict]:
+def ray_head(
+    num_cpus: int = 1, env: dict[str, str] | None = None, before_stop: Callable[[dict], None] | None = None
+) -> Iterator[dict]:
     """Start a head on loopback with its own ports and temp dir; yield its dashboard URL and environment; stop it
     by PID (``ray start --block`` cleans up every process it started)."""
-    ports = {name: free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                             "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                             "metrics-export-port", "ray-client-server-port",
-                                             "node-manager-port", "object-manager-port")}
+    ports = {
+        name: free_port()
+        for name in (
+            "port",
+            "dashboard-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "ray-client-server-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
     temp_dir = tempfile.mkdtemp(prefix="rayhd")  # short: Ray's unix sockets live under it
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "PATH": f"{RAY_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # job entrypoints' `python` is ours
-           **(env or {})}
-    args = [str(RAY_BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-            "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{RAY_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # job entrypoints' `python` is ours
+        **(env or {}),
+    }
+    args = [
+        str(RAY_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--num-cpus={num_cpus}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        *(f"--{k}={v}" for k, v in ports.items()),
+    ]
     with open(Path(temp_dir) / "ray-start.log", "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
     head = {"dashboard": f"http://127.0.0.1:{ports['dashboard-port']}", "env": env, "temp_dir": temp_dir}

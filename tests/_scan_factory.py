@@ -93,7 +93,7 @@ def zip_bytes(members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> by
 
 def small_phantom(seed: int) -> bytes:
     """A 64x64x48 phantom CT at 3 mm as .nii.gz: a second or two of segmentation with the phantom weights."""
-    from ray_app.phantom import make_phantom
+    from ray_app.demo.phantom import make_phantom
 
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     affine[:3, 3] = (-96.0, -96.0, -72.0)

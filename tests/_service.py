@@ -22,7 +22,7 @@ def running_service(token: str, settings: dict[str, Any], *, max_queued: int = 4
     a 0600 file, as a mounted secret would (builder arguments refuse it: they end up in Serve's stored config)."""
     from ray import serve
 
-    from ray_app.serve_app import build_app
+    from ray_app.adapters.serve import build_app
 
     secret_dir = tempfile.mkdtemp(prefix="token-")
     token_file = Path(secret_dir) / "token"
@@ -32,10 +32,20 @@ def running_service(token: str, settings: dict[str, Any], *, max_queued: int = 4
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app({"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1,
-                             "max_queued_requests": max_queued, "num_cpus": 1,
-                             "settings": {"download_weights": False, **settings}}),
-                  name="ray-app", route_prefix="/")
+        serve.run(
+            build_app(
+                {
+                    "min_replicas": 1,
+                    "max_replicas": 1,
+                    "max_ongoing_requests": 1,
+                    "max_queued_requests": max_queued,
+                    "num_cpus": 1,
+                    "settings": {"download_weights": False, **settings},
+                }
+            ),
+            name="ray-app",
+            route_prefix="/",
+        )
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
             deadline = time.monotonic() + 180
             while client.get("/readyz").status_code != 200:

@@ -56,10 +56,21 @@ def main(address: str, out_path: str) -> None:
     sampler.start()
     ds = (
         ray.data.range(8, override_num_blocks=4)
-        .map_batches(OnCpuWorker, compute=ActorPoolStrategy(min_size=1, max_size=1), batch_size=2, num_cpus=1,
-                     resources={"spot_cpu": 1})
-        .map_batches(OnGpuWorker, compute=ActorPoolStrategy(min_size=1, max_size=1), batch_size=2, num_cpus=0,
-                     num_gpus=1, resources={"spot_gpu": 1})
+        .map_batches(
+            OnCpuWorker,
+            compute=ActorPoolStrategy(min_size=1, max_size=1),
+            batch_size=2,
+            num_cpus=1,
+            resources={"spot_cpu": 1},
+        )
+        .map_batches(
+            OnGpuWorker,
+            compute=ActorPoolStrategy(min_size=1, max_size=1),
+            batch_size=2,
+            num_cpus=0,
+            num_gpus=1,
+            resources={"spot_gpu": 1},
+        )
     )
     rows = ds.take_all()
     job_s = time.monotonic() - start

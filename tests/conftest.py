@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 #: Real CTs and TotalSegmentator's outputs for them, carried in the repository (provenance and licence in its README).
 EXAMPLE_DIR = REPO / "tests" / "data" / "totalseg-example"
-PHANTOM_WEIGHTS = REPO / "ray_app" / "phantom_weights"
+PHANTOM_WEIGHTS = REPO / "ray_app" / "demo" / "phantom_weights"
 
 # Before anything can import Ray: loopback-only nodes, no token auth for local test clusters (ENVIRONMENT.md).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -117,10 +117,10 @@ def s3_bucket(moto_server) -> str:
 
 @pytest.fixture
 def dynamodb_table(moto_server):
-    """A fresh passport table (``ray_app.sinks.create_table``) on the moto server; deleted afterwards."""
+    """A fresh passport table (``ray_app.storage.sinks.create_table``) on the moto server; deleted afterwards."""
     import boto3
 
-    from ray_app.sinks import create_table
+    from ray_app.storage.sinks import create_table
 
     name = f"passports-{uuid.uuid4().hex[:12]}"
     create_table(name)
@@ -139,10 +139,11 @@ def example_dir() -> Path:
 @pytest.fixture(scope="session")
 def phantom_weights() -> Path:
     """The committed, trained phantom weights in TotalSegmentator's layout; usage statistics off."""
-    from ray_app.totalseg import disable_usage_stats
+    from ray_app.core.totalseg import disable_usage_stats
 
-    assert (PHANTOM_WEIGHTS / "Dataset297_TotalSegmentator_total_3mm_1559subj").is_dir(), \
+    assert (PHANTOM_WEIGHTS / "Dataset297_TotalSegmentator_total_3mm_1559subj").is_dir(), (
         "run scripts/make_phantom_weights.py"
+    )
     disable_usage_stats()
     return PHANTOM_WEIGHTS
 

@@ -24,15 +24,34 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
-               "expect", "content-length"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "expect",
+    "content-length",
+}
 
-_S3_SLOWDOWN = (503, "application/xml",
-                (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
-                 b"<Message>Please reduce your request rate.</Message></Error>"))
-_S3_INTERNAL = (500, "application/xml",
-                (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
-                 b"<Message>We encountered an internal error. Please try again.</Message></Error>"))
+_S3_SLOWDOWN = (
+    503,
+    "application/xml",
+    (
+        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+        b"<Message>Please reduce your request rate.</Message></Error>"
+    ),
+)
+_S3_INTERNAL = (
+    500,
+    "application/xml",
+    (
+        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
+        b"<Message>We encountered an internal error. Please try again.</Message></Error>"
+    ),
+)
 
 
 def _ddb(status: int, code: str, message: str) -> tuple[int, str, bytes]:
@@ -41,16 +60,26 @@ def _ddb(status: int, code: str, message: str) -> tuple[int, str, bytes]:
 
 
 _DDB_THROTTLE = _ddb(400, "ThrottlingException", "Rate of requests exceeds the allowed throughput.")
-_DDB_CAPACITY = _ddb(400, "ProvisionedThroughputExceededException", "The level of configured provisioned "
-                     "throughput for the table was exceeded.")
+_DDB_CAPACITY = _ddb(
+    400,
+    "ProvisionedThroughputExceededException",
+    "The level of configured provisioned throughput for the table was exceeded.",
+)
 _DDB_INTERNAL = _ddb(500, "InternalServerError", "Internal server error")
 
 #: (kind, answer, forward to moto first?) per service, in rotation order.
 FAULTS = {
-    "s3": [("s3_503_slowdown_before", _S3_SLOWDOWN, False), ("s3_500_before", _S3_INTERNAL, False),
-           ("s3_500_after", _S3_INTERNAL, True)],
-    "dynamodb": [("ddb_throttling_before", _DDB_THROTTLE, False), ("ddb_capacity_before", _DDB_CAPACITY, False),
-                 ("ddb_500_before", _DDB_INTERNAL, False), ("ddb_500_after", _DDB_INTERNAL, True)],
+    "s3": [
+        ("s3_503_slowdown_before", _S3_SLOWDOWN, False),
+        ("s3_500_before", _S3_INTERNAL, False),
+        ("s3_500_after", _S3_INTERNAL, True),
+    ],
+    "dynamodb": [
+        ("ddb_throttling_before", _DDB_THROTTLE, False),
+        ("ddb_capacity_before", _DDB_CAPACITY, False),
+        ("ddb_500_before", _DDB_INTERNAL, False),
+        ("ddb_500_after", _DDB_INTERNAL, True),
+    ],
 }
 
 
@@ -161,8 +190,16 @@ class FaultProxy:
                 target = self.headers.get("x-amz-target")
                 service = "dynamodb" if target and target.startswith("DynamoDB_") else "s3"
                 fault = proxy._pick_fault(service)
-                proxy._record(Recorded(self.command, self.path, service, target,
-                                       self.headers.get("x-amz-server-side-encryption"), fault and fault[0]))
+                proxy._record(
+                    Recorded(
+                        self.command,
+                        self.path,
+                        service,
+                        target,
+                        self.headers.get("x-amz-server-side-encryption"),
+                        fault and fault[0],
+                    )
+                )
                 if fault and fault[2]:
                     self._forward(body)
                 if fault:

@@ -27,7 +27,8 @@ class Events(list):
             if event == "open":
                 path, mode, flags = (list(args) + [None, None])[:3]
                 if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                        isinstance(flags, int) and flags & _WRITE_FLAGS):
+                    isinstance(flags, int) and flags & _WRITE_FLAGS
+                ):
                     out.append(path)
             elif event in _FS_EVENTS:
                 out.append((event, args[0] if args else None))
@@ -45,8 +46,7 @@ _lock = threading.Lock()
 
 
 def _hook(event: str, args: tuple) -> None:
-    if _recording and (event == "open" or event in _SPAWN_EVENTS or event in _FS_EVENTS
-                       or event == "socket.connect"):
+    if _recording and (event == "open" or event in _SPAWN_EVENTS or event in _FS_EVENTS or event == "socket.connect"):
         with _lock:
             for events in _recording:
                 events.append((event, args))

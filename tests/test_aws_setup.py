@@ -18,13 +18,24 @@ from ray_app.ops import aws_setup
 
 REPO = Path(__file__).resolve().parent.parent
 
-PARAMS = aws_setup.IamParams(input_bucket="scan-inputs", output_bucket="scan-results", output_prefix="ct/",
-                             table="passports", region="us-east-1", account_id="123456789012")
+PARAMS = aws_setup.IamParams(
+    input_bucket="scan-inputs",
+    output_bucket="scan-results",
+    output_prefix="ct/",
+    table="passports",
+    region="us-east-1",
+    account_id="123456789012",
+)
 
 
 def run_setup(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "setup_aws.py"), *args],
-                          check=False, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "setup_aws.py"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -53,15 +64,23 @@ def test_setup_job_run_twice_leaves_one_table_one_rule_encryption_and_no_public_
     (sse,) = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
     assert sse["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
     block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
-    assert block == {"BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
-                     "RestrictPublicBuckets": True}
+    assert block == {
+        "BlockPublicAcls": True,
+        "IgnorePublicAcls": True,
+        "BlockPublicPolicy": True,
+        "RestrictPublicBuckets": True,
+    }
 
-    profiles = {p["InstanceProfileName"]: [r["RoleName"] for r in p["Roles"]]
-                for p in iam.list_instance_profiles()["InstanceProfiles"]}
+    profiles = {
+        p["InstanceProfileName"]: [r["RoleName"] for r in p["Roles"]]
+        for p in iam.list_instance_profiles()["InstanceProfiles"]
+    }
     assert profiles[aws_setup.HEAD_ROLE] == [aws_setup.HEAD_ROLE]
     assert profiles[aws_setup.WORKER_ROLE] == [aws_setup.WORKER_ROLE]
-    assert sorted(iam.list_role_policies(RoleName=aws_setup.HEAD_ROLE)["PolicyNames"]) == \
-        ["ray-app-autoscaler", "ray-app-data"]
+    assert sorted(iam.list_role_policies(RoleName=aws_setup.HEAD_ROLE)["PolicyNames"]) == [
+        "ray-app-autoscaler",
+        "ray-app-data",
+    ]
     assert iam.list_role_policies(RoleName=aws_setup.WORKER_ROLE)["PolicyNames"] == ["ray-app-data"]
     data = iam.get_role_policy(RoleName=aws_setup.WORKER_ROLE, PolicyName="ray-app-data")["PolicyDocument"]
     assert f"arn:aws:s3:::{bucket}/ct/*" in json.dumps(data)
@@ -92,8 +111,12 @@ def test_input_glacier_rule_is_opt_in_added_once_and_keeps_the_buckets_other_rul
     args = (*base, "--input", f"s3://{inputs}/ct", "--input-glacier-days", "90")
     first, second = run_setup(*args), run_setup(*args)
     assert first["input_lifecycle"] == second["input_lifecycle"]
-    assert {k: first["input_lifecycle"][k] for k in ("rule_id", "days", "storage_class", "prefix")} == \
-        {"rule_id": aws_setup.INPUT_LIFECYCLE_RULE_ID, "days": 90, "storage_class": "GLACIER_IR", "prefix": "ct/"}
+    assert {k: first["input_lifecycle"][k] for k in ("rule_id", "days", "storage_class", "prefix")} == {
+        "rule_id": aws_setup.INPUT_LIFECYCLE_RULE_ID,
+        "days": 90,
+        "storage_class": "GLACIER_IR",
+        "prefix": "ct/",
+    }
     rules = {r["ID"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=inputs)["Rules"]}
     assert sorted(rules) == sorted(["someone-elses", aws_setup.INPUT_LIFECYCLE_RULE_ID])  # once, other kept
     assert rules["someone-elses"]["Expiration"] == {"Days": 1}
@@ -112,10 +135,23 @@ def test_input_glacier_rule_is_opt_in_added_once_and_keeps_the_buckets_other_rul
 
 def test_input_glacier_rule_that_would_move_the_results_is_refused(moto_server):
     suffix = uuid.uuid4().hex[:8]
-    args = ["--table", f"passports-{suffix}", "--output", f"s3://shared-{suffix}/data/results/",
-            "--input", f"s3://shared-{suffix}/data/", "--input-glacier-days", "30"]
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "setup_aws.py"), *args],
-                          check=False, capture_output=True, text=True, timeout=120)
+    args = [
+        "--table",
+        f"passports-{suffix}",
+        "--output",
+        f"s3://shared-{suffix}/data/results/",
+        "--input",
+        f"s3://shared-{suffix}/data/",
+        "--input-glacier-days",
+        "30",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "setup_aws.py"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "would move the results as well" in proc.stderr
     assert "shared-" + suffix not in [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
 
@@ -131,31 +167,45 @@ def test_lifecycle_rule_moves_only_large_objects_under_the_prefix():
 # ------------------------------------------------------------------------------------------ IAM as data
 
 #: The SSM agent's message channels: AWS offers no resource-level permissions for them (AmazonSSMManagedInstanceCore).
-SSM_CHANNELS = ("ssmmessages:CreateControlChannel", "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",
-                "ssmmessages:OpenDataChannel", "ec2messages:AcknowledgeMessage", "ec2messages:DeleteMessage",
-                "ec2messages:FailMessage", "ec2messages:GetEndpoint", "ec2messages:GetMessages",
-                "ec2messages:SendReply")
+SSM_CHANNELS = (
+    "ssmmessages:CreateControlChannel",
+    "ssmmessages:CreateDataChannel",
+    "ssmmessages:OpenControlChannel",
+    "ssmmessages:OpenDataChannel",
+    "ec2messages:AcknowledgeMessage",
+    "ec2messages:DeleteMessage",
+    "ec2messages:FailMessage",
+    "ec2messages:GetEndpoint",
+    "ec2messages:GetMessages",
+    "ec2messages:SendReply",
+)
 #: Writes that AWS allows only on "*": each bounded otherwise (a condition) or harmless outside the node itself.
 NO_RESOURCE_LEVEL = {"cloudwatch:PutMetricData", *SSM_CHANNELS}
 
 DATA_ACTIONS = {
     # Inputs; the job summaries jobs/cost_report.py reads on the cluster; the full passports a compact DynamoDB
     # item points at (Serve's GET /v1/passports). Not the masks or DICOM-SEGs.
-    "s3:GetObject": {f"arn:aws:s3:::{PARAMS.input_bucket}/*",
-                     f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}_jobs/*",
-                     f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}*/passport.json"},
+    "s3:GetObject": {
+        f"arn:aws:s3:::{PARAMS.input_bucket}/*",
+        f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}_jobs/*",
+        f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}*/passport.json",
+    },
     "s3:ListBucket": {f"arn:aws:s3:::{PARAMS.input_bucket}"},
     "s3:PutObject": {f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}*"},
     "dynamodb:GetItem": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports"},
     "dynamodb:PutItem": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports"},
-    "dynamodb:Query": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports",
-                       "arn:aws:dynamodb:us-east-1:123456789012:table/passports/index/job_id-index"},
+    "dynamodb:Query": {
+        "arn:aws:dynamodb:us-east-1:123456789012:table/passports",
+        "arn:aws:dynamodb:us-east-1:123456789012:table/passports/index/job_id-index",
+    },
     "ecr:GetAuthorizationToken": {"*"},  # ECR's login has no resource; it grants no pull by itself
     "ecr:BatchGetImage": {"arn:aws:ecr:us-east-1:123456789012:repository/ray-app"},
     "ecr:GetDownloadUrlForLayer": {"arn:aws:ecr:us-east-1:123456789012:repository/ray-app"},
     # The CloudWatch agent (deploy/cloudwatch/agent.json): this cluster's log groups, its config as Ray stores it.
-    **{f"logs:{a}": {"arn:aws:logs:us-east-1:123456789012:log-group:/ray-app/ray-app/*"}
-       for a in ("CreateLogGroup", "CreateLogStream", "PutLogEvents", "DescribeLogStreams", "PutRetentionPolicy")},
+    **{
+        f"logs:{a}": {"arn:aws:logs:us-east-1:123456789012:log-group:/ray-app/ray-app/*"}
+        for a in ("CreateLogGroup", "CreateLogStream", "PutLogEvents", "DescribeLogStreams", "PutRetentionPolicy")
+    },
     "cloudwatch:PutMetricData": {"*"},  # no resource-level permission; limited to two namespaces by a condition
     "ssm:GetParameter": {"arn:aws:ssm:us-east-1:123456789012:parameter/AmazonCloudWatch-ray_*_config_ray-app"},
     "ec2:DescribeTags": {"*"},
@@ -202,10 +252,14 @@ def test_data_policy_grants_only_the_listed_actions_on_the_listed_resources():
     assert grants(policy) == DATA_ACTIONS
     conditioned = [st for st in policy["Statement"] if "Condition" in st]
     assert [st["Action"] for st in conditioned] == [["cloudwatch:PutMetricData"]]
-    from ray_app.ops import cloudwatch  # the job's namespace and the agent's (deploy/cloudwatch/agent.json)
+    from ray_app.ops import (
+        cloudwatch,  # the job's namespace and the agent's (deploy/cloudwatch/agent.json)
+    )
+
     agent = json.loads((REPO / "deploy" / "cloudwatch" / "agent.json").read_text())
-    assert conditioned[0]["Condition"] == {"StringEquals": {"cloudwatch:namespace": [
-        cloudwatch.DEFAULT_NAMESPACE, agent["metrics"]["namespace"]]}}
+    assert conditioned[0]["Condition"] == {
+        "StringEquals": {"cloudwatch:namespace": [cloudwatch.DEFAULT_NAMESPACE, agent["metrics"]["namespace"]]}
+    }
 
 
 def test_head_policy_only_manages_this_clusters_workers():
@@ -213,28 +267,49 @@ def test_head_policy_only_manages_this_clusters_workers():
     granted = grants(policy)
     # Describe* of subnets and groups: `ray down` on the head re-reads the cluster's network before it terminates
     # the nodes (the dead-man's switch runs it there).
-    assert set(granted) == {"ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeSubnets",
-                            "ec2:DescribeSecurityGroups", "ec2:RunInstances",
-                            "ec2:CreateTags", "ec2:TerminateInstances", "iam:PassRole", "ssm:GetParameters",
-                            # Ray's launcher sets up CloudWatch on the workers the head starts (cluster.yaml)
-                            "ssm:SendCommand", "ssm:ListCommandInvocations", "ec2:DescribeInstanceStatus",
-                            "cloudwatch:PutMetricAlarm"}
+    assert set(granted) == {
+        "ec2:DescribeInstances",
+        "ec2:DescribeInstanceTypes",
+        "ec2:DescribeSubnets",
+        "ec2:DescribeSecurityGroups",
+        "ec2:RunInstances",
+        "ec2:CreateTags",
+        "ec2:TerminateInstances",
+        "iam:PassRole",
+        "ssm:GetParameters",
+        # Ray's launcher sets up CloudWatch on the workers the head starts (cluster.yaml)
+        "ssm:SendCommand",
+        "ssm:ListCommandInvocations",
+        "ec2:DescribeInstanceStatus",
+        "cloudwatch:PutMetricAlarm",
+    }
     assert granted["cloudwatch:PutMetricAlarm"] == {"arn:aws:cloudwatch:us-east-1:123456789012:alarm:ray-app-*"}
-    assert granted["ssm:SendCommand"] == {"arn:aws:ec2:us-east-1:123456789012:instance/*",
-                                          "arn:aws:ssm:us-east-1::document/AmazonCloudWatch-ManageAgent"}
+    assert granted["ssm:SendCommand"] == {
+        "arn:aws:ec2:us-east-1:123456789012:instance/*",
+        "arn:aws:ssm:us-east-1::document/AmazonCloudWatch-ManageAgent",
+    }
     assert granted["iam:PassRole"] == {f"arn:aws:iam::123456789012:role/{aws_setup.WORKER_ROLE}"}
     by_sid = {st["Sid"]: st for st in policy["Statement"]}
     terminate = by_sid["RetagAndTerminateOwnNodes"]
     clusters = [PARAMS.cluster_name, f"{PARAMS.cluster_name}-serve"]  # the batch cluster and the Serve endpoint's
     assert terminate["Condition"]["StringEquals"]["aws:ResourceTag/ray-cluster-name"] == clusters
-    assert by_sid["LaunchWorkersOfTheClusterTypes"]["Condition"]["StringEquals"][
-        "aws:RequestTag/ray-cluster-name"] == clusters
+    assert (
+        by_sid["LaunchWorkersOfTheClusterTypes"]["Condition"]["StringEquals"]["aws:RequestTag/ray-cluster-name"]
+        == clusters
+    )
 
     cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
     assert cluster["cluster_name"] == PARAMS.cluster_name
-    worker_types = {t["node_config"]["InstanceType"] for name, t in cluster["available_node_types"].items()
-                    if name != cluster["head_node_type"]}
+    worker_types = {
+        t["node_config"]["InstanceType"]
+        for name, t in cluster["available_node_types"].items()
+        if name != cluster["head_node_type"]
+    }
     launch = by_sid["LaunchWorkersOfTheClusterTypes"]["Condition"]["StringEquals"]
     assert set(launch["ec2:InstanceType"]) == worker_types, "cluster.yaml and the head policy disagree"
-    assert all(re.fullmatch(r"arn:aws:[a-z0-9]+:[a-z0-9-]*:(\d{12})?:.+", r)
-               for resources in granted.values() for r in resources if r != "*")
+    assert all(
+        re.fullmatch(r"arn:aws:[a-z0-9]+:[a-z0-9-]*:(\d{12})?:.+", r)
+        for resources in granted.values()
+        for r in resources
+        if r != "*"
+    )

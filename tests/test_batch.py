@@ -11,10 +11,10 @@ import boto3
 import nibabel as nib
 import pytest
 
-from ray_app import cli
-from ray_app.batch import BatchConfig, run_batch
-from ray_app.phantom import make_phantom
-from ray_app.sinks import open_passport_store, read_summary
+from ray_app.adapters import cli
+from ray_app.adapters.batch import BatchConfig, run_batch
+from ray_app.demo.phantom import make_phantom
+from ray_app.storage.sinks import open_passport_store, read_summary
 
 pytestmark = pytest.mark.slow
 
@@ -78,15 +78,26 @@ def s3_job(moto_server, ray_cluster, inputs, series_files):
     s3 = boto3.client("s3")
     bucket = f"job-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
-    from ray_app.sinks import create_table
+    from ray_app.storage.sinks import create_table
 
     table = f"passports-{uuid.uuid4().hex[:10]}"
     create_table(table)
     for name, data in {**inputs, **series_files}.items():
         s3.put_object(Bucket=bucket, Key=f"in/{name}", Body=data)
     s3.put_object(Bucket=bucket, Key="in/manifest.csv", Body=_manifest_csv(f"s3://{bucket}/in"))
-    argv = ["batch", "--manifest", f"s3://{bucket}/in/manifest.csv", "--output", f"s3://{bucket}/out",
-            "--table", table, "--job-id", "job-1", "--max-actors", "1"]
+    argv = [
+        "batch",
+        "--manifest",
+        f"s3://{bucket}/in/manifest.csv",
+        "--output",
+        f"s3://{bucket}/out",
+        "--table",
+        table,
+        "--job-id",
+        "job-1",
+        "--max-actors",
+        "1",
+    ]
     code = cli.main(argv)
     return {"bucket": bucket, "table": table, "argv": argv, "exit_code": code, "s3": s3}
 
@@ -109,8 +120,10 @@ def test_every_good_scan_has_mask_passport_and_summary_row_and_failures_are_reco
         head = s3.head_object(Bucket=bucket, Key=f"out/{sid}/{MODEL}/mask.nii.gz")
         assert head["ServerSideEncryption"] == "AES256"
         mask = nib.Nifti1Image.from_bytes(
-            __import__("gzip").decompress(s3.get_object(Bucket=bucket, Key=f"out/{sid}/{MODEL}/mask.nii.gz")
-                                         ["Body"].read()))
+            __import__("gzip").decompress(
+                s3.get_object(Bucket=bucket, Key=f"out/{sid}/{MODEL}/mask.nii.gz")["Body"].read()
+            )
+        )
         doc = store.get(sid, MODEL)
         assert doc["status"] == "ok" and doc["scan"]["shape"] == list(mask.shape)
         stored_json = json.loads(s3.get_object(Bucket=bucket, Key=f"out/{sid}/{MODEL}/passport.json")["Body"].read())
@@ -158,8 +171,9 @@ def test_rerun_writes_nothing_new_and_redoes_only_a_deleted_passport(s3_job):
     assert cli.main(argv3) == 1
     redone = [d["scan_id"] for d in store.list_by_job("job-3")]
     assert redone == ["phantom-b"]
-    assert {sid: store.get(sid, MODEL)["created_at"] for sid in stamps if sid != "phantom-b"} == \
-        {sid: t for sid, t in stamps.items() if sid != "phantom-b"}
+    assert {sid: store.get(sid, MODEL)["created_at"] for sid in stamps if sid != "phantom-b"} == {
+        sid: t for sid, t in stamps.items() if sid != "phantom-b"
+    }
 
 
 def test_force_redoes_everything_and_retry_failed_only_the_failures(ray_cluster, inputs, tmp_path, capsys):
@@ -174,8 +188,21 @@ def test_force_redoes_everything_and_retry_failed_only_the_failures(ray_cluster,
     store = open_passport_store(f"sqlite:///{out / 'passports.sqlite'}")
 
     def run(job: str, *options: str) -> int:
-        return cli.main(["batch", "--manifest", str(manifest), "--output", str(out), "--job-id", job,
-                         "--max-actors", "1", "--per-structure", *options])
+        return cli.main(
+            [
+                "batch",
+                "--manifest",
+                str(manifest),
+                "--output",
+                str(out),
+                "--job-id",
+                job,
+                "--max-actors",
+                "1",
+                "--per-structure",
+                *options,
+            ]
+        )
 
     def stamps() -> dict[str, str]:
         return {sid: store.get(sid, MODEL)["created_at"] for sid in ("phantom-a", "corrupt")}
@@ -183,8 +210,9 @@ def test_force_redoes_everything_and_retry_failed_only_the_failures(ray_cluster,
     assert run("first") == 1
     first = stamps()
     assert (out / "phantom-a" / MODEL / "segmentations.zip").is_file()
-    assert json.loads((out / "phantom-a" / MODEL / "passport.json").read_text())["outputs"]["segmentations"] \
-        == str(out / "phantom-a" / MODEL / "segmentations.zip")
+    assert json.loads((out / "phantom-a" / MODEL / "passport.json").read_text())["outputs"]["segmentations"] == str(
+        out / "phantom-a" / MODEL / "segmentations.zip"
+    )
     capsys.readouterr()
 
     assert run("again") == 1  # nothing ran; corrupt is still failed
@@ -214,8 +242,9 @@ def test_embedded_default_gives_the_same_passports(s3_job, inputs, series_files,
         (folder / name).write_bytes(data)
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"scan_id": sid, "uri": str(folder / _file(sid))}) + "\n" for sid in GOOD))
-    report = run_batch(BatchConfig(manifest=str(manifest), output=str(tmp_path / "out"), job_id="local-1",
-                                   max_actors=1))
+    report = run_batch(
+        BatchConfig(manifest=str(manifest), output=str(tmp_path / "out"), job_id="local-1", max_actors=1)
+    )
     assert report.failed == 0 and report.succeeded == len(GOOD)
     local = open_passport_store(f"sqlite:///{tmp_path / 'out' / 'passports.sqlite'}")
     remote = open_passport_store(f"dynamodb://{s3_job['table']}")
@@ -238,10 +267,32 @@ def test_ray_job_submit_runs_the_batch_job_on_a_started_head(phantom_weights, ex
     out = tmp_path / "out"
     with ray_head(num_cpus=2) as head:
         done = subprocess.run(
-            [str(RAY_BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO),
-             "--", "python", "jobs/segment_batch.py", "--manifest", str(manifest), "--output", str(out),
-             "--job-id", "submitted-1", "--max-actors", "1"],
-            env=head["env"], capture_output=True, text=True, timeout=600, check=False)
+            [
+                str(RAY_BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                head["dashboard"],
+                "--working-dir",
+                str(REPO),
+                "--",
+                "python",
+                "jobs/segment_batch.py",
+                "--manifest",
+                str(manifest),
+                "--output",
+                str(out),
+                "--job-id",
+                "submitted-1",
+                "--max-actors",
+                "1",
+            ],
+            env=head["env"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout and "1 ok, 0 failed" in done.stdout
     doc = open_passport_store(f"sqlite:///{out / 'passports.sqlite'}").get("submitted", MODEL)
@@ -249,7 +300,8 @@ def test_ray_job_submit_runs_the_batch_job_on_a_started_head(phantom_weights, ex
 
 
 def test_a_pilot_with_limit_runs_the_first_scans_prices_the_month_and_the_full_run_does_the_rest(
-        ray_cluster, tmp_path, capsys):
+    ray_cluster, tmp_path, capsys
+):
     from ray_app.ops import cost
     from tests._scan_factory import small_phantom
 
@@ -270,6 +322,7 @@ def test_a_pilot_with_limit_runs_the_first_scans_prices_the_month_and_the_full_r
     assert f"measured: 2 scans, {measured.cpu_seconds_per_scan:.1f} CPU-s each" in out
     assert f"projected: 10,000 such scans a month on AWS, job-scoped with Spot CPU: about ${month:,.2f}" in out
 
-    full = run_batch(BatchConfig(manifest=str(tmp_path / "m.csv"), output=str(tmp_path / "out"), job_id="full",
-                                 max_actors=1))
+    full = run_batch(
+        BatchConfig(manifest=str(tmp_path / "m.csv"), output=str(tmp_path / "out"), job_id="full", max_actors=1)
+    )
     assert [r["scan_id"] for r in full.rows if r["status"] == "ok"] == ["p-2"] and sorted(full.skipped) == ids[:2]

@@ -18,8 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ray_app import cli
-from ray_app.phantom import make_phantom
+from ray_app.adapters import cli
+from ray_app.demo.phantom import make_phantom
 from tests._ray import free_port, stop_process
 from tests.conftest import REPO
 
@@ -27,7 +27,7 @@ MODEL = "total_fast"
 
 
 def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ray_app.cli", *args]
+    return [sys.executable, "-m", "ray_app.adapters.cli", *args]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -60,10 +60,13 @@ def test_device_cuda_reserves_one_gpu_per_actor_unless_told_otherwise():
     assert cli.batch_config(_batch_args()).gpus_per_actor == 0.0
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--device", "cuda", "--gpus-per-actor", "0"], "--device cuda needs a GPU per actor"),
-    (["--device", "cpu", "--gpus-per-actor", "1"], "reserves GPUs that --device cpu actors never use"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--device", "cuda", "--gpus-per-actor", "0"], "--device cuda needs a GPU per actor"),
+        (["--device", "cpu", "--gpus-per-actor", "1"], "reserves GPUs that --device cpu actors never use"),
+    ],
+)
 def test_contradictory_device_options_stop_at_the_start_with_one_message(options, message, capsys):
     # The manifest does not exist: a run that got past the check would fail on it instead of exiting 2.
     assert cli.main(["batch", "--manifest", "/nonexistent/m.csv", "--output", "/nonexistent/out", *options]) == 2
@@ -80,7 +83,7 @@ def test_an_unusable_manifest_exits_2_before_anything_runs(tmp_path, capsys):
 
 
 def test_serve_derives_its_gpu_request_from_the_device(monkeypatch):
-    from ray_app.serve_app import build_app
+    from ray_app.adapters.serve import build_app
 
     monkeypatch.setenv("RAY_APP_API_TOKEN", secrets.token_hex(16))
     options = build_app({"settings": {"device": "cuda"}})._bound_deployment.ray_actor_options
@@ -99,10 +102,29 @@ def test_segment_command_writes_each_scan_and_exits_1_only_when_one_failed(phant
     corrupt = tmp_path / "corrupt.nii.gz"
     corrupt.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     out = tmp_path / "out"
-    done = subprocess.run(_command("segment", str(good), str(corrupt), str(example_dir / "example_ct_dicom"),
-                                   "--scan-id", "phantom", "--scan-id", "corrupt", "--scan-id", "series",
-                                   "--out", str(out), "--preview", "--per-structure"),
-                          env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        _command(
+            "segment",
+            str(good),
+            str(corrupt),
+            str(example_dir / "example_ct_dicom"),
+            "--scan-id",
+            "phantom",
+            "--scan-id",
+            "corrupt",
+            "--scan-id",
+            "series",
+            "--out",
+            str(out),
+            "--preview",
+            "--per-structure",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 1, done.stdout + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert any(line.startswith("phantom: ok, ") and "structures present" in line for line in lines), lines
@@ -120,8 +142,14 @@ def test_segment_command_writes_each_scan_and_exits_1_only_when_one_failed(phant
         assert set(np.unique(np.asanyarray(one.dataobj))) == {0, 1}
     assert not (out / "corrupt").exists()  # a failed scan is reported, never written
 
-    again = subprocess.run(_command("segment", str(good), "--out", str(tmp_path / "out2")), env=_env(),
-                           capture_output=True, text=True, timeout=600, check=False)
+    again = subprocess.run(
+        _command("segment", str(good), "--out", str(tmp_path / "out2")),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert again.returncode == 0, again.stdout + again.stderr[-3000:]
     assert again.stdout.splitlines()[-1] == "1 ok, 0 failed"
     assert {p.name for p in (tmp_path / "out2" / "phantom").iterdir()} == {"mask.nii.gz", "passport.json"}
@@ -130,8 +158,14 @@ def test_segment_command_writes_each_scan_and_exits_1_only_when_one_failed(phant
 @pytest.mark.slow
 def test_demo_command_ends_in_success_when_only_its_corrupt_input_failed(phantom_weights, tmp_path):
     """The README's first command: the corrupt input failing is the demo working, so the exit code is 0."""
-    done = subprocess.run(_command("demo", "--out", str(tmp_path / "demo"), "--scans", "1"), env=_env(),
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        _command("demo", "--out", str(tmp_path / "demo"), "--scans", "1"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "truncated" in done.stdout and "truncated_file" in done.stdout
     assert "demo: as intended: 1 phantoms segmented, the corrupt file recorded as a failure" in done.stdout
@@ -145,8 +179,9 @@ def test_serve_command_refuses_to_start_without_a_token(tmp_path):
     env = _env()
     for k in ("RAY_APP_API_TOKEN", "RAY_APP_API_TOKEN_FILE"):
         env.pop(k, None)
-    done = subprocess.run(_command("serve", "--port", str(free_port())), env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        _command("serve", "--port", str(free_port())), env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 2
     assert done.stderr.startswith("error: no API token: set RAY_APP_API_TOKEN")
 
@@ -156,8 +191,12 @@ def test_serve_command_serves_on_loopback_and_stops_cleanly_on_sigterm(phantom_w
     token = secrets.token_hex(16)
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(_command("serve", "--port", str(port)), stdout=log, stderr=subprocess.STDOUT,
-                            env=_env(RAY_APP_API_TOKEN=token, RAY_APP_DOWNLOAD_WEIGHTS="false"))
+    proc = subprocess.Popen(
+        _command("serve", "--port", str(port)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_env(RAY_APP_API_TOKEN=token, RAY_APP_DOWNLOAD_WEIGHTS="false"),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -172,8 +211,13 @@ def test_serve_command_serves_on_loopback_and_stops_cleanly_on_sigterm(phantom_w
             time.sleep(1)
         assert f"serving on http://127.0.0.1:{port} (API docs at /docs)" in (tmp_path / "serve.log").read_text()
         body = gzip.compress(_small_phantom(tmp_path / "p.nii").read_bytes(), compresslevel=1)
-        r = httpx.post(f"{url}/v1/segment", content=body, params={"scan_id": "via-command"}, timeout=300,
-                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/gzip"})
+        r = httpx.post(
+            f"{url}/v1/segment",
+            content=body,
+            params={"scan_id": "via-command"},
+            timeout=300,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/gzip"},
+        )
         assert r.status_code == 200 and r.json()["status"] == "ok", r.text[:500]
         assert httpx.post(f"{url}/v1/segment", content=body, timeout=60).status_code == 401
         assert httpx.get(f"{url}/docs", timeout=30).status_code == 200

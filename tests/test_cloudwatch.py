@@ -12,7 +12,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from ray_app import cli
+from ray_app.adapters import cli
 from ray_app.ops import cloudwatch
 from tests._fake_cluster import REPO, load_cluster
 
@@ -33,21 +33,28 @@ def _load(name: str):
 
 
 def _helper(config: dict, node_id: str):
-    from ray.autoscaler._private.aws.cloudwatch.cloudwatch_helper import CloudwatchHelper
+    from ray.autoscaler._private.aws.cloudwatch.cloudwatch_helper import (
+        CloudwatchHelper,
+    )
 
     return CloudwatchHelper(config["provider"], node_id, config["cluster_name"])
 
 
 def test_cluster_yaml_names_the_dashboard_and_alarms_the_way_rays_launcher_reads_them(moto_server, monkeypatch):
-    from ray.autoscaler._private.aws.cloudwatch.cloudwatch_helper import CloudwatchHelper
+    from ray.autoscaler._private.aws.cloudwatch.cloudwatch_helper import (
+        CloudwatchHelper,
+    )
 
     assert "cloudwatch" not in load_cluster()["provider"], "opt-in: an SSM wait on every node's start-up path"
     config = prepared_cluster()  # Ray's schema validator passes with the cloudwatch section
     provider = config["provider"]
     assert CloudwatchHelper.cloudwatch_config_exists(provider, "dashboard")
     assert CloudwatchHelper.cloudwatch_config_exists(provider, "alarm")
-    assert provider["cloudwatch"]["agent"]["retryer"]["max_attempts"] * \
-        provider["cloudwatch"]["agent"]["retryer"]["delay_seconds"] <= 600  # a node waits at most 10 min for SSM
+    assert (
+        provider["cloudwatch"]["agent"]["retryer"]["max_attempts"]
+        * provider["cloudwatch"]["agent"]["retryer"]["delay_seconds"]
+        <= 600
+    )  # a node waits at most 10 min for SSM
 
     monkeypatch.chdir(REPO)  # Ray resolves the paths against the working directory of `ray up`
     helper = _helper(config, "i-0123456789abcdef0")
@@ -72,7 +79,7 @@ def test_cluster_yaml_names_the_dashboard_and_alarms_the_way_rays_launcher_reads
 
 
 def test_preflight_stops_a_cluster_run_started_where_ray_cannot_find_the_files(monkeypatch, tmp_path):
-    from ray_app.errors import PreflightError
+    from ray_app.core.errors import PreflightError
 
     monkeypatch.chdir(REPO)
     assert "deploy/cloudwatch/alarms.json" in cloudwatch.check_cluster_files(cloudwatch.with_cloudwatch(load_cluster()))
@@ -114,23 +121,35 @@ def test_names_in_the_cloudwatch_files_match_what_the_code_and_ray_emit():
 
     patterns = [f["file_path"] for f in agent["logs"]["logs_collected"]["files"]["collect_list"]]
     logs = "/tmp/ray/session_latest/logs/"
-    for name in (JOB_LOGS_PATH_TEMPLATE.format(submission_id="raysubmit_abc"), "ray-data/ray-data.log",
-                 "serve/proxy_10.0.0.1.log", "monitor.log"):
+    for name in (
+        JOB_LOGS_PATH_TEMPLATE.format(submission_id="raysubmit_abc"),
+        "ray-data/ray-data.log",
+        "serve/proxy_10.0.0.1.log",
+        "monitor.log",
+    ):
         assert any(fnmatch.fnmatch(logs + name, p) for p in patterns), name
     # Never the runtime_env agent's log: it holds every variable a job carries (ENVIRONMENT.md).
     assert not any(fnmatch.fnmatch(logs + "runtime_env_agent.log", p) for p in patterns)
-    assert all(f["retention_in_days"] in (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365)
-               for f in agent["logs"]["logs_collected"]["files"]["collect_list"])
+    assert all(
+        f["retention_in_days"] in (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365)
+        for f in agent["logs"]["logs_collected"]["files"]["collect_list"]
+    )
 
 
 def test_job_metric_data_counts_scans_and_codes_without_ids(monkeypatch):
-    rows = [{"scan_id": "a", "status": "ok"}, {"scan_id": "b", "status": "failed", "error_code": "truncated_file"},
-            {"scan_id": "c", "status": "rejected", "error_code": "not_ct"}, {"scan_id": "d", "status": "ok"}]
+    rows = [
+        {"scan_id": "a", "status": "ok"},
+        {"scan_id": "b", "status": "failed", "error_code": "truncated_file"},
+        {"scan_id": "c", "status": "rejected", "error_code": "not_ct"},
+        {"scan_id": "d", "status": "ok"},
+    ]
     data = cloudwatch.job_metric_data(rows)
     plain = {d["MetricName"]: d["Value"] for d in data if "Dimensions" not in d}
     assert plain == {"ScansSucceeded": 2.0, "ScansFailed": 2.0}
-    assert {d["Dimensions"][0]["Value"]: d["Value"] for d in data if "Dimensions" in d} == \
-        {"truncated_file": 1.0, "not_ct": 1.0}
+    assert {d["Dimensions"][0]["Value"]: d["Value"] for d in data if "Dimensions" in d} == {
+        "truncated_file": 1.0,
+        "not_ct": 1.0,
+    }
     assert '"a"' not in json.dumps(data) and '"b"' not in json.dumps(data)
     monkeypatch.delenv(cloudwatch.ENV_NAMESPACE, raising=False)
     assert cloudwatch.publish_job(rows) is False  # off unless asked: local runs never call CloudWatch
@@ -145,20 +164,42 @@ def test_a_batch_job_puts_its_counts_to_cloudwatch_when_asked(ray_cluster, tmp_p
     (tmp_path / "m.csv").write_text(f"scan_id,uri\nok,{tmp_path / 'ok.nii.gz'}\ncut,{tmp_path / 'cut.nii.gz'}\n")
     namespace = f"ray-app-test-{os.getpid()}"
     monkeypatch.setenv(cloudwatch.ENV_NAMESPACE, namespace)
-    assert cli.main(["batch", "--manifest", str(tmp_path / "m.csv"), "--output", str(tmp_path / "out"),
-                     "--job-id", "cw-1", "--max-actors", "1"]) == 1  # one scan failed
+    assert (
+        cli.main(
+            [
+                "batch",
+                "--manifest",
+                str(tmp_path / "m.csv"),
+                "--output",
+                str(tmp_path / "out"),
+                "--job-id",
+                "cw-1",
+                "--max-actors",
+                "1",
+            ]
+        )
+        == 1
+    )  # one scan failed
 
     cw = boto3.client("cloudwatch")
     metrics = cw.list_metrics(Namespace=namespace)["Metrics"]
     assert {(m["MetricName"], tuple((d["Name"], d["Value"]) for d in m["Dimensions"])) for m in metrics} == {
-        ("ScansSucceeded", ()), ("ScansFailed", ()), ("ScansFailedByCode", (("ErrorCode", "truncated_file"),))}
+        ("ScansSucceeded", ()),
+        ("ScansFailed", ()),
+        ("ScansFailedByCode", (("ErrorCode", "truncated_file"),)),
+    }
     # The alarm's expression over what was put: 1 failed of 2 is over its 10% threshold.
     (alarm,) = [a for a in _load("alarms.json") if a["AlarmName"].endswith("job-failure-share")]
     sums = {}
     for q in alarm["Metrics"][:2]:
-        stat = cw.get_metric_statistics(Namespace=namespace, MetricName=q["MetricStat"]["Metric"]["MetricName"],
-                                        StartTime="2000-01-01T00:00:00Z", EndTime="2100-01-01T00:00:00Z",
-                                        Period=q["MetricStat"]["Period"], Statistics=["Sum"])
+        stat = cw.get_metric_statistics(
+            Namespace=namespace,
+            MetricName=q["MetricStat"]["Metric"]["MetricName"],
+            StartTime="2000-01-01T00:00:00Z",
+            EndTime="2100-01-01T00:00:00Z",
+            Period=q["MetricStat"]["Period"],
+            Statistics=["Sum"],
+        )
         sums[q["Id"]] = sum(p["Sum"] for p in stat["Datapoints"])
     assert sums == {"failed": 1.0, "succeeded": 1.0}
     assert sums["failed"] / (sums["failed"] + sums["succeeded"]) > alarm["Threshold"]

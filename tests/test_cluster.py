@@ -48,8 +48,10 @@ def test_cluster_yaml_passes_rays_schema_and_has_the_intended_shape():
     assert sorted(by_label) == ["spot_cpu", "spot_gpu"]
     assert config["idle_timeout_minutes"] > 0 and config["provider"]["cache_stopped_nodes"] is False
 
-    assert all(t["node_config"]["InstanceInitiatedShutdownBehavior"] == "terminate"
-               for t in config["available_node_types"].values()), "a node that shuts itself down must not linger"
+    assert all(
+        t["node_config"]["InstanceInitiatedShutdownBehavior"] == "terminate"
+        for t in config["available_node_types"].values()
+    ), "a node that shuts itself down must not linger"
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("--disable-usage-stats" in c for c in starts if "ray start" in c)
 
@@ -60,7 +62,7 @@ def test_every_node_ends_by_itself_and_starts_from_the_prebuilt_image():
     config = prepared_cluster()
     (deadman,) = [c for c in config["head_start_ray_commands"] if "ray_app.ops.deadman" in c]
     args = deadman.split()
-    assert args[args.index("--") + 1:args.index("--") + 5] == ["ray", "down", "~/ray_bootstrap_config.yaml", "--yes"]
+    assert args[args.index("--") + 1 : args.index("--") + 5] == ["ray", "down", "~/ray_bootstrap_config.yaml", "--yes"]
     max_hours = float(args[args.index("--max-hours") + 1])
     assert 0 < float(args[args.index("--idle-minutes") + 1]) <= 60
     assert deadman.startswith("setsid nohup") and deadman.rstrip().endswith("&"), "must outlive the SSH session"
@@ -68,11 +70,14 @@ def test_every_node_ends_by_itself_and_starts_from_the_prebuilt_image():
     assert max_hours * 60 < int(backstop.split("+")[1]) <= max_hours * 60 + 120
 
     assert config["setup_commands"] == [], "nothing installed or downloaded per node"
-    images = [config["docker"]["image"]] + [t["docker"]["worker_image"] for t in
-                                            config["available_node_types"].values() if "docker" in t]
+    images = [config["docker"]["image"]] + [
+        t["docker"]["worker_image"] for t in config["available_node_types"].values() if "docker" in t
+    ]
     assert all(".dkr.ecr." in i and i.split("/")[-1].startswith("ray-app:") for i in images), images
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert "totalseg_download_weights -t total_fast" in dockerfile and "totalseg_download_weights -t total" in dockerfile
+    assert (
+        "totalseg_download_weights -t total_fast" in dockerfile and "totalseg_download_weights -t total" in dockerfile
+    )
     assert "disable_usage_stats()" in dockerfile and "ENV RAY_APP_DOWNLOAD_WEIGHTS=false" in dockerfile
 
 
@@ -112,8 +117,7 @@ def test_the_validators_reject_a_broken_node_config():
     shape = _run_instances_input()
     wrong_key = ParamValidator().validate(_run_instances_params({**node, "InstanceTyp": "g6.xlarge"}), shape)
     assert wrong_key.has_errors() and "InstanceTyp" in wrong_key.generate_report()
-    wrong_type = ParamValidator().validate(_run_instances_params({**node, "MetadataOptions": {"HttpTokens": 1}}),
-                                           shape)
+    wrong_type = ParamValidator().validate(_run_instances_params({**node, "MetadataOptions": {"HttpTokens": 1}}), shape)
     assert wrong_type.has_errors()
     assert _enum_errors(shape, _run_instances_params({**node, "InstanceType": "g6.huge"}))
 
@@ -131,13 +135,23 @@ def test_rays_aws_provider_bootstraps_and_launches_each_worker_type_on_spot(moto
     )
 
     monkeypatch.setenv("HOME", str(tmp_path))  # Ray saves the key pair it creates under ~/.ssh
-    aws_setup.ensure_iam(aws_setup.IamParams(
-        input_bucket="scans", output_bucket="results", output_prefix="ct/", table="passports",
-        region="us-east-1", account_id=aws_setup.account_id()))
+    aws_setup.ensure_iam(
+        aws_setup.IamParams(
+            input_bucket="scans",
+            output_bucket="results",
+            output_prefix="ct/",
+            table="passports",
+            region="us-east-1",
+            account_id=aws_setup.account_id(),
+        )
+    )
 
     config = prepared_cluster()
     config["provider"]["aws_credentials"] = {
-        "endpoint_url": moto_server, "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+        "endpoint_url": moto_server,
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+    }
     config = bootstrap_aws(config)
     zones = config["provider"]["availability_zone"].split(",")
     ec2 = boto3.client("ec2", endpoint_url=moto_server, region_name="us-east-1")
@@ -158,8 +172,11 @@ def test_rays_aws_provider_bootstraps_and_launches_each_worker_type_on_spot(moto
         launched[instance_id] = name
     assert sorted(provider.non_terminated_nodes({})) == sorted(launched)
 
-    instances = {i["InstanceId"]: i for r in ec2.describe_instances(InstanceIds=list(launched))["Reservations"]
-                 for i in r["Instances"]}
+    instances = {
+        i["InstanceId"]: i
+        for r in ec2.describe_instances(InstanceIds=list(launched))["Reservations"]
+        for i in r["Instances"]
+    }
     for instance_id, name in launched.items():
         instance, node = instances[instance_id], config["available_node_types"][name]["node_config"]
         tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
@@ -174,8 +191,11 @@ def test_rays_aws_provider_bootstraps_and_launches_each_worker_type_on_spot(moto
             assert instance["InstanceLifecycle"] == "spot"
 
     provider.terminate_nodes(list(launched))
-    states = {i["State"]["Name"] for r in ec2.describe_instances(InstanceIds=list(launched))["Reservations"]
-              for i in r["Instances"]}
+    states = {
+        i["State"]["Name"]
+        for r in ec2.describe_instances(InstanceIds=list(launched))["Reservations"]
+        for i in r["Instances"]
+    }
     assert states <= {"shutting-down", "terminated"}
     assert provider.non_terminated_nodes({}) == []
 
@@ -188,8 +208,14 @@ def test_rays_aws_provider_bootstraps_and_launches_each_worker_type_on_spot(moto
 def test_autoscaler_adds_the_labelled_worker_types_for_a_job_and_removes_them_when_idle(tmp_path):
     with fake_cluster(tmp_path) as cluster:
         out = tmp_path / "job.json"
-        job = subprocess.run([sys.executable, str(REPO / "tests" / "autoscale_job.py"), cluster["address"], str(out)],
-                             check=False, env=cluster["env"], capture_output=True, text=True, timeout=240)
+        job = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "autoscale_job.py"), cluster["address"], str(out)],
+            check=False,
+            env=cluster["env"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert job.returncode == 0, job.stderr[-3000:]
         result = json.loads(out.read_text())
         counts = [(t["t"], len(t["spot_cpu"]), len(t["spot_gpu"])) for t in result["trace"]]
@@ -216,8 +242,9 @@ def test_the_serve_endpoints_cluster_is_cluster_yaml_made_always_on_and_small():
 
     committed = (REPO / "deploy" / "serve-cluster.yaml").read_text()
     assert committed.startswith(SERVE_CONFIG_HEADER)
-    assert yaml.safe_load(committed) == serve_cluster_config(load_cluster()), \
+    assert yaml.safe_load(committed) == serve_cluster_config(load_cluster()), (
         "regenerate: python -m ray_app.ops.cluster serve-config > deploy/serve-cluster.yaml"
+    )
 
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -228,8 +255,9 @@ def test_the_serve_endpoints_cluster_is_cluster_yaml_made_always_on_and_small():
     head = serve["available_node_types"][serve["head_node_type"]]
     assert head["node_config"]["InstanceType"] == "m7i.large" and head["resources"] == {"CPU": 0}
     assert all("spot_cpu" in t["resources"] for name, t in workers(serve).items())
-    assert {n: t["node_config"] for n, t in workers(serve).items()} == \
-        {n: t["node_config"] for n, t in workers(batch).items() if n in workers(serve)}
+    assert {n: t["node_config"] for n, t in workers(serve).items()} == {
+        n: t["node_config"] for n, t in workers(batch).items() if n in workers(serve)
+    }
     commands = " ; ".join(serve["initialization_commands"] + serve["head_start_ray_commands"])
     assert "deadman" not in commands and "shutdown" not in commands, "the endpoint's head is meant to stay up"
     starts = [c for c in serve["head_start_ray_commands"] + serve["worker_start_ray_commands"] if "ray start" in c]

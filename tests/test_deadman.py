@@ -32,8 +32,9 @@ class Clock:
 def test_watch_counts_idleness_from_the_last_busy_poll_and_caps_the_lifetime():
     clock = Clock()
     busy_until = 100.0
-    reason = watch(lambda: clock.now < busy_until, Limits(idle_s=30, max_lifetime_s=10_000, poll_s=5), clock,
-                   clock.sleep)
+    reason = watch(
+        lambda: clock.now < busy_until, Limits(idle_s=30, max_lifetime_s=10_000, poll_s=5), clock, clock.sleep
+    )
     # polled every 5 s: the last busy poll was at 95, so it fires at 95 + 30, within one poll of 30 s after the end
     assert reason == "idle" and busy_until + 30 - 5 <= clock.now <= busy_until + 30
 
@@ -43,9 +44,24 @@ def test_watch_counts_idleness_from_the_last_busy_poll_and_caps_the_lifetime():
 
 
 def _deadman(dashboard: str, marker: Path, *limits: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ray_app.ops.deadman", "--dashboard", dashboard, *limits,
-                             "--poll-seconds", "0.5", "--", "touch", str(marker)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ray_app.ops.deadman",
+            "--dashboard",
+            dashboard,
+            *limits,
+            "--poll-seconds",
+            "0.5",
+            "--",
+            "touch",
+            str(marker),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _fired_at(proc: subprocess.Popen, marker: Path, timeout: float) -> float | None:

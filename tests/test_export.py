@@ -7,12 +7,12 @@ import csv
 import pyarrow.parquet as pq
 import pytest
 
-from ray_app import cli
+from ray_app.adapters import cli
+from ray_app.core.passport import build_passport, failure_passport
+from ray_app.core.scan import scan_from_image
+from ray_app.demo.phantom import make_phantom, phantom_labels
 from ray_app.ops.export import passport_row
-from ray_app.passport import build_passport, failure_passport
-from ray_app.phantom import make_phantom, phantom_labels
-from ray_app.scan import scan_from_image
-from ray_app.sinks import open_passport_store
+from ray_app.storage.sinks import open_passport_store
 
 MODEL = {"key": "total-fast-test", "checksum": "0" * 64}
 
@@ -49,19 +49,27 @@ def test_export_from_sqlite_to_parquet_and_csv(passports, tmp_path):
     store.put({**passports[0], "scan_id": "other-job"}, "job-y")  # another job's scan stays out
 
     out = tmp_path / "job-x.parquet"
-    assert cli.main(["export", "--job", "job-x", "--passports", f"sqlite:///{tmp_path / 'p.sqlite'}",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(["export", "--job", "job-x", "--passports", f"sqlite:///{tmp_path / 'p.sqlite'}", "--out", str(out)])
+        == 0
+    )
     table = pq.ParquetFile(out).read()
     assert table.schema.field("liver_ml").type == "double"
     _check(table.column_names, {r["scan_id"]: r for r in table.to_pylist()}, passports)
 
     out_csv = tmp_path / "job-x.csv"
-    assert cli.main(["export", "--job", "job-x", "--passports", f"sqlite:///{tmp_path / 'p.sqlite'}",
-                     "--out", str(out_csv)]) == 0
+    assert (
+        cli.main(
+            ["export", "--job", "job-x", "--passports", f"sqlite:///{tmp_path / 'p.sqlite'}", "--out", str(out_csv)]
+        )
+        == 0
+    )
     with out_csv.open(newline="") as f:
         reader = csv.DictReader(f)
-        rows = {r["scan_id"]: {k: (float(v) if k.endswith("_ml") and v else v or None) for k, v in r.items()}
-                for r in reader}
+        rows = {
+            r["scan_id"]: {k: (float(v) if k.endswith("_ml") and v else v or None) for k, v in r.items()}
+            for r in reader
+        }
     _check(reader.fieldnames, rows, passports)
 
 
@@ -77,17 +85,23 @@ def test_export_from_dynamodb(passports, dynamodb_table, tmp_path):
 
 def test_a_compact_store_item_exports_like_the_full_passport(passports):
     full = passports[0]
-    compact = {"scan_id": full["scan_id"], "status": "ok", "created_at": full["created_at"],
-               "model": {"key": MODEL["key"]}, "passport_uri": "s3://b/ph-1/passport.json",
-               "structures": {n: {"present": s["present"], "volume_ml": s["volume_ml"]}
-                              for n, s in full["structures"].items()}}
+    compact = {
+        "scan_id": full["scan_id"],
+        "status": "ok",
+        "created_at": full["created_at"],
+        "model": {"key": MODEL["key"]},
+        "passport_uri": "s3://b/ph-1/passport.json",
+        "structures": {
+            n: {"present": s["present"], "volume_ml": s["volume_ml"]} for n, s in full["structures"].items()
+        },
+    }
     assert passport_row(compact) == passport_row(full)
 
 
 def test_csv_cells_never_start_a_spreadsheet_formula():
     from ray_app.ops.export import to_bytes
 
-    text = to_bytes(["scan_id", "error_code"], [{"scan_id": "a1", "error_code": "=HYPERLINK(\"x\")"}], "csv").decode()
+    text = to_bytes(["scan_id", "error_code"], [{"scan_id": "a1", "error_code": '=HYPERLINK("x")'}], "csv").decode()
     assert text.splitlines()[1].split(",")[1].startswith("\"'=")
 
 

@@ -23,9 +23,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ray_app import cli
-from ray_app.phantom import make_phantom
-from ray_app.sinks import create_table, open_passport_store, read_summary
+from ray_app.adapters import cli
+from ray_app.demo.phantom import make_phantom
+from ray_app.storage.sinks import create_table, open_passport_store, read_summary
 from tests import _scan_factory as f
 from tests._service import running_service
 
@@ -66,6 +66,7 @@ def _set(keyword, value, which=slice(None)):
     def mutate(datasets):
         for ds in datasets[which]:
             setattr(ds, keyword, value)
+
     return mutate
 
 
@@ -91,14 +92,20 @@ def scan_kinds() -> dict[str, tuple[bytes | dict[str, bytes], str]]:
         "truncated-gzip": (good_gz[: len(good_gz) // 2], "truncated_file"),
         "truncated-nifti": (gzip.decompress(good_gz)[:100_000], "truncated_file"),
         "corrupt-gzip": (good_gz[:100] + b"\x00" * 5000, "unreadable_scan"),
-        "header-1e12-voxels": (f.crafted_header_bytes((10_000, 10_000, 10_000), payload=b"\0" * 1000),
-                               "too_many_voxels"),
+        "header-1e12-voxels": (
+            f.crafted_header_bytes((10_000, 10_000, 10_000), payload=b"\0" * 1000),
+            "too_many_voxels",
+        ),
         "gzip-bomb": (f.crafted_header_bytes((8, 8, 8), payload=b"\0" * (64 * 1024**2)), "decompression_bomb"),
         "zip-bomb": (f.zip_bytes({"series/a.dcm": b"\0" * (32 * 1024**2)}), "decompression_bomb"),
-        "zip-parent-path": (f.zip_bytes({"series/1.dcm": blobs[0], "../../etc/cron.d/evil.dcm": blobs[1]}),
-                            "unsafe_archive_path"),
-        "zip-absolute-path": (f.zip_bytes({"series/1.dcm": blobs[0], "/etc/evil.dcm": blobs[1]}),
-                              "unsafe_archive_path"),
+        "zip-parent-path": (
+            f.zip_bytes({"series/1.dcm": blobs[0], "../../etc/cron.d/evil.dcm": blobs[1]}),
+            "unsafe_archive_path",
+        ),
+        "zip-absolute-path": (
+            f.zip_bytes({"series/1.dcm": blobs[0], "/etc/evil.dcm": blobs[1]}),
+            "unsafe_archive_path",
+        ),
         "zip-truncated": (_zip_series(blobs)[: len(_zip_series(blobs)) // 2], "unreadable_scan"),
         "zip-without-dicom": (f.zip_bytes({"notes.txt": b"not dicom"}), "unreadable_scan"),
         "dicom-missing-slice": (_zip_series(_series(lambda d: d[:4] + d[5:])), "missing_slices"),
@@ -107,22 +114,30 @@ def scan_kinds() -> dict[str, tuple[bytes | dict[str, bytes], str]]:
         "dicom-single-image": (_zip_series(blobs[:1]), "not_3d"),
         "dicom-mr": (_zip_series(_series(_set("Modality", "MR"))), "not_ct"),
         "dicom-pet": (_zip_series(_series(_set("Modality", "PT"))), "not_ct"),
-        "dicom-prefix-missing-slices": ({f"IM{i:04d}.dcm": b for i, b in enumerate(blobs) if i not in (2, 5)},
-                                        "missing_slices"),
+        "dicom-prefix-missing-slices": (
+            {f"IM{i:04d}.dcm": b for i, b in enumerate(blobs) if i not in (2, 5)},
+            "missing_slices",
+        ),
         "image-2d": (f.nifti_bytes(np.zeros((32, 32), np.int16)), "not_3d"),
         "image-4d": (f.nifti_bytes(np.zeros((8, 8, 8, 2), np.int16)), "not_3d"),
         "complex-voxels": (f.nifti_bytes(np.zeros((8, 8, 8), np.complex64)), "unsupported_dtype"),
-        "bool-voxels": (_with_datatype(f.nifti_bytes(np.zeros((8, 8, 8), np.uint8), gz=False), code=1, bitpix=1),
-                        "unsupported_dtype"),
-        "rgb-voxels": (f.nifti_bytes(np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])),
-                       "unsupported_dtype"),
+        "bool-voxels": (
+            _with_datatype(f.nifti_bytes(np.zeros((8, 8, 8), np.uint8), gz=False), code=1, bitpix=1),
+            "unsupported_dtype",
+        ),
+        "rgb-voxels": (
+            f.nifti_bytes(np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])),
+            "unsupported_dtype",
+        ),
         "nan-voxels": (f.nifti_bytes(np.where(ct > 0, np.nan, ct).astype(np.float32)), "non_finite_voxels"),
         "inf-voxels": (f.nifti_bytes(np.where(ct > 0, np.inf, ct).astype(np.float32)), "non_finite_voxels"),
         "zero-spacing": (f.nifti_bytes(ct, zooms=(1.0, 0.0, 1.0)), "invalid_spacing"),
         "negative-spacing": (f.nifti_bytes(ct, zooms=(1.0, 1.0, -1.0)), "invalid_spacing"),
         "singular-affine": (f.nifti_bytes(ct, affine=singular), "invalid_affine"),
-        "mr-intensities": (f.nifti_bytes(np.random.default_rng(0).uniform(0, 800, (16, 16, 16)).astype(np.float32)),
-                           "not_hounsfield"),
+        "mr-intensities": (
+            f.nifti_bytes(np.random.default_rng(0).uniform(0, 800, (16, 16, 16)).astype(np.float32)),
+            "not_hounsfield",
+        ),
     }
 
 
@@ -186,8 +201,10 @@ def _manifest(bucket: str, kinds: dict, listener_port: int) -> tuple[bytes, dict
         rows.append([sid, f"s3://{bucket}/in/{sid}.nii.gz" if sid == "good-gz" else f"s3://{bucket}/in/{sid}.nii"])
     for kind, (content, _) in kinds.items():
         rows.append([kind, f"s3://{bucket}/in/{kind}/" if isinstance(content, dict) else f"s3://{bucket}/in/{kind}"])
-    rows += [["missing-object", f"s3://{bucket}/in/no-such-scan.nii.gz"],
-             ["other-bucket", f"s3://{bucket}-elsewhere/in/good-gz.nii.gz"]]
+    rows += [
+        ["missing-object", f"s3://{bucket}/in/no-such-scan.nii.gz"],
+        ["other-bucket", f"s3://{bucket}-elsewhere/in/good-gz.nii.gz"],
+    ]
     rejected = {
         "duplicate id": (["good-gz", f"s3://{bucket}/in/zero-spacing"], "duplicate_scan_id"),
         "uri missing": (["no-uri", ""], "missing_field"),
@@ -195,8 +212,10 @@ def _manifest(bucket: str, kinds: dict, listener_port: int) -> tuple[bytes, dict
         "extra column": (["extra", f"s3://{bucket}/in/good-gz.nii.gz", "surprise"], "malformed_row"),
         "blank line": ([], "empty_row"),
         "not UTF-8": (b"caf\xe9-scan,s3://" + bucket.encode() + b"/in/good-gz.nii.gz", "not_utf8"),
-        "formula =": (['=HYPERLINK("http://evil.example/x","open")', f"s3://{bucket}/in/good-gz.nii.gz"],
-                      "formula_injection"),
+        "formula =": (
+            ['=HYPERLINK("http://evil.example/x","open")', f"s3://{bucket}/in/good-gz.nii.gz"],
+            "formula_injection",
+        ),
         "formula @": (["@SUM(A1:A9)", f"s3://{bucket}/in/good-gz.nii.gz"], "formula_injection"),
         "formula +": (["+cmd|' /C calc'!A0", f"s3://{bucket}/in/good-gz.nii.gz"], "formula_injection"),
         "formula - in uri": (["formula-uri", "-2+3+cmd|' /C calc'!A0"], "formula_injection"),
@@ -254,11 +273,30 @@ def batch_job(moto_server, ray_cluster, kinds, good_scans, listener):
             s3.put_object(Bucket=bucket, Key=f"in/{kind}", Body=content)
     manifest, rejected = _manifest(bucket, kinds, listener.port)
     s3.put_object(Bucket=bucket, Key="in/manifest.csv", Body=manifest)
-    code = cli.main(["batch", "--manifest", f"s3://{bucket}/in/manifest.csv", "--output", f"s3://{bucket}/out",
-                     "--table", table, "--job-id", "hostile-1", "--max-actors", "1"])
+    code = cli.main(
+        [
+            "batch",
+            "--manifest",
+            f"s3://{bucket}/in/manifest.csv",
+            "--output",
+            f"s3://{bucket}/out",
+            "--table",
+            table,
+            "--job-id",
+            "hostile-1",
+            "--max-actors",
+            "1",
+        ]
+    )
     summary = read_summary(f"s3://{bucket}/out/_jobs/hostile-1/summary.parquet")
-    yield {"s3": s3, "bucket": bucket, "store": open_passport_store(f"dynamodb://{table}"), "exit_code": code,
-           "summary": summary, "rejected": rejected}
+    yield {
+        "s3": s3,
+        "bucket": bucket,
+        "store": open_passport_store(f"dynamodb://{table}"),
+        "exit_code": code,
+        "summary": summary,
+        "rejected": rejected,
+    }
     boto3.client("dynamodb").delete_table(TableName=table)
 
 
@@ -312,26 +350,31 @@ def test_keys_stay_inside_the_output_prefix_and_no_uri_outside_s3_is_fetched(bat
     for key in (k for k in keys if k.startswith("out/") and not k.startswith("out/_jobs/")):
         match = layout.fullmatch(key)
         assert match and ".." not in match.group(1), key
-    assert sorted(k for k in keys if k.startswith("out/_jobs/")) == ["out/_jobs/hostile-1/job.json",
-                                                                      "out/_jobs/hostile-1/summary.parquet"]
+    assert sorted(k for k in keys if k.startswith("out/_jobs/")) == [
+        "out/_jobs/hostile-1/job.json",
+        "out/_jobs/hostile-1/summary.parquet",
+    ]
     assert listener.accepted == 0
 
 
 def test_a_manifest_that_is_unusable_as_a_whole_stops_the_job_before_anything_runs(moto_server, tmp_path):
-    from ray_app.batch import BatchConfig, run_batch
-    from ray_app.manifest import ManifestError
+    from ray_app.adapters.batch import BatchConfig, run_batch
+    from ray_app.storage.manifest import ManifestError
 
     s3 = boto3.client("s3")
     bucket = f"hostile-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
-    manifests = {"no-uri-column.csv": b"scan_id,path\na,s3://x/y\n", "no-columns.csv": b"",
-                 "bad-header.csv": b"scan_id,ur\xff\na,s3://x/y\n", "not-parquet.parquet": b"PAR1garbage",
-                 "manifest.txt": b"scan_id,uri\n"}
+    manifests = {
+        "no-uri-column.csv": b"scan_id,path\na,s3://x/y\n",
+        "no-columns.csv": b"",
+        "bad-header.csv": b"scan_id,ur\xff\na,s3://x/y\n",
+        "not-parquet.parquet": b"PAR1garbage",
+        "manifest.txt": b"scan_id,uri\n",
+    }
     for name, body in manifests.items():
         s3.put_object(Bucket=bucket, Key=f"in/{name}", Body=body)
         with pytest.raises(ManifestError) as info:
-            run_batch(BatchConfig(manifest=f"s3://{bucket}/in/{name}", output=str(tmp_path / "out"),
-                                  job_id="whole"))
+            run_batch(BatchConfig(manifest=f"s3://{bucket}/in/{name}", output=str(tmp_path / "out"), job_id="whole"))
         assert info.value.code == "invalid_manifest", name
     assert not (tmp_path / "out" / "_jobs").exists()
 
@@ -347,8 +390,12 @@ def service(ray_cluster, moto_server):
     s3.create_bucket(Bucket=f"{bucket}-other")
     table = f"passports-{uuid.uuid4().hex[:10]}"
     create_table(table)
-    settings = {"allowed_uri_prefixes": [f"s3://{bucket}/in/"], "max_body_bytes": MAX_BODY,
-                "output_prefix": f"s3://{bucket}/out", "passport_store": f"dynamodb://{table}"}
+    settings = {
+        "allowed_uri_prefixes": [f"s3://{bucket}/in/"],
+        "max_body_bytes": MAX_BODY,
+        "output_prefix": f"s3://{bucket}/out",
+        "passport_store": f"dynamodb://{table}",
+    }
     with running_service(TOKEN, settings) as client:
         yield {"client": client, "s3": s3, "bucket": bucket, "store": open_passport_store(f"dynamodb://{table}")}
     boto3.client("dynamodb").delete_table(TableName=table)
@@ -363,8 +410,12 @@ def _json_error(r, status: int) -> str:
 
 
 def _post(client, body: bytes, scan_id: str, content_type: str = "application/octet-stream"):
-    return client.post("/v1/segment", content=body, params={"scan_id": scan_id, "persist": "true"},
-                       headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": content_type})
+    return client.post(
+        "/v1/segment",
+        content=body,
+        params={"scan_id": scan_id, "persist": "true"},
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": content_type},
+    )
 
 
 def test_serve_answers_every_bad_scan_with_its_4xx_code_and_stores_nothing(service, kinds, good_scans):
@@ -376,8 +427,12 @@ def test_serve_answers_every_bad_scan_with_its_4xx_code_and_stores_nothing(servi
         if isinstance(content, dict):
             for name, blob in content.items():
                 s3.put_object(Bucket=bucket, Key=f"in/{kind}/{name}", Body=blob)
-            r = client.post("/v1/segment", params={"persist": "true"}, headers=auth,
-                            json={"uri": f"s3://{bucket}/in/{kind}/", "scan_id": kind})
+            r = client.post(
+                "/v1/segment",
+                params={"persist": "true"},
+                headers=auth,
+                json={"uri": f"s3://{bucket}/in/{kind}/", "scan_id": kind},
+            )
         else:
             r = _post(client, content, kind)
         got[kind] = _json_error(r, 422)
@@ -399,17 +454,26 @@ def test_serve_refuses_uris_outside_the_allowed_buckets_without_fetching_them(se
     s3.put_object(Bucket=f"{bucket}-other", Key="in/good.nii.gz", Body=good_scans["good-gz"])
     s3.put_object(Bucket=bucket, Key="private/good.nii.gz", Body=good_scans["good-gz"])
     before = listener.accepted
-    for uri in (f"http://127.0.0.1:{listener.port}/scan.nii.gz", f"https://127.0.0.1:{listener.port}/scan.nii.gz",
-                "file:///etc/passwd", "/etc/passwd", f"s3://{bucket}-other/in/good.nii.gz",
-                f"s3://{bucket}/private/good.nii.gz", f"s3://{bucket}/in/../private/good.nii.gz",
-                "gs://bucket/scan.nii.gz", "http://169.254.169.254/latest/meta-data/"):
+    for uri in (
+        f"http://127.0.0.1:{listener.port}/scan.nii.gz",
+        f"https://127.0.0.1:{listener.port}/scan.nii.gz",
+        "file:///etc/passwd",
+        "/etc/passwd",
+        f"s3://{bucket}-other/in/good.nii.gz",
+        f"s3://{bucket}/private/good.nii.gz",
+        f"s3://{bucket}/in/../private/good.nii.gz",
+        "gs://bucket/scan.nii.gz",
+        "http://169.254.169.254/latest/meta-data/",
+    ):
         r = client.post("/v1/segment", headers={"Authorization": f"Bearer {TOKEN}"}, json={"uri": uri})
         assert _json_error(r, 403) == "uri_not_allowed", uri
     assert listener.accepted == before
 
 
-@pytest.mark.parametrize("scan_id", ["a/b", "../../etc", "..", "x..y", "bell\x07", "tab\tid", "=HYPERLINK(1)",
-                                     "@SUM(A1)", "x" * 129, "", "-dash"])
+@pytest.mark.parametrize(
+    "scan_id",
+    ["a/b", "../../etc", "..", "x..y", "bell\x07", "tab\tid", "=HYPERLINK(1)", "@SUM(A1)", "x" * 129, "", "-dash"],
+)
 def test_serve_refuses_unsafe_scan_ids(service, good_scans, scan_id):
     r = _post(service["client"], good_scans["good-gz"], scan_id)
     assert _json_error(r, 422) == "invalid_id"

@@ -17,15 +17,13 @@ from pathlib import Path
 import pytest
 
 from ray_app.ops.cluster import processes_mentioning
-from ray_app.sinks import open_passport_store, read_summary
+from ray_app.storage.sinks import open_passport_store, read_summary
 from tests._scan_factory import small_phantom
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 RAY_APP = str(Path(sys.executable).with_name("ray-app"))
 MODEL = "total_fast"
-
-
 
 
 def _manifest(folder: Path, ids: list[str], truncated: bool = False) -> Path:
@@ -49,9 +47,28 @@ class Run:
         self.log = tmp / f"{name}.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [RAY_APP, "cluster", "run", "--local", "--head-cpus", "1", *extra, "--", "--manifest", str(manifest),
-                 "--output", str(out), "--actor-resource", "spot_cpu=1", "--max-actors", "1"],
-                env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    RAY_APP,
+                    "cluster",
+                    "run",
+                    "--local",
+                    "--head-cpus",
+                    "1",
+                    *extra,
+                    "--",
+                    "--manifest",
+                    str(manifest),
+                    "--output",
+                    str(out),
+                    "--actor-resource",
+                    "spot_cpu=1",
+                    "--max-actors",
+                    "1",
+                ],
+                env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     @property
     def text(self) -> str:
@@ -119,8 +136,13 @@ def test_interrupted_job_stops_and_tears_down_then_the_same_command_resumes_the_
 def test_a_failed_job_tears_the_cluster_down_and_exits_non_zero(tmp_path, phantom_weights):
     """The preflight here cannot see the nodes' weights; the job's own preflight on the head can, and fails fast."""
     manifest, out = _manifest(tmp_path / "in", ["scan-0"]), tmp_path / "out"
-    run = Run(tmp_path, "failed", manifest, out,
-              env={"TOTALSEG_WEIGHTS_PATH": str(tmp_path / "no-weights"), "RAY_APP_DOWNLOAD_WEIGHTS": "false"})
+    run = Run(
+        tmp_path,
+        "failed",
+        manifest,
+        out,
+        env={"TOTALSEG_WEIGHTS_PATH": str(tmp_path / "no-weights"), "RAY_APP_DOWNLOAD_WEIGHTS": "false"},
+    )
     temp_dir = run.temp_dir()
     assert run.wait() == 1, run.text[-3000:]
     _nothing_left(temp_dir)
@@ -131,11 +153,15 @@ def test_a_failed_job_tears_the_cluster_down_and_exits_non_zero(tmp_path, phanto
 def test_a_killed_starter_leaves_a_cluster_that_finishes_its_job_and_ends_itself(tmp_path, phantom_weights):
     ids = ["scan-a", "scan-b"]
     manifest, out = _manifest(tmp_path / "in", ids, truncated=True), tmp_path / "out"
-    run = Run(tmp_path, "killed", manifest, out, "--idle-minutes", "0.5",
-              env={"TOTALSEG_WEIGHTS_PATH": str(phantom_weights)})
+    run = Run(
+        tmp_path, "killed", manifest, out, "--idle-minutes", "0.5", env={"TOTALSEG_WEIGHTS_PATH": str(phantom_weights)}
+    )
     temp_dir = run.temp_dir()
-    _wait(lambda: (Path(temp_dir) / "deadman.log").exists() and "armed" in (Path(temp_dir) / "deadman.log").read_text(),
-          60, "the dead-man's switch")
+    _wait(
+        lambda: (Path(temp_dir) / "deadman.log").exists() and "armed" in (Path(temp_dir) / "deadman.log").read_text(),
+        60,
+        "the dead-man's switch",
+    )
     _wait(lambda: (out / "passports.sqlite").exists(), 240, "the job to start writing")
     run.proc.send_signal(signal.SIGKILL)
     run.proc.wait()
@@ -145,5 +171,8 @@ def test_a_killed_starter_leaves_a_cluster_that_finishes_its_job_and_ends_itself
     _nothing_left(temp_dir)
     shutil.rmtree(temp_dir)  # the logs stay for a post-mortem when nobody tears down
     store = open_passport_store(f"sqlite:///{out / 'passports.sqlite'}")
-    assert {sid: store.get(sid, MODEL)["status"] for sid in [*ids, "cut"]} == \
-        {"scan-a": "ok", "scan-b": "ok", "cut": "failed"}, "the job did not finish on its own"
+    assert {sid: store.get(sid, MODEL)["status"] for sid in [*ids, "cut"]} == {
+        "scan-a": "ok",
+        "scan-b": "ok",
+        "cut": "failed",
+    }, "the job did not finish on its own"

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_app import storage
-from ray_app.manifest import ManifestError, read_manifest
+from ray_app.storage.manifest import ManifestError, read_manifest
 
 GOOD = [
     {"scan_id": "CT_001", "uri": "s3://scans/CT_001.nii.gz", "site": "A"},
@@ -151,8 +151,13 @@ def test_parquet_problems_reported_by_row(tmp_path):
         {"scan_id": "ok1", "uri": "s3://bkt/1", "weight": 1.0},
         {"scan_id": "ok3", "uri": "s3://bkt/ok3", "weight": 7.0},
     ]
-    assert codes(result) == {2: "not_utf8", 3: "duplicate_scan_id", 4: "missing_field", 5: "formula_injection",
-                             6: "missing_field"}
+    assert codes(result) == {
+        2: "not_utf8",
+        3: "duplicate_scan_id",
+        4: "missing_field",
+        5: "formula_injection",
+        6: "missing_field",
+    }
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from ray_app import metrics
-from ray_app.batch import BatchConfig, run_batch
+from ray_app.adapters import metrics
+from ray_app.adapters.batch import BatchConfig, run_batch
 
 _LINE = re.compile(r"^(?P<name>\w+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 
@@ -47,9 +47,12 @@ def test_a_local_job_counts_its_scans_and_stage_seconds_on_rays_metrics_endpoint
     _, before = _scrape("met-1")
     (tmp_path / "fine.nii.gz").write_bytes(small_phantom(901))
     (tmp_path / "cut.nii.gz").write_bytes(small_phantom(902)[:2000])
-    (tmp_path / "m.csv").write_text(f"scan_id,uri\nqz-fine,{tmp_path / 'fine.nii.gz'}\nqz-cut,{tmp_path / 'cut.nii.gz'}\n")
-    done = run_batch(BatchConfig(manifest=str(tmp_path / "m.csv"), output=str(tmp_path / "out"), job_id="met-1",
-                                 max_actors=1))
+    (tmp_path / "m.csv").write_text(
+        f"scan_id,uri\nqz-fine,{tmp_path / 'fine.nii.gz'}\nqz-cut,{tmp_path / 'cut.nii.gz'}\n"
+    )
+    done = run_batch(
+        BatchConfig(manifest=str(tmp_path / "m.csv"), output=str(tmp_path / "out"), job_id="met-1", max_actors=1)
+    )
     assert done.succeeded == 1 and done.failed == 1
 
     def delta(key):

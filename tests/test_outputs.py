@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from totalsegmentator.map_to_binary import class_map
 
-from ray_app import errors
-from ray_app.outputs import (
+from ray_app.core import errors
+from ray_app.core.outputs import (
     PREVIEW_DPI,
     PREVIEW_SIZE_IN,
     dicom_seg_bytes,
@@ -25,7 +25,7 @@ from ray_app.outputs import (
     per_structure_zip,
     preview_png,
 )
-from ray_app.scan import load_scan
+from ray_app.core.scan import load_scan
 from tests import _scan_factory as f
 
 LABELS = class_map["total"]

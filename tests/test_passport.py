@@ -14,9 +14,14 @@ import pytest
 from totalsegmentator.map_to_binary import class_map
 from totalsegmentator.statistics import get_basic_statistics, touches_border
 
-from ray_app import errors
-from ray_app.passport import build_passport, failure_passport, passport_schema, validate_passport
-from ray_app.scan import load_scan, scan_from_image
+from ray_app.core import errors
+from ray_app.core.passport import (
+    build_passport,
+    failure_passport,
+    passport_schema,
+    validate_passport,
+)
+from ray_app.core.scan import load_scan, scan_from_image
 from ray_app.settings import Settings
 from tests import _scan_factory as f
 
@@ -163,8 +168,13 @@ def test_mask_on_another_grid_is_refused():
 
 
 def test_failure_passport_carries_the_error_code():
-    doc = failure_passport("bad-1", errors.MissingSlices("slices are missing", scan_id="bad-1"), MODEL,
-                           timings={"read": 0.1}, source_uri="s3://b/bad-1/")
+    doc = failure_passport(
+        "bad-1",
+        errors.MissingSlices("slices are missing", scan_id="bad-1"),
+        MODEL,
+        timings={"read": 0.1},
+        source_uri="s3://b/bad-1/",
+    )
     validate_passport(doc)
     assert doc["status"] == "failed" and doc["structures"] == {}
     assert doc["error"] == {"code": "missing_slices", "message": "slices are missing"}

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ray_app.phantom import make_phantom, phantom_labels
+from ray_app.demo.phantom import make_phantom, phantom_labels
 
 SEED = 3
 NAME_TO_ID = {name: i for i, name in phantom_labels().items()}
@@ -34,7 +34,10 @@ def test_labels_are_real_total_ids_and_all_present(phantom_3mm):
 
 
 def test_every_normal_mode_part_has_something_to_segment():
-    from totalsegmentator.map_to_binary import class_map_5_parts, map_taskid_to_partname_ct
+    from totalsegmentator.map_to_binary import (
+        class_map_5_parts,
+        map_taskid_to_partname_ct,
+    )
 
     names = set(phantom_labels().values())
     for task_id in (291, 292, 293, 294, 295):
@@ -90,8 +93,19 @@ def test_anatomy_sides_in_world_mm(orientation):
     """RAS+ world: +x is the patient's right, +y anterior, +z superior, whatever the array orientation."""
     _, lab = make_phantom(SEED, spacing=4.0, axcodes=orientation)
     assert "".join(nib.aff2axcodes(lab.affine)) == orientation
-    c = {n: _centroid_mm(lab, n) for n in ("kidney_left", "kidney_right", "liver", "spleen", "heart", "urinary_bladder",
-                                           "vertebrae_L3", "lung_upper_lobe_left")}
+    c = {
+        n: _centroid_mm(lab, n)
+        for n in (
+            "kidney_left",
+            "kidney_right",
+            "liver",
+            "spleen",
+            "heart",
+            "urinary_bladder",
+            "vertebrae_L3",
+            "lung_upper_lobe_left",
+        )
+    }
     assert c["kidney_left"][0] < -30 < 30 < c["kidney_right"][0]
     assert c["liver"][0] > 0 > c["spleen"][0]
     assert c["heart"][0] < c["liver"][0]
@@ -107,8 +121,10 @@ def test_same_patient_on_any_grid():
     np.testing.assert_array_equal(np.asarray(lps.dataobj), np.asarray(ras.dataobj)[::-1, ::-1, :])
     for name in ("liver", "kidney_left", "aorta", "vertebrae_L1"):
         np.testing.assert_allclose(_centroid_mm(coarse, name), _centroid_mm(ras, name), atol=2.5)
-        ml = [(np.asarray(img.dataobj) == NAME_TO_ID[name]).sum() * np.prod(img.header.get_zooms()) / 1000
-              for img in (ras, coarse)]
+        ml = [
+            (np.asarray(img.dataobj) == NAME_TO_ID[name]).sum() * np.prod(img.header.get_zooms()) / 1000
+            for img in (ras, coarse)
+        ]
         assert ml[1] == pytest.approx(ml[0], rel=0.08)
 
 

@@ -25,8 +25,9 @@ MODEL = "total_fast"
 
 
 def _set_auth(endpoint: str, count: str) -> None:
-    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST",
-                                     headers={"Content-Type": "text/plain"})  # moto reads the raw body
+    request = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST", headers={"Content-Type": "text/plain"}
+    )  # moto reads the raw body
     urllib.request.urlopen(request, timeout=10).close()
 
 
@@ -39,16 +40,26 @@ def aws(moto_server):
     aws_setup.setup(names["table"], names["results"], "ct/")
     s3.create_bucket(Bucket=names["scans"])
     s3.put_object(Bucket=names["scans"], Key="in/scan-0.nii.gz", Body=small_phantom(500))
-    s3.put_object(Bucket=names["scans"], Key="in/manifest.csv",
-                  Body=f"scan_id,uri\nscan-0,s3://{names['scans']}/in/scan-0.nii.gz\n".encode())
-    params = aws_setup.IamParams(input_bucket=names["scans"], output_bucket=names["results"], output_prefix="ct/",
-                                 table=names["table"], region="us-east-1", account_id=aws_setup.account_id())
+    s3.put_object(
+        Bucket=names["scans"],
+        Key="in/manifest.csv",
+        Body=f"scan_id,uri\nscan-0,s3://{names['scans']}/in/scan-0.nii.gz\n".encode(),
+    )
+    params = aws_setup.IamParams(
+        input_bucket=names["scans"],
+        output_bucket=names["results"],
+        output_prefix="ct/",
+        table=names["table"],
+        region="us-east-1",
+        account_id=aws_setup.account_id(),
+    )
     aws_setup.ensure_iam(params)
     policy = aws_setup.render_policy(aws_setup.DATA_POLICY, **params.template_values())
     # moto authorises a DynamoDB request against the resource "*" (it resolves no table ARNs; S3 it checks by
     # bucket and key), so the table statements are repeated for "*" here; the S3 prefix rules stay exact.
-    policy["Statement"].append({"Effect": "Allow", "Action": ["dynamodb:GetItem", "dynamodb:PutItem",
-                                                                "dynamodb:Query"], "Resource": "*"})
+    policy["Statement"].append(
+        {"Effect": "Allow", "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query"], "Resource": "*"}
+    )
     iam = boto3.client("iam")
     user = f"worker-{suffix}"
     iam.create_user(UserName=user)
@@ -67,13 +78,28 @@ def enforced(aws, moto_server):
         _set_auth(moto_server, "inf")
 
 
-def _batch(aws: dict, output: str, *, table: str | None = None, env: dict | None = None,
-           timeout: float = 300) -> tuple[int, str, float]:
+def _batch(
+    aws: dict, output: str, *, table: str | None = None, env: dict | None = None, timeout: float = 300
+) -> tuple[int, str, float]:
     start = time.monotonic()
     proc = subprocess.run(
-        [RAY_APP, "batch", "--manifest", f"s3://{aws['scans']}/in/manifest.csv", "--output", output,
-         "--table", table or aws["table"], "--max-actors", "1"],
-        env={**os.environ, **aws["worker_env"], **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        [
+            RAY_APP,
+            "batch",
+            "--manifest",
+            f"s3://{aws['scans']}/in/manifest.csv",
+            "--output",
+            output,
+            "--table",
+            table or aws["table"],
+            "--max-actors",
+            "1",
+        ],
+        env={**os.environ, **aws["worker_env"], **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
 
 
@@ -84,7 +110,8 @@ def _keys(bucket: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_with_the_workers_policy_a_job_writes_under_its_prefix_and_the_preflight_refuses_all_else(
-        enforced, phantom_weights):
+    enforced, phantom_weights
+):
     aws = enforced
     code, text, seconds = _batch(aws, f"s3://{aws['results']}/elsewhere/")
     assert code == 2, text[-2000:]
@@ -108,8 +135,13 @@ def test_with_the_workers_policy_a_job_writes_under_its_prefix_and_the_preflight
 
 
 def _cluster_run(*args: str, env: dict | None = None) -> tuple[int, str]:
-    proc = subprocess.run([RAY_APP, "cluster", "run", *args], env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [RAY_APP, "cluster", "run", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -24,9 +24,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ray_app import cli
-from ray_app.batch import BatchConfig, run_batch
-from ray_app.sinks import create_table, open_passport_store, read_summary
+from ray_app.adapters import cli
+from ray_app.adapters.batch import BatchConfig, run_batch
+from ray_app.storage.sinks import create_table, open_passport_store, read_summary
 from tests._fake_cluster import fake_cluster, node_processes
 from tests._scan_factory import small_phantom
 from tests.faultproxy import FAULTS, FaultProxy
@@ -35,8 +35,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 MODEL = "total_fast"
 RAY_APP = str(Path(sys.executable).with_name("ray-app"))
-
-
 
 
 class Job:
@@ -57,12 +55,28 @@ class Job:
         self.store = open_passport_store(f"dynamodb://{self.table}")
 
     def argv(self, job_id: str) -> list[str]:
-        return ["batch", "--manifest", f"s3://{self.bucket}/in/manifest.csv", "--output", f"s3://{self.bucket}/out",
-                "--table", self.table, "--job-id", job_id, "--max-actors", "1"]
+        return [
+            "batch",
+            "--manifest",
+            f"s3://{self.bucket}/in/manifest.csv",
+            "--output",
+            f"s3://{self.bucket}/out",
+            "--table",
+            self.table,
+            "--job-id",
+            job_id,
+            "--max-actors",
+            "1",
+        ]
 
     def config(self, job_id: str) -> BatchConfig:
-        return BatchConfig(manifest=f"s3://{self.bucket}/in/manifest.csv", output=f"s3://{self.bucket}/out",
-                           passports=f"dynamodb://{self.table}", job_id=job_id, max_actors=1)
+        return BatchConfig(
+            manifest=f"s3://{self.bucket}/in/manifest.csv",
+            output=f"s3://{self.bucket}/out",
+            passports=f"dynamodb://{self.table}",
+            job_id=job_id,
+            max_actors=1,
+        )
 
     def keys(self) -> list[str]:
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix="out/")
@@ -81,8 +95,9 @@ class Job:
         assert sorted(i["scan_id"]["S"] for i in items) == self.ids
         assert {i["status"]["S"] for i in items} == {"ok"}
         keys = [k for k in self.keys() if not k.startswith("out/_jobs/")]
-        assert sorted(keys) == sorted(f"out/{sid}/{MODEL}/{name}" for sid in self.ids
-                                      for name in ("mask.nii.gz", "passport.json"))
+        assert sorted(keys) == sorted(
+            f"out/{sid}/{MODEL}/{name}" for sid in self.ids for name in ("mask.nii.gz", "passport.json")
+        )
 
 
 def _wait(condition, timeout: float, what: str, poll: float = 0.5):
@@ -216,19 +231,24 @@ def test_a_scan_that_kills_its_actor_every_time_fails_as_worker_lost_and_the_job
     doc = job.store.get(sid, MODEL)
     assert doc["error"]["code"] == "worker_lost" and f"died {retries + 1} times" in doc["error"]["message"]
     written = job.keys()
-    assert [k for k in written if not k.startswith("out/_jobs/")] == [f"out/{sid}/{MODEL}/passport.json"], \
+    assert [k for k in written if not k.startswith("out/_jobs/")] == [f"out/{sid}/{MODEL}/passport.json"], (
         "a failure passport.json, no mask"
+    )
 
     summary = read_summary(f"s3://{job.bucket}/out/_jobs/killer/summary.parquet")
     assert [(r["scan_id"], r["status"], r["error_code"], r["mask_uri"]) for r in summary] == [
-        (sid, "failed", "worker_lost", None)]
-    print(f"actor killed {len(killer.kills)} times (pids {killer.kills}); job ended in {elapsed:.1f} s with exit "
-          f"code {code}: {doc['error']['message']}")
+        (sid, "failed", "worker_lost", None)
+    ]
+    print(
+        f"actor killed {len(killer.kills)} times (pids {killer.kills}); job ended in {elapsed:.1f} s with exit "
+        f"code {code}: {doc['error']['message']}"
+    )
 
 
 @pytest.mark.timeout(480)
-def test_a_worker_node_lost_mid_job_is_replaced_and_no_scan_is_lost_or_done_twice(moto_server, phantom_weights,
-                                                                                   tmp_path):
+def test_a_worker_node_lost_mid_job_is_replaced_and_no_scan_is_lost_or_done_twice(
+    moto_server, phantom_weights, tmp_path
+):
     """A Spot reclaim on Ray's fake multinode cluster: the segmentation actor must run on a Spot CPU worker node
     (``--actor-resource spot_cpu=1``; the head takes the fetch and write tasks). Once the first passport lands,
     every process of the node hosting the actor is SIGKILLed (raylet, workers, agents: all carry the node's
@@ -244,16 +264,26 @@ def test_a_worker_node_lost_mid_job_is_replaced_and_no_scan_is_lost_or_done_twic
             return round(time.monotonic() - started, 1)
 
         with open(log_path, "wb") as log:
-            driver = subprocess.Popen([RAY_APP, *job.argv("node-loss"), "--actor-resource", "spot_cpu=1"],
-                                      env=cluster["env"], stdout=log, stderr=subprocess.STDOUT)
+            driver = subprocess.Popen(
+                [RAY_APP, *job.argv("node-loss"), "--actor-resource", "spot_cpu=1"],
+                env=cluster["env"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             _wait(lambda: job.done("node-loss") or driver.poll() is not None, 300, "the first passport")
             assert driver.poll() is None, log_path.read_text()[-3000:]
             t_first = at()
 
             def actor_node():
-                return next(((node, procs) for node, procs in node_processes().items()
-                             if any(t.startswith(SEGMENT_ACTOR_TITLE) for t in procs.values())), None)
+                return next(
+                    (
+                        (node, procs)
+                        for node, procs in node_processes().items()
+                        if any(t.startswith(SEGMENT_ACTOR_TITLE) for t in procs.values())
+                    ),
+                    None,
+                )
 
             node, procs = _wait(actor_node, 30, "the segmentation actor's node")
             before = set(node_processes())
@@ -264,8 +294,12 @@ def test_a_worker_node_lost_mid_job_is_replaced_and_no_scan_is_lost_or_done_twic
                 except ProcessLookupError:
                     pass
             t_kill = at()
-            _wait(lambda: not any(pid in pids for pids in node_processes().values() for pid in procs), 10,
-                  "the killed processes to exit", poll=0.1)
+            _wait(
+                lambda: not any(pid in pids for pids in node_processes().values() for pid in procs),
+                10,
+                "the killed processes to exit",
+                poll=0.1,
+            )
             killed = sorted({t.split()[0].rsplit("/", 1)[-1] for t in procs.values()})
             assert done_at_kill < len(job.ids), "the job ended before the node could be killed"
             assert any("raylet" in t for t in procs.values()), f"the node's raylet was not found: {procs}"
@@ -276,11 +310,15 @@ def test_a_worker_node_lost_mid_job_is_replaced_and_no_scan_is_lost_or_done_twic
                 assert at() < 400, "the job did not finish"
                 nodes = node_processes()
                 if replacement is None:
-                    replacement = next((n for n in nodes if n not in before and any("raylet" in t for t in
-                                                                                     nodes[n].values())), None)
+                    replacement = next(
+                        (n for n in nodes if n not in before and any("raylet" in t for t in nodes[n].values())), None
+                    )
                     t_replacement = at() if replacement else None
-                if replacement and t_actor is None and any(
-                        t.startswith(SEGMENT_ACTOR_TITLE) for t in nodes.get(replacement, {}).values()):
+                if (
+                    replacement
+                    and t_actor is None
+                    and any(t.startswith(SEGMENT_ACTOR_TITLE) for t in nodes.get(replacement, {}).values())
+                ):
                     t_actor = at()
                 time.sleep(0.5)
             t_done = at()
@@ -293,10 +331,12 @@ def test_a_worker_node_lost_mid_job_is_replaced_and_no_scan_is_lost_or_done_twic
     assert replacement is not None and t_actor is not None, "no replacement node ran the segmentation actor"
     job.assert_exactly_one_result_each()
     assert len(job.done("node-loss")) == len(job.ids)
-    print(f"node loss timeline (s from submit): first passport {t_first}; node {node[-5:]} killed at {t_kill} "
-          f"({len(procs)} processes: {', '.join(killed)}) after {done_at_kill}/{len(job.ids)} scans; replacement "
-          f"node {replacement[-5:]} up at {t_replacement}; actor on it at {t_actor}; job done at {t_done}; "
-          f"exactly one passport and one mask for each of the {len(job.ids)} scans")
+    print(
+        f"node loss timeline (s from submit): first passport {t_first}; node {node[-5:]} killed at {t_kill} "
+        f"({len(procs)} processes: {', '.join(killed)}) after {done_at_kill}/{len(job.ids)} scans; replacement "
+        f"node {replacement[-5:]} up at {t_replacement}; actor on it at {t_actor}; job done at {t_done}; "
+        f"exactly one passport and one mask for each of the {len(job.ids)} scans"
+    )
 
 
 def test_a_killed_driver_then_a_rerun_finishes_the_rest_and_duplicates_nothing(moto_server, ray_cluster, tmp_path):
@@ -337,8 +377,9 @@ def test_s3_and_dynamodb_throttling_and_5xx_are_retried_and_nothing_is_lost(moto
     with FaultProxy(moto_server, every={"s3": 3, "dynamodb": 2}) as proxy:
         env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url}
         env.pop("RAY_ADDRESS", None)
-        run = subprocess.run([RAY_APP, *job.argv("throttled")], env=env, capture_output=True, text=True,
-                             timeout=280, check=False)
+        run = subprocess.run(
+            [RAY_APP, *job.argv("throttled")], env=env, capture_output=True, text=True, timeout=280, check=False
+        )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     kinds = {kind for service in FAULTS.values() for kind, _, _ in service}
     assert set(proxy.faults) == kinds, proxy.faults
@@ -346,8 +387,10 @@ def test_s3_and_dynamodb_throttling_and_5xx_are_retried_and_nothing_is_lost(moto
     assert len(job.done("throttled")) == len(job.ids)
     puts = [r for r in proxy.requests if r.method == "PUT" and "/out/" in r.path]
     assert len(puts) >= 2 * len(job.ids) and {r.sse for r in puts} == {"AES256"}
-    print(f"{len(proxy.requests)} requests through the proxy, {sum(proxy.faults.values())} answered with a fault: "
-          f"{dict(proxy.faults)}")
+    print(
+        f"{len(proxy.requests)} requests through the proxy, {sum(proxy.faults.values())} answered with a fault: "
+        f"{dict(proxy.faults)}"
+    )
 
 
 def _oversized_scan() -> bytes:
@@ -375,8 +418,9 @@ def test_a_scan_that_exhausts_its_actors_memory_fails_alone_with_a_failure_recor
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     before = set(_segment_actors())
     out = tmp_path / "out"
-    report = run_batch(BatchConfig(manifest=str(manifest), output=str(out), job_id="oom", max_actors=1,
-                                   memory_per_actor=5 * 1024**3))
+    report = run_batch(
+        BatchConfig(manifest=str(manifest), output=str(out), job_id="oom", max_actors=1, memory_per_actor=5 * 1024**3)
+    )
 
     status = {r["scan_id"]: (r["status"], r.get("error_code")) for r in report.rows}
     assert status == {"small-1": ("ok", None), "too-big": ("failed", "out_of_memory"), "small-2": ("ok", None)}

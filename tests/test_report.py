@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from ray_app import cli
-from ray_app.batch import BatchConfig, run_batch
+from ray_app.adapters import cli
+from ray_app.adapters.batch import BatchConfig, run_batch
 from ray_app.ops import report
-from ray_app.sinks import read_summary, write_summary
+from ray_app.storage.sinks import read_summary, write_summary
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,8 +28,7 @@ def real_summary(ray_cluster, tmp_path_factory) -> str:
     (tmp / "cut.nii.gz").write_bytes(small_phantom(710)[:2000])
     lines.append(f"cut,{tmp / 'cut.nii.gz'}")
     (tmp / "m.csv").write_text("\n".join(lines) + "\n")
-    done = run_batch(BatchConfig(manifest=str(tmp / "m.csv"), output=str(tmp / "out"), job_id="rep-1",
-                                 max_actors=1))
+    done = run_batch(BatchConfig(manifest=str(tmp / "m.csv"), output=str(tmp / "out"), job_id="rep-1", max_actors=1))
     assert done.succeeded == 3 and done.failed == 1
     return done.summary_uri
 
@@ -40,12 +39,25 @@ def _images(page: str) -> list[bytes]:
 
 def test_report_of_a_real_job_shows_statuses_stages_and_lists_a_planted_12_ml_liver(real_summary, tmp_path):
     rows = read_summary(real_summary)
-    adult = {"liver_ml": 1600.0, "spleen_ml": 220.0, "kidney_left_ml": 160.0, "kidney_right_ml": 155.0,
-             "pancreas_ml": 75.0}
+    adult = {
+        "liver_ml": 1600.0,
+        "spleen_ml": 220.0,
+        "kidney_left_ml": 160.0,
+        "kidney_right_ml": 155.0,
+        "pancreas_ml": 75.0,
+    }
     planted = [
         {"job_id": "rep-1", "scan_id": "tiny-liver", "status": "ok", "segment_s": 3.0, **adult, "liver_ml": 12.0},
-        *({"job_id": "rep-1", "scan_id": f"adult-{i}", "status": "ok", "segment_s": 3.0,
-           **{k: v * (1 + 0.02 * i) for k, v in adult.items()}} for i in range(8)),
+        *(
+            {
+                "job_id": "rep-1",
+                "scan_id": f"adult-{i}",
+                "status": "ok",
+                "segment_s": 3.0,
+                **{k: v * (1 + 0.02 * i) for k, v in adult.items()},
+            }
+            for i in range(8)
+        ),
     ]
     uri = write_summary([*rows, *planted], str(tmp_path / "summary.parquet"))
 
@@ -55,7 +67,11 @@ def test_report_of_a_real_job_shows_statuses_stages_and_lists_a_planted_12_ml_li
     images = _images(page)
     assert len(images) == 3 and all(i.startswith(b"\x89PNG\r\n\x1a\n") and len(i) > 5000 for i in images)
     assert "http://" not in page and "https://" not in page  # opens offline: nothing to fetch
-    assert "13 scans: 12 ok" in page and "1 failed</span>;" in page and re.search(r"\d+ scans? with a volume worth a\s+look \(\d+ organ volumes?\)", page)
+    assert (
+        "13 scans: 12 ok" in page
+        and "1 failed</span>;" in page
+        and re.search(r"\d+ scans? with a volume worth a\s+look \(\d+ organ volumes?\)", page)
+    )
     assert "<td>cut</td><td>failed</td><td>truncated_file</td>" in page  # the real failure, by code
 
     listed = dict(re.findall(r"<tr class=outlier><td>([^<]+)</td><td>liver</td><td>([^<]+)</td>", page))
@@ -75,8 +91,7 @@ def test_outlier_rules():
     rows.append({"scan_id": "gone", "status": "failed", "spleen_ml": 5.0})  # failures have no volume to judge
     [big] = report.outliers(rows)
     assert (big.scan_id, big.organ) == ("big", "spleen") and big.reasons[0].startswith("above this job's upper IQR")
-    few = [{"scan_id": "a", "status": "ok", "pancreas_ml": 70.0}, {"scan_id": "b", "status": "ok",
-                                                                   "pancreas_ml": 10.0}]
+    few = [{"scan_id": "a", "status": "ok", "pancreas_ml": 70.0}, {"scan_id": "b", "status": "ok", "pancreas_ml": 10.0}]
     [small] = report.outliers(few)  # too few scans for fences: the reference range alone
     assert small.scan_id == "b" and small.reasons == ("below adult reference 25 ml",)
 

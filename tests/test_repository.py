@@ -7,12 +7,12 @@ import ast
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 from tests import _scan_factory
@@ -22,14 +22,21 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def _tracked(path: Path) -> bool:
-    done = subprocess.run(["git", "ls-files", "--error-unmatch", str(path.relative_to(REPO))], cwd=REPO,
-                          capture_output=True, check=False)
+    done = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", str(path.relative_to(REPO))], cwd=REPO, capture_output=True, check=False
+    )
     return done.returncode == 0
 
 
 def test_the_example_data_the_tests_read_are_part_of_the_repository():
-    files = [EXAMPLE_DIR / "README.md", _scan_factory.CT_SM, _scan_factory.SEG_FAST, _scan_factory.STATS_FAST,
-             EXAMPLE_DIR / "example_ct.nii.gz", *sorted(_scan_factory.DICOM_DIR.iterdir())]
+    files = [
+        EXAMPLE_DIR / "README.md",
+        _scan_factory.CT_SM,
+        _scan_factory.SEG_FAST,
+        _scan_factory.STATS_FAST,
+        EXAMPLE_DIR / "example_ct.nii.gz",
+        *sorted(_scan_factory.DICOM_DIR.iterdir()),
+    ]
     assert len(files) > 6
     for path in files:
         assert path.resolve().is_relative_to(REPO), f"{path} is outside the repository: a fresh clone lacks it"
@@ -52,13 +59,31 @@ def test_the_wheel_carries_no_test_data(tmp_path):
     # build's own folders stay out of it.
     pytest.importorskip("setuptools", minversion="68")
     source = tmp_path / "src"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
-                                                                "__pycache__", "demo-output"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "demo-output"),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "dist").glob("ray_app-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.startswith("ray_app/phantom_weights/") for n in names)
+    assert any(n.startswith("ray_app/demo/phantom_weights/") for n in names)
     assert not [n for n in names if n.startswith("tests/") or "totalseg-example" in n or n.endswith(".dcm")]
 
 
@@ -71,8 +96,9 @@ def _imported_distributions() -> set[str]:
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 modules.add(node.module.split(".")[0])
     owners = metadata.packages_distributions()
-    return {owners[m][0].lower() for m in modules
-            if m not in sys.stdlib_module_names and m != "ray_app" and m in owners}
+    return {
+        owners[m][0].lower() for m in modules if m not in sys.stdlib_module_names and m != "ray_app" and m in owners
+    }
 
 
 def _declared() -> dict[str, Requirement]:

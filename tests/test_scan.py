@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ray_app import errors
-from ray_app.scan import load_bytes, load_dicom_series, load_scan, scan_from_image
+from ray_app.core import errors
+from ray_app.core.scan import load_bytes, load_dicom_series, load_scan, scan_from_image
 from ray_app.settings import Settings
 from tests import _scan_factory as f
 from tests.guards import audit
@@ -93,17 +93,20 @@ def test_dicom_zip_and_file_list_read_like_the_folder(dicom_scan, tmp_path):
     assert any("ignored" in w for w in from_zip.warnings)
 
 
-def test_s3_uris_go_through_storage(monkeypatch):
+def test_s3_uris_are_read_through_storage(s3_bucket):
+    """An object is one file and a prefix ending in ``/`` a DICOM series, read from (moto's) S3."""
     from ray_app import storage
+    from ray_app.storage.scans import load_scan as load_any
 
-    objects = {"s3://b/ct.nii.gz": f.CT_SM.read_bytes()}
-    objects |= {f"s3://b/dcm/{i}": blob for i, blob in enumerate(f.example_dicom_bytes())}
-    monkeypatch.setattr(storage, "read_bytes", lambda uri, max_bytes=None: objects[uri])
-    monkeypatch.setattr(storage, "list_uris", lambda prefix: sorted(u for u in objects if u.startswith(prefix)))
-    nifti = load_scan("s3://b/ct.nii.gz", "s3-nii")
-    series = load_scan("s3://b/dcm/", "s3-dcm")
-    assert nifti.source_uri == "s3://b/ct.nii.gz" and nifti.shape == (122, 101, 30)
-    assert series.source_uri == "s3://b/dcm/" and series.shape == (512, 512, 20)
+    storage.write_bytes(f"s3://{s3_bucket}/ct.nii.gz", f.CT_SM.read_bytes())
+    for i, blob in enumerate(f.example_dicom_bytes()):
+        storage.write_bytes(f"s3://{s3_bucket}/dcm/{i}", blob)
+    nifti = load_any(f"s3://{s3_bucket}/ct.nii.gz", "s3-nii")
+    series = load_any(f"s3://{s3_bucket}/dcm/", "s3-dcm")
+    assert nifti.source_uri == f"s3://{s3_bucket}/ct.nii.gz" and nifti.shape == (122, 101, 30)
+    assert series.source_uri == f"s3://{s3_bucket}/dcm/" and series.shape == (512, 512, 20)
+    with pytest.raises(TypeError, match="storage"):
+        load_scan(f"s3://{s3_bucket}/ct.nii.gz", "core-has-no-cloud")
 
 
 # ------------------------------------------------------------------------------------------------ bad NIfTI
@@ -131,8 +134,10 @@ BAD_NIFTI = {
         lambda: _bad(np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])),
         errors.UnsupportedDtype,
     ),
-    "NaN voxels": (lambda: _bad(np.where(f.ct_like() > 0, np.nan, f.ct_like()).astype(np.float32)),
-                   errors.NonFiniteVoxels),
+    "NaN voxels": (
+        lambda: _bad(np.where(f.ct_like() > 0, np.nan, f.ct_like()).astype(np.float32)),
+        errors.NonFiniteVoxels,
+    ),
     "zero spacing": (lambda: _bad(f.ct_like(), zooms=(1.0, 0.0, 1.0)), errors.InvalidSpacing),
     "negative spacing in affine": (lambda: _bad(f.ct_like(), zooms=(1.0, 1.0, -1.0)), errors.InvalidSpacing),
     "absurd spacing": (lambda: _bad(f.ct_like(), affine=np.diag([1.0, 1.0, 100.0, 1.0])), errors.InvalidSpacing),
@@ -140,8 +145,10 @@ BAD_NIFTI = {
         lambda: _bad(f.ct_like(), affine=np.array([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])),
         errors.InvalidAffine,
     ),
-    "MR-like intensities": (lambda: _bad(np.random.default_rng(0).uniform(0, 800, (16, 16, 16)).astype(np.float32)),
-                            errors.NotHounsfield),
+    "MR-like intensities": (
+        lambda: _bad(np.random.default_rng(0).uniform(0, 800, (16, 16, 16)).astype(np.float32)),
+        errors.NotHounsfield,
+    ),
     "intensities far above HU": (lambda: _bad(f.ct_like().astype(np.float32) * 1000), errors.NotHounsfield),
 }
 
@@ -337,4 +344,3 @@ def test_truncated_zip_is_unreadable():
     data = f.zip_bytes({f"{i}.dcm": b for i, b in enumerate(f.example_dicom_bytes())})
     with pytest.raises(errors.UnreadableScan):
         load_bytes(data[: len(data) // 2], "zip-6")
-

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ray_app import cli
-from ray_app.phantom import make_phantom
-from ray_app.sinks import create_table, open_passport_store
+from ray_app.adapters import cli
+from ray_app.demo.phantom import make_phantom
+from ray_app.storage.sinks import create_table, open_passport_store
 from tests import _scan_factory as f
 from tests._service import log_hits, running_service
 from tests.guards import audit
@@ -34,8 +34,14 @@ pytestmark = pytest.mark.slow
 MODEL = "total_fast"
 TOKEN = secrets.token_urlsafe(24)
 #: Wrong tokens, each unique to this run so a log search can find it: other lengths, one character off, non-ASCII.
-WRONG = [secrets.token_hex(1), secrets.token_hex(8), TOKEN[:-1], TOKEN[:-1] + ("A" if TOKEN[-1] != "A" else "B"),
-         TOKEN + "x", secrets.token_hex(2048)]
+WRONG = [
+    secrets.token_hex(1),
+    secrets.token_hex(8),
+    TOKEN[:-1],
+    TOKEN[:-1] + ("A" if TOKEN[-1] != "A" else "B"),
+    TOKEN + "x",
+    secrets.token_hex(2048),
+]
 NON_ASCII = "\xe9" * 20 + secrets.token_hex(8)
 
 #: Identifiers put into the DICOM headers of a copy of the example series; each needle must appear nowhere.
@@ -50,8 +56,18 @@ PHI = {
     "InstitutionName": "Phileak General Hospital",
     "ReferringPhysicianName": "DR^PHIREFERRER",
 }
-NEEDLES = ["ZZPHILEAK", "QUINCY", "55501777", "19010203", "1901-02-03", "ALT-886644", "Phileak", "0199-8473621",
-           "ACCPHI4242", "PHIREFERRER"]
+NEEDLES = [
+    "ZZPHILEAK",
+    "QUINCY",
+    "55501777",
+    "19010203",
+    "1901-02-03",
+    "ALT-886644",
+    "Phileak",
+    "0199-8473621",
+    "ACCPHI4242",
+    "PHIREFERRER",
+]
 
 
 def _identified_series(mutate=None) -> bytes:
@@ -81,8 +97,12 @@ def _truncated(blobs_zip: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def identified() -> dict[str, bytes]:
     good = _identified_series()
-    return {"phi-good": good, "phi-mr": _identified_series(_mr),
-            "phi-missing": _identified_series(lambda d: d[:7] + d[8:]), "phi-truncated": _truncated(good)}
+    return {
+        "phi-good": good,
+        "phi-mr": _identified_series(_mr),
+        "phi-missing": _identified_series(lambda d: d[:7] + d[8:]),
+        "phi-truncated": _truncated(good),
+    }
 
 
 def _phi_in(data: bytes | str) -> list[str]:
@@ -114,22 +134,47 @@ def batch_run(moto_server, ray_cluster, identified):
     out = io.StringIO()
     saved, sys.stdout = sys.stdout, out  # the CLI's own report, as a user sees it
     try:
-        code = cli.main(["batch", "--manifest", f"s3://{bucket}/in/manifest.csv", "--output", f"s3://{bucket}/out",
-                         "--table", table, "--job-id", "phi-1", "--max-actors", "1"])
+        code = cli.main(
+            [
+                "batch",
+                "--manifest",
+                f"s3://{bucket}/in/manifest.csv",
+                "--output",
+                f"s3://{bucket}/out",
+                "--table",
+                table,
+                "--job-id",
+                "phi-1",
+                "--max-actors",
+                "1",
+            ]
+        )
     finally:
         sys.stdout = saved
-    yield {"s3": s3, "bucket": bucket, "table": table, "exit_code": code, "report": out.getvalue(),
-           "store": open_passport_store(f"dynamodb://{table}")}
+    yield {
+        "s3": s3,
+        "bucket": bucket,
+        "table": table,
+        "exit_code": code,
+        "report": out.getvalue(),
+        "store": open_passport_store(f"dynamodb://{table}"),
+    }
     boto3.client("dynamodb").delete_table(TableName=table)
 
 
 def test_batch_outputs_keys_records_and_report_carry_no_patient_identifiers(batch_run):
     s3, bucket, store = batch_run["s3"], batch_run["bucket"], batch_run["store"]
     assert batch_run["exit_code"] == 1
-    codes = {sid: store.get(sid, MODEL)["status"] if sid == "phi-good" else store.get(sid, MODEL)["error"]["code"]
-             for sid in ("phi-good", "phi-mr", "phi-missing", "phi-truncated")}
-    assert codes == {"phi-good": "ok", "phi-mr": "not_ct", "phi-missing": "missing_slices",
-                     "phi-truncated": "unreadable_scan"}
+    codes = {
+        sid: store.get(sid, MODEL)["status"] if sid == "phi-good" else store.get(sid, MODEL)["error"]["code"]
+        for sid in ("phi-good", "phi-mr", "phi-missing", "phi-truncated")
+    }
+    assert codes == {
+        "phi-good": "ok",
+        "phi-mr": "not_ct",
+        "phi-missing": "missing_slices",
+        "phi-truncated": "unreadable_scan",
+    }
     objects = _objects(s3, bucket, "out/")
     assert f"out/phi-good/{MODEL}/mask.nii.gz" in objects and f"out/phi-good/{MODEL}/seg.dcm" in objects
     for key, body in objects.items():
@@ -162,8 +207,11 @@ def test_every_object_the_job_wrote_was_written_with_server_side_encryption(batc
 def service(batch_run):
     """Started after the batch job (both need the session's two CPUs)."""
     bucket = batch_run["bucket"]
-    settings = {"allowed_uri_prefixes": [f"s3://{bucket}/in/"], "output_prefix": f"s3://{bucket}/serve-out",
-                "passport_store": f"dynamodb://{batch_run['table']}"}
+    settings = {
+        "allowed_uri_prefixes": [f"s3://{bucket}/in/"],
+        "output_prefix": f"s3://{bucket}/serve-out",
+        "passport_store": f"dynamodb://{batch_run['table']}",
+    }
     with running_service(TOKEN, settings) as client:
         yield {"client": client, **batch_run}
 
@@ -178,25 +226,31 @@ def test_every_v1_route_refuses_a_missing_or_wrong_token_and_takes_the_right_one
     client = service["client"]
     routes = _v1_routes(client)
     assert {("POST", "/v1/segment"), ("GET", "/v1/passports/{scan_id}")} <= set(routes)
-    refused = [{}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}, {"Authorization": "Bearer"},
-               {"Authorization": f"Bearer {NON_ASCII}".encode("latin-1")},
-               *({"Authorization": f"Bearer {w}"} for w in WRONG)]
+    refused = [
+        {},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": f"Bearer {NON_ASCII}".encode("latin-1")},
+        *({"Authorization": f"Bearer {w}"} for w in WRONG),
+    ]
     for method, path in routes:
         url = path.replace("{scan_id}", "no-such-scan")
         for headers in refused:
             r = client.request(method, url, headers={**headers, "Content-Type": "application/gzip"}, content=b"x")
             assert r.status_code == 401, (method, path, headers, r.status_code, r.text[:200])
             assert r.json()["error"]["code"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
-        r = client.request(method, url, headers={"Authorization": f"Bearer {TOKEN}",
-                                                 "Content-Type": "application/gzip"}, content=b"x")
+        r = client.request(
+            method, url, headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/gzip"}, content=b"x"
+        )
         assert r.status_code not in (401, 403, 500), (method, path, r.status_code, r.text[:200])
 
 
 def test_the_token_comparison_is_hmac_compare_digest_on_bytes(monkeypatch):
     """Constant time: the check goes through ``hmac.compare_digest`` with bytes, whatever the length or characters
     of the offered token (a ``str`` comparison would raise on non-ASCII text, ``==`` would leak timing)."""
-    from ray_app import serve_app
-    from ray_app.serve_app import ApiError
+    from ray_app.adapters import serve as serve_app
+    from ray_app.adapters.serve import ApiError
 
     calls = []
     real = hmac.compare_digest
@@ -215,13 +269,21 @@ def test_the_token_comparison_is_hmac_compare_digest_on_bytes(monkeypatch):
 def test_serve_answers_carry_no_patient_identifiers(service, identified):
     client, s3, bucket = service["client"], service["s3"], service["bucket"]
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    r = client.post("/v1/segment", content=identified["phi-good"], params={"scan_id": "phi-serve", "persist": "true"},
-                    headers={**auth, "Content-Type": "application/zip"})
+    r = client.post(
+        "/v1/segment",
+        content=identified["phi-good"],
+        params={"scan_id": "phi-serve", "persist": "true"},
+        headers={**auth, "Content-Type": "application/zip"},
+    )
     assert r.status_code == 200 and r.json()["status"] == "ok", r.text[:300]
     answers = [r]
     for sid, code in (("phi-mr", "not_ct"), ("phi-missing", "missing_slices"), ("phi-truncated", "unreadable_scan")):
-        bad = client.post("/v1/segment", content=identified[sid], params={"scan_id": f"{sid}-serve"},
-                          headers={**auth, "Content-Type": "application/zip"})
+        bad = client.post(
+            "/v1/segment",
+            content=identified[sid],
+            params={"scan_id": f"{sid}-serve"},
+            headers={**auth, "Content-Type": "application/zip"},
+        )
         assert bad.status_code == 422 and bad.json()["error"]["code"] == code, bad.text[:300]
         answers.append(bad)
     s3.put_object(Bucket=bucket, Key="in/phi-uri.zip", Body=identified["phi-mr"])
@@ -252,8 +314,13 @@ _net_recording = threading.Event()
 
 
 def _net_hook(event: str, args: tuple) -> None:
-    if _net_recording.is_set() and event in ("socket.getaddrinfo", "socket.connect", "socket.sendto",
-                                             "urllib.Request", "http.client.connect"):
+    if _net_recording.is_set() and event in (
+        "socket.getaddrinfo",
+        "socket.connect",
+        "socket.sendto",
+        "urllib.Request",
+        "http.client.connect",
+    ):
         _net_events.append((event, args[:2]))
 
 
@@ -262,9 +329,9 @@ def test_segmentation_opens_no_network_connection_even_if_usage_statistics_were_
     building a segmenter and segmenting a scan resolves no host and opens no socket (loopback included)."""
     from totalsegmentator.config import get_totalseg_dir
 
-    from ray_app import pipeline
-    from ray_app.scan import scan_from_image
-    from ray_app.segmenter import Segmenter
+    from ray_app.core import pipeline
+    from ray_app.core.scan import scan_from_image
+    from ray_app.core.segmenter import Segmenter
 
     config = get_totalseg_dir() / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "send_usage_stats": True}))

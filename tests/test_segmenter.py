@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ray_app.errors import WeightsMissing
-from ray_app.phantom import make_phantom, phantom_labels
-from ray_app.segmenter import Segmenter
+from ray_app.core.errors import WeightsMissing
+from ray_app.core.segmenter import Segmenter
+from ray_app.demo.phantom import make_phantom, phantom_labels
 from tests.guards import audit
 
 pytestmark = pytest.mark.slow
@@ -151,19 +151,27 @@ def test_usage_statistics_are_off_in_totalsegmentator_config(fast_segmenter):
     assert get_config()["send_usage_stats"] is False
 
 
-@pytest.mark.parametrize("shape,target", [((133, 133, 150), (512, 512, 300)), ((45, 38, 61), (89, 71, 97)),
-                                          ((60, 50, 40), (31, 77, 40)), ((1, 7, 9), (3, 7, 2)),
-                                          ((57, 43, 29), (175, 141, 97))])
+@pytest.mark.parametrize(
+    "shape,target",
+    [
+        ((133, 133, 150), (512, 512, 300)),
+        ((45, 38, 61), (89, 71, 97)),
+        ((60, 50, 40), (31, 77, 40)),
+        ((1, 7, 9), (3, 7, 2)),
+        ((57, 43, 29), (175, 141, 97)),
+    ],
+)
 def test_resampling_back_gives_totalsegmentators_labels_exactly(shape, target):
     from totalsegmentator.resampling import change_spacing
 
-    from ray_app.segmenter import resample_labels
+    from ray_app.core.segmenter import resample_labels
 
     seg = np.random.default_rng(sum(shape)).integers(0, 118, shape, dtype=np.uint8)
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     img_in_affine = np.diag([1.1, 0.9, 2.0, 1.0])
-    vanilla_img = change_spacing(nib.Nifti1Image(seg, affine), [3.0] * 3, target, order=0, dtype=np.uint8,
-                                 nr_cpus=1, force_affine=img_in_affine)
+    vanilla_img = change_spacing(
+        nib.Nifti1Image(seg, affine), [3.0] * 3, target, order=0, dtype=np.uint8, nr_cpus=1, force_affine=img_in_affine
+    )
     ours = resample_labels(seg, target)
     assert ours.dtype == np.uint8 and ours.shape == vanilla_img.shape == target
     np.testing.assert_array_equal(ours, np.asanyarray(vanilla_img.dataobj))

@@ -26,12 +26,13 @@ import numpy as np
 import pytest
 import yaml
 
-from ray_app import pipeline, serve_app
-from tests._ray import RAY_BIN, free_port, ray_head
-from ray_app.phantom import make_phantom
-from ray_app.serve_app import ApiError, check_uri_allowed, load_token
+from ray_app.adapters import serve as serve_app
+from ray_app.adapters.serve import ApiError, check_uri_allowed, load_token
+from ray_app.core import pipeline
+from ray_app.demo.phantom import make_phantom
 from ray_app.settings import Settings
-from ray_app.sinks import create_table, open_passport_store
+from ray_app.storage.sinks import create_table, open_passport_store
+from tests._ray import RAY_BIN, free_port, ray_head
 
 pytestmark = pytest.mark.slow
 
@@ -100,8 +101,8 @@ def scans(example_dir) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def reference(phantom_weights, scans) -> dict[str, dict]:
     """What the in-process pipeline (the batch job's code path) computes for the same bytes."""
-    from ray_app.scan import load_bytes
-    from ray_app.segmenter import Segmenter
+    from ray_app.core.scan import load_bytes
+    from ray_app.core.segmenter import Segmenter
 
     segmenter = Segmenter(fast=True, num_threads=1)  # the replica's thread count (num_cpus=1): same float sums
     out = {}
@@ -129,7 +130,7 @@ def service(ray_cluster, aws, tmp_path_factory):
     """The app on the session's Ray, at one replica with capacity 2, the token read from a 0600 secret file."""
     from ray import serve
 
-    from ray_app.serve_app import build_app
+    from ray_app.adapters.serve import build_app
 
     token_file = tmp_path_factory.mktemp("secret") / "token"
     token_file.write_text(TOKEN)
@@ -138,18 +139,28 @@ def service(ray_cluster, aws, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app({
-            "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
-            "retry_after_s": RETRY_AFTER, "num_cpus": 1,
-            "settings": {
-                "api_token_file": str(token_file),
-                "allowed_uri_prefixes": [f"s3://{bucket}/in/"],
-                "output_prefix": f"s3://{bucket}/out",
-                "passport_store": f"dynamodb://{aws['table']}",
-                "max_body_bytes": MAX_BODY,
-                "download_weights": False,
-            },
-        }), name="ray-app", route_prefix="/")
+        serve.run(
+            build_app(
+                {
+                    "min_replicas": 1,
+                    "max_replicas": 1,
+                    "max_ongoing_requests": 1,
+                    "max_queued_requests": 1,
+                    "retry_after_s": RETRY_AFTER,
+                    "num_cpus": 1,
+                    "settings": {
+                        "api_token_file": str(token_file),
+                        "allowed_uri_prefixes": [f"s3://{bucket}/in/"],
+                        "output_prefix": f"s3://{bucket}/out",
+                        "passport_store": f"dynamodb://{aws['table']}",
+                        "max_body_bytes": MAX_BODY,
+                        "download_weights": False,
+                    },
+                }
+            ),
+            name="ray-app",
+            route_prefix="/",
+        )
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=300) as client:
             deadline = time.monotonic() + 120
@@ -162,8 +173,7 @@ def service(ray_cluster, aws, tmp_path_factory):
 
 
 def _segment(client: httpx.Client, body: bytes, content_type: str, **params) -> httpx.Response:
-    return client.post("/v1/segment", content=body, params=params,
-                       headers={**_auth(), "Content-Type": content_type})
+    return client.post("/v1/segment", content=body, params=params, headers={**_auth(), "Content-Type": content_type})
 
 
 def _same_result(served: dict, expected: dict) -> None:
@@ -188,11 +198,22 @@ def test_token_is_required_and_may_come_from_a_secret_file(tmp_path):
     assert load_token(Settings(api_token=None, api_token_file=str(secret))) == TOKEN
 
 
-@pytest.mark.parametrize("uri", [
-    "http://169.254.169.254/latest/meta-data", "file:///etc/passwd", "/etc/passwd", "s3://other/in/a.nii.gz",
-    "s3://scans-evil/in/a.nii.gz", "s3://scans/private/a.nii.gz", "s3://scans/in/../private/a.nii.gz",
-    "s3://scans/in//a.nii.gz", "S3://scans/in/a.nii.gz", "gs://scans/in/a.nii.gz", "s3://scans",
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://169.254.169.254/latest/meta-data",
+        "file:///etc/passwd",
+        "/etc/passwd",
+        "s3://other/in/a.nii.gz",
+        "s3://scans-evil/in/a.nii.gz",
+        "s3://scans/private/a.nii.gz",
+        "s3://scans/in/../private/a.nii.gz",
+        "s3://scans/in//a.nii.gz",
+        "S3://scans/in/a.nii.gz",
+        "gs://scans/in/a.nii.gz",
+        "s3://scans",
+    ],
+)
 def test_uris_outside_the_allowed_prefixes_are_refused(uri):
     with pytest.raises(ApiError) as info:
         check_uri_allowed(uri, ["s3://scans/in/", "s3://scans-other", "/etc"])
@@ -232,8 +253,7 @@ def test_the_openapi_document_lists_every_status_each_route_can_answer():
     """Walk the routes' code for every status they can raise (the error paths) and the app's OpenAPI document for
     what it promises: they must agree, each error with the ErrorBody schema, and 503 also as Serve's plain text."""
     doc = serve_app.api.openapi()
-    routes = {("post", "/v1/segment"): _SERVICE.segment,
-              ("get", "/v1/passports/{scan_id}"): _SERVICE.get_passport}
+    routes = {("post", "/v1/segment"): _SERVICE.segment, ("get", "/v1/passports/{scan_id}"): _SERVICE.get_passport}
     for (method, path), fn in routes.items():
         raised = _raised_statuses(fn)
         # Also what FastAPI itself answers for a route: 422 for invalid parameters; 500 from the catch-all handler.
@@ -301,8 +321,11 @@ def test_nifti_body_gives_the_in_process_passport_and_the_mask_on_request(servic
     _same_result(doc, reference["phantom"])
     assert {"read_s", "segment_s", "passport_s"} <= set(doc["timings"])
 
-    mask = client.post("/v1/segment", content=scans["phantom"],
-                       headers={**_auth(), "Content-Type": "application/x-nifti-gz", "Accept": "application/gzip"})
+    mask = client.post(
+        "/v1/segment",
+        content=scans["phantom"],
+        headers={**_auth(), "Content-Type": "application/x-nifti-gz", "Accept": "application/gzip"},
+    )
     assert mask.status_code == 200 and mask.headers["content-type"] == "application/gzip"
     img = nib.Nifti1Image.from_bytes(gzip.decompress(mask.content))
     assert list(img.shape) == doc["scan"]["shape"]
@@ -335,8 +358,12 @@ def test_dicom_zip_body_gives_the_in_process_passport(service, scans, reference)
 def test_s3_uri_with_persist_stores_encrypted_mask_and_the_passport(service, scans, reference):
     client, s3, bucket = service["client"], service["s3"], service["bucket"]
     s3.put_object(Bucket=bucket, Key="in/phantom.nii.gz", Body=scans["phantom"])
-    r = client.post("/v1/segment", params={"persist": "true"}, headers=_auth(),
-                    json={"uri": f"s3://{bucket}/in/phantom.nii.gz", "scan_id": "phantom-s3"})
+    r = client.post(
+        "/v1/segment",
+        params={"persist": "true"},
+        headers=_auth(),
+        json={"uri": f"s3://{bucket}/in/phantom.nii.gz", "scan_id": "phantom-s3"},
+    )
     assert r.status_code == 200, r.text[:500]
     doc = r.json()
     _same_result(doc, reference["phantom"])
@@ -383,11 +410,19 @@ def test_every_refusal_is_a_json_error_and_the_service_keeps_answering(service, 
     _error(_segment(client, good, "application/gzip", mode="turbo"), 422, "invalid_request")
     _error(_segment(client, good, "application/gzip", roi_subset="no_such_organ"), 422, "invalid_roi_subset")
     _error(client.post("/v1/segment", headers=_auth(), json={"url": "s3://x/y"}), 422, "invalid_request")
-    _error(client.post("/v1/segment", headers=_auth(), json={"uri": f"s3://{bucket}/in/absent.nii.gz"}),
-           422, "object_not_found")
+    _error(
+        client.post("/v1/segment", headers=_auth(), json={"uri": f"s3://{bucket}/in/absent.nii.gz"}),
+        422,
+        "object_not_found",
+    )
 
-    for uri in (f"s3://{bucket}-other/in/phantom.nii.gz", f"s3://{bucket}/out/x.nii.gz",
-                "http://127.0.0.1:9/x.nii.gz", "file:///etc/passwd", "/etc/passwd"):
+    for uri in (
+        f"s3://{bucket}-other/in/phantom.nii.gz",
+        f"s3://{bucket}/out/x.nii.gz",
+        "http://127.0.0.1:9/x.nii.gz",
+        "file:///etc/passwd",
+        "/etc/passwd",
+    ):
         _error(client.post("/v1/segment", headers=_auth(), json={"uri": uri}), 403, "uri_not_allowed")
 
     _error(client.get("/v1/passports/never-segmented", headers=_auth()), 404, "passport_not_found")
@@ -404,14 +439,23 @@ def bare_service(service, tmp_path_factory):
     """A second app on the same Serve, under /bare, with neither passport store nor output prefix."""
     from ray import serve
 
-    from ray_app.serve_app import build_app
+    from ray_app.adapters.serve import build_app
 
     token_file = tmp_path_factory.mktemp("secret-bare") / "token"
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
-    serve.run(build_app({"min_replicas": 1, "max_replicas": 1, "num_cpus": 1,
-                         "settings": {"api_token_file": str(token_file), "download_weights": False}}),
-              name="bare", route_prefix="/bare")
+    serve.run(
+        build_app(
+            {
+                "min_replicas": 1,
+                "max_replicas": 1,
+                "num_cpus": 1,
+                "settings": {"api_token_file": str(token_file), "download_weights": False},
+            }
+        ),
+        name="bare",
+        route_prefix="/bare",
+    )
     try:
         yield service["client"]
     finally:
@@ -422,8 +466,16 @@ def test_a_deployment_without_store_answers_501_which_its_document_lists(bare_se
     client = bare_service
     err = _error(client.get("/bare/v1/passports/anything", headers=_auth()), 501, "passport_store_not_configured")
     assert "passport_store" in err["message"]
-    _error(client.post("/bare/v1/segment", content=scans["phantom"], params={"persist": "true"},
-                       headers={**_auth(), "Content-Type": "application/gzip"}), 501, "persist_not_configured")
+    _error(
+        client.post(
+            "/bare/v1/segment",
+            content=scans["phantom"],
+            params={"persist": "true"},
+            headers={**_auth(), "Content-Type": "application/gzip"},
+        ),
+        501,
+        "persist_not_configured",
+    )
     _error(client.get("/bare/v1/passports/anything"), 401, "unauthorized")
 
 
@@ -459,8 +511,10 @@ def docs_server():
         thread.join(timeout=10)
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="needs a headless Chromium (Debian: apt-get install chromium)")
+@pytest.mark.skipif(
+    not (shutil.which("chromium") or shutil.which("chromium-browser")),
+    reason="needs a headless Chromium (Debian: apt-get install chromium)",
+)
 def test_the_docs_page_renders_in_a_headless_browser_without_internet(docs_server, tmp_path):
     """Chromium loads /docs (loopback only, nothing else reachable) and runs Swagger UI: every operation of the
     document appears as a rendered block. A blank page (CDN assets) or Swagger UI 4 ("Unable to render this
@@ -469,11 +523,25 @@ def test_the_docs_page_renders_in_a_headless_browser_without_internet(docs_serve
     expected = {"/healthz", "/readyz", "/v1/segment", "/v1/passports/{scan_id}"}
     for budget_ms in (20_000, 120_000):  # virtual time; a loaded machine may need the longer one
         done = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", f"--virtual-time-budget={budget_ms}", "--dump-dom",
-             f"{docs_server}/docs"],
-            capture_output=True, text=True, timeout=300, check=False)
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                f"--virtual-time-budget={budget_ms}",
+                "--dump-dom",
+                f"{docs_server}/docs",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         rendered = set(re.findall(r'opblock-summary-path" data-path="([^"]+)"', done.stdout))
         if rendered:
@@ -485,8 +553,13 @@ def test_overload_is_refused_with_503_and_retry_after_and_accepted_requests_comp
     url, body = service["url"], scans["phantom"]
 
     def one(i: int) -> httpx.Response:
-        return httpx.post(f"{url}/v1/segment", content=body, params={"scan_id": f"burst-{i}"},
-                          headers={**_auth(), "Content-Type": "application/gzip"}, timeout=300)
+        return httpx.post(
+            f"{url}/v1/segment",
+            content=body,
+            params={"scan_id": f"burst-{i}"},
+            headers={**_auth(), "Content-Type": "application/gzip"},
+            timeout=300,
+        )
 
     n = CAPACITY + 4
     with ThreadPoolExecutor(n) as pool:
@@ -507,15 +580,21 @@ def test_overload_is_refused_with_503_and_retry_after_and_accepted_requests_comp
 
 def _serve_shutdown(head: dict) -> None:
     # Serve first: with Serve's actors still up, the SIGTERM'd head takes about 30 s to stop instead of 3.
-    subprocess.run([str(RAY_BIN / "serve"), "shutdown", "-y", "-a", head["dashboard"]], env=head["env"],
-                   capture_output=True, timeout=60, check=False)
+    subprocess.run(
+        [str(RAY_BIN / "serve"), "shutdown", "-y", "-a", head["dashboard"]],
+        env=head["env"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture
 def head_node(phantom_weights):
     """A separate ``ray start --head`` cluster on loopback (own ports and temp dir), stopped by its PID."""
-    with ray_head(num_cpus=1, env={"RAY_APP_API_TOKEN": TOKEN, "RAY_APP_DOWNLOAD_WEIGHTS": "false"},
-                  before_stop=_serve_shutdown) as head:
+    with ray_head(
+        num_cpus=1, env={"RAY_APP_API_TOKEN": TOKEN, "RAY_APP_DOWNLOAD_WEIGHTS": "false"}, before_stop=_serve_shutdown
+    ) as head:
         yield head
 
 
@@ -526,8 +605,14 @@ def test_serve_deploy_of_the_repo_config_serves_the_app(head_node, scans, tmp_pa
     config["http_options"]["port"] = port
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    done = subprocess.run([str(RAY_BIN / "serve"), "deploy", str(path), "-a", head_node["dashboard"]], env=head_node["env"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [str(RAY_BIN / "serve"), "deploy", str(path), "-a", head_node["dashboard"]],
+        env=head_node["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
     url = f"http://127.0.0.1:{port}"
@@ -540,9 +625,17 @@ def test_serve_deploy_of_the_repo_config_serves_the_app(head_node, scans, tmp_pa
             pass
         assert time.monotonic() < deadline, "the deployed app did not answer /healthz"
         time.sleep(1)
-    r = httpx.post(f"{url}/v1/segment", content=scans["phantom"], params={"scan_id": "deployed"},
-                   headers={**_auth(), "Content-Type": "application/gzip"}, timeout=300)
+    r = httpx.post(
+        f"{url}/v1/segment",
+        content=scans["phantom"],
+        params={"scan_id": "deployed"},
+        headers={**_auth(), "Content-Type": "application/gzip"},
+        timeout=300,
+    )
     assert r.status_code == 200, r.text[:500]
     assert r.json()["status"] == "ok" and r.json()["scan_id"] == "deployed"
-    _error(httpx.post(f"{url}/v1/segment", content=scans["phantom"], headers={"Content-Type": "application/gzip"}),
-           401, "unauthorized")
+    _error(
+        httpx.post(f"{url}/v1/segment", content=scans["phantom"], headers={"Content-Type": "application/gzip"}),
+        401,
+        "unauthorized",
+    )

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_app import storage
-from ray_app.keys import InvalidId
-from ray_app.sinks import (
+from ray_app.storage.keys import InvalidId
+from ray_app.storage.sinks import (
     JOB_INDEX,
     SUMMARY_SCHEMA,
     ArtifactSink,
@@ -129,8 +129,15 @@ def test_numbers_round_trip_equal(store):
 
 
 def test_numbers_dynamodb_cannot_hold_survive(store):
-    odd = {"nan": math.nan, "inf": -math.inf, "tiny": 1e-300, "big_float": 1e20, "big_int": 2**53 + 1,
-           "huge_int": 10**40, "x": 1.5}
+    odd = {
+        "nan": math.nan,
+        "inf": -math.inf,
+        "tiny": 1e-300,
+        "big_float": 1e20,
+        "big_int": 2**53 + 1,
+        "huge_int": 10**40,
+        "x": 1.5,
+    }
     assert store.put(passport(values=odd), "job")
     back = store.get("CT_001", "total_fast")["values"]
     assert math.isnan(back.pop("nan"))
@@ -207,8 +214,12 @@ def test_dynamodb_keeps_a_compact_item_that_points_at_the_full_passport(dynamodb
     index = ddb.describe_table(TableName=dynamodb_table)["Table"]["GlobalSecondaryIndexes"][0]
     assert index["IndexName"] == JOB_INDEX
     assert index["Projection"] == {"ProjectionType": "INCLUDE", "NonKeyAttributes": ["status", "error_code"]}
-    projected = ddb.query(TableName=dynamodb_table, IndexName=JOB_INDEX, KeyConditionExpression="job_id = :j",
-                          ExpressionAttributeValues={":j": {"S": "job-1"}})["Items"]
+    projected = ddb.query(
+        TableName=dynamodb_table,
+        IndexName=JOB_INDEX,
+        KeyConditionExpression="job_id = :j",
+        ExpressionAttributeValues={":j": {"S": "job-1"}},
+    )["Items"]
     assert {k for i in projected for k in i} <= {"scan_id", "model_key", "job_id", "status", "error_code"}
 
 
@@ -255,8 +266,12 @@ def test_missing_dynamodb_table_is_clear(moto_server):
 
 def test_artifact_sink_s3_layout_and_encryption(s3_bucket):
     sink = ArtifactSink(f"s3://{s3_bucket}/results/")
-    files = {"mask.nii.gz": "application/gzip", "passport.json": "application/json", "preview.png": "image/png",
-             "seg.dcm": "application/dicom"}
+    files = {
+        "mask.nii.gz": "application/gzip",
+        "passport.json": "application/json",
+        "preview.png": "image/png",
+        "seg.dcm": "application/dicom",
+    }
     for name in files:
         uri = sink.put("CT_001", "total_fast", name, name.encode())
         assert uri == f"s3://{s3_bucket}/results/CT_001/total_fast/{name}"
@@ -285,11 +300,28 @@ def test_artifact_sink_local_atomic(tmp_path):
 # ----------------------------------------------------------------------------------------------- summary
 
 ROWS = [
-    {"job_id": "job-1", "scan_id": "CT_001", "model_key": "total_fast", "status": "ok", "read_s": 1.5,
-     "segment_s": 42.0, "total_s": 45.25, "structures_present": 98, "liver_ml": 1612.4,
-     "finished_at": "2026-11-27T10:00:00Z"},
-    {"job_id": "job-1", "scan_id": "CT_002", "model_key": "total_fast", "status": "failed",
-     "error_code": "invalid_scan", "error": "modality MR is not CT", "read_s": 0.2, "total_s": 0.3},
+    {
+        "job_id": "job-1",
+        "scan_id": "CT_001",
+        "model_key": "total_fast",
+        "status": "ok",
+        "read_s": 1.5,
+        "segment_s": 42.0,
+        "total_s": 45.25,
+        "structures_present": 98,
+        "liver_ml": 1612.4,
+        "finished_at": "2026-11-27T10:00:00Z",
+    },
+    {
+        "job_id": "job-1",
+        "scan_id": "CT_002",
+        "model_key": "total_fast",
+        "status": "failed",
+        "error_code": "invalid_scan",
+        "error": "modality MR is not CT",
+        "read_s": 0.2,
+        "total_s": 0.3,
+    },
 ]
 
 

@@ -8,7 +8,7 @@ import boto3
 import pytest
 
 from ray_app import storage
-from ray_app.keys import InvalidId, result_uri, validate_scan_id
+from ray_app.storage.keys import InvalidId, result_uri, validate_scan_id
 
 
 def test_s3_round_trip_encrypts_every_put(s3_bucket):
@@ -119,8 +119,29 @@ def test_local_listing_works_like_s3_prefixes(tmp_path):
     assert storage.list_uris(str(tmp_path / "missing")) == []
 
 
-HOSTILE_IDS = ["../x", "..", ".", "a/b", "/abs", "a\\b", "a..b", "a\x00b", "a\nb", "tab\t", "", " ", "x" * 129,
-               "=HYPERLINK(\"http://evil\")", "+1", "-rf", "@SUM(A1)", ".hidden", "é", None, 42]
+HOSTILE_IDS = [
+    "../x",
+    "..",
+    ".",
+    "a/b",
+    "/abs",
+    "a\\b",
+    "a..b",
+    "a\x00b",
+    "a\nb",
+    "tab\t",
+    "",
+    " ",
+    "x" * 129,
+    '=HYPERLINK("http://evil")',
+    "+1",
+    "-rf",
+    "@SUM(A1)",
+    ".hidden",
+    "é",
+    None,
+    42,
+]
 
 
 @pytest.mark.parametrize("bad", HOSTILE_IDS)

@@ -7,10 +7,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from ray_app import cli
+from ray_app.adapters import cli
+from ray_app.core.passport import failure_passport
 from ray_app.ops.watch import job_status
-from ray_app.passport import failure_passport
-from ray_app.sinks import open_passport_store
+from ray_app.storage.sinks import open_passport_store
 
 MODEL = {"key": "total-fast-test"}
 
@@ -37,8 +37,9 @@ def running_job(tmp_path):
     (out / "_jobs" / "j1").mkdir(parents=True)
     manifest = tmp_path / "m.csv"
     manifest.write_text("scan_id,uri\n" + "".join(f"s{i},/data/s{i}.nii.gz\n" for i in range(10)))
-    (out / "_jobs" / "j1" / "job.json").write_text(json.dumps(
-        {"job_id": "j1", "started_at": start.isoformat(), "manifest": str(manifest), "limit": None}))
+    (out / "_jobs" / "j1" / "job.json").write_text(
+        json.dumps({"job_id": "j1", "started_at": start.isoformat(), "manifest": str(manifest), "limit": None})
+    )
     return store_uri, out, now
 
 

@@ -1,6 +1,6 @@
 """Create or check the AWS resources the cluster needs, idempotently: run it as often as you like.
 
-- the passport table (:func:`ray_app.sinks.create_table`: on-demand, with its job index);
+- the passport table (:func:`ray_app.storage.sinks.create_table`: on-demand, with its job index);
 - the output bucket: default encryption, all public access blocked, and one lifecycle rule that moves large
   objects under the output prefix (the masks) to Glacier Instant Retrieval after 30 days;
 - optionally (``input_glacier_days``) a second lifecycle rule, on the input bucket, that moves large objects under
@@ -23,7 +23,7 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from ray_app import storage
-from ray_app.sinks import JOB_INDEX, LARGE_OBJECT_BYTES, create_table
+from ray_app.storage.sinks import JOB_INDEX, LARGE_OBJECT_BYTES, create_table
 
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"  # the checkout's deploy/, beside the package
 DATA_POLICY = "iam-policy.json"
@@ -119,8 +119,15 @@ def ensure_input_lifecycle(bucket: str, prefix: str, days: int) -> dict:
         raise ValueError(f"--input-glacier-days must be at least 1, not {days}")
     rule = lifecycle_rule(prefix, rule_id=INPUT_LIFECYCLE_RULE_ID, days=days)
     ids = put_lifecycle_rule(bucket, rule)
-    return {"bucket": bucket, "prefix": prefix, "rule_id": INPUT_LIFECYCLE_RULE_ID, "days": days,
-            "storage_class": "GLACIER_IR", "min_object_bytes": MIN_TRANSITION_BYTES, "lifecycle_rules": ids}
+    return {
+        "bucket": bucket,
+        "prefix": prefix,
+        "rule_id": INPUT_LIFECYCLE_RULE_ID,
+        "days": days,
+        "storage_class": "GLACIER_IR",
+        "min_object_bytes": MIN_TRANSITION_BYTES,
+        "lifecycle_rules": ids,
+    }
 
 
 def ensure_bucket(bucket: str, prefix: str = "", region: str | None = None, sse: str = "AES256") -> dict:
@@ -195,8 +202,11 @@ def account_id() -> str:
 
 def _ensure_role(iam, role: str, policies: dict[str, dict]) -> None:
     try:
-        iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(_EC2_TRUST),
-                        Description="ray_app cluster node role (jobs/setup_aws.py)")
+        iam.create_role(
+            RoleName=role,
+            AssumeRolePolicyDocument=json.dumps(_EC2_TRUST),
+            Description="ray_app cluster node role (jobs/setup_aws.py)",
+        )
     except ClientError as exc:
         if _code(exc) != "EntityAlreadyExists":
             raise
@@ -229,8 +239,15 @@ def ensure_iam(params: IamParams, deploy_dir: Path = DEPLOY_DIR) -> dict:
     return {"instance_profiles": [params.head_role, params.worker_role]}
 
 
-def setup(table: str, bucket: str, prefix: str = "", region: str | None = None, sse: str = "AES256",
-          iam: IamParams | None = None, input_lifecycle: tuple[str, str, int] | None = None) -> dict:
+def setup(
+    table: str,
+    bucket: str,
+    prefix: str = "",
+    region: str | None = None,
+    sse: str = "AES256",
+    iam: IamParams | None = None,
+    input_lifecycle: tuple[str, str, int] | None = None,
+) -> dict:
     """Everything above, in dependency order; returns what it found or made.
 
     ``input_lifecycle``: (input bucket, input prefix, days) for :func:`ensure_input_lifecycle`; refused when the
@@ -238,8 +255,10 @@ def setup(table: str, bucket: str, prefix: str = "", region: str | None = None, 
     if input_lifecycle is not None:
         in_bucket, in_prefix, _ = input_lifecycle
         if in_bucket == bucket and prefix.startswith(in_prefix):
-            raise ValueError(f"the output s3://{bucket}/{prefix} lies under the input prefix "
-                             f"s3://{in_bucket}/{in_prefix}: its Glacier rule would move the results as well")
+            raise ValueError(
+                f"the output s3://{bucket}/{prefix} lies under the input prefix "
+                f"s3://{in_bucket}/{in_prefix}: its Glacier rule would move the results as well"
+            )
     report = {"table": ensure_table(table), "bucket": ensure_bucket(bucket, prefix, region, sse)}
     if input_lifecycle is not None:
         report["input_lifecycle"] = ensure_input_lifecycle(*input_lifecycle)

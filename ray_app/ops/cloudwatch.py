@@ -34,10 +34,19 @@ def job_metric_data(rows: list[dict]) -> list[dict]:
     """The ``MetricData`` of one job from its summary rows (``status``, ``error_code``)."""
     ok = sum(1 for r in rows if r.get("status") == "ok")
     codes = Counter(r.get("error_code") or "unknown" for r in rows if r.get("status") in ("failed", "rejected"))
-    data = [{"MetricName": SUCCEEDED, "Value": float(ok), "Unit": "Count"},
-            {"MetricName": FAILED, "Value": float(sum(codes.values())), "Unit": "Count"}]
-    data += [{"MetricName": FAILED_BY_CODE, "Dimensions": [{"Name": ERROR_CODE, "Value": code}], "Value": float(n),
-              "Unit": "Count"} for code, n in sorted(codes.items())]
+    data = [
+        {"MetricName": SUCCEEDED, "Value": float(ok), "Unit": "Count"},
+        {"MetricName": FAILED, "Value": float(sum(codes.values())), "Unit": "Count"},
+    ]
+    data += [
+        {
+            "MetricName": FAILED_BY_CODE,
+            "Dimensions": [{"Name": ERROR_CODE, "Value": code}],
+            "Value": float(n),
+            "Unit": "Count",
+        }
+        for code, n in sorted(codes.items())
+    ]
     return data
 
 
@@ -70,13 +79,15 @@ def with_cloudwatch(cluster: dict) -> dict:
 def check_cluster_files(cluster: dict) -> str:
     """Preflight: the files ``provider.cloudwatch`` names exist where Ray's launcher will open them (relative to the
     working directory of ``ray up``); a missing one would stop the head's setup after the node is already paid for."""
-    from ray_app.errors import PreflightError
+    from ray_app.core.errors import PreflightError
 
     section = (cluster.get("provider") or {}).get("cloudwatch") or {}
     paths = [v["config"] for v in section.values() if isinstance(v, dict) and v.get("config")]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise PreflightError(f"cluster.yaml's provider.cloudwatch names {', '.join(missing)}, not found from "
-                             f"{Path.cwd()}: Ray opens them relative to the working directory; run from the "
-                             "checkout's root")
+        raise PreflightError(
+            f"cluster.yaml's provider.cloudwatch names {', '.join(missing)}, not found from "
+            f"{Path.cwd()}: Ray opens them relative to the working directory; run from the "
+            "checkout's root"
+        )
     return f"CloudWatch files: {', '.join(paths)}" if paths else "CloudWatch: not configured"

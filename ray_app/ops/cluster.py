@@ -47,10 +47,12 @@ def job_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     region resolved here. Ray logs a job's runtime_env, so no secret may be in it: credentials come from the nodes'
     instance profiles, and the Serve token from a file on the nodes (deploy/README.md)."""
     environ = os.environ if environ is None else environ
-    secret = {ENV_PREFIX + name.upper() for name, field in Settings.model_fields.items()
-              if SecretStr in getattr(field.annotation, "__args__", (field.annotation,))}
-    env = {k: v for k, v in environ.items()
-           if k.startswith(ENV_PREFIX) and k not in secret and not k.endswith("_FILE")}
+    secret = {
+        ENV_PREFIX + name.upper()
+        for name, field in Settings.model_fields.items()
+        if SecretStr in getattr(field.annotation, "__args__", (field.annotation,))
+    }
+    env = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX) and k not in secret and not k.endswith("_FILE")}
     env[ENV_PREFIX + "AWS_REGION"] = storage.aws_region()[0]
     return env
 
@@ -76,17 +78,21 @@ def serve_cluster_config(cluster: dict) -> dict:
     head = serve["available_node_types"][serve["head_node_type"]]
     head["node_config"]["InstanceType"] = SERVE_HEAD_INSTANCE
     serve["available_node_types"] = {
-        name: t for name, t in serve["available_node_types"].items()
-        if name == serve["head_node_type"] or "spot_cpu" in t.get("resources", {})}
+        name: t
+        for name, t in serve["available_node_types"].items()
+        if name == serve["head_node_type"] or "spot_cpu" in t.get("resources", {})
+    }
     serve["initialization_commands"] = [c for c in serve["initialization_commands"] if "shutdown" not in c]
     # The batch cluster's CloudWatch alarms (a node up 13 h, the job failure share) do not fit an always-on endpoint.
     serve["provider"].pop("cloudwatch", None)
     serve["file_mounts"] = {"~/ray-app-token": "~/.ray-app-token", "~/serve_config.yaml": "serve_config.yaml"}
     token = "export RAY_APP_API_TOKEN_FILE=$HOME/ray-app-token; "
-    serve["head_start_ray_commands"] = [token + c if "ray start" in c else c for c in
-                                        serve["head_start_ray_commands"] if "ray_app.ops.deadman" not in c]
-    serve["worker_start_ray_commands"] = [token + c if "ray start" in c else c for c in
-                                          serve["worker_start_ray_commands"]]
+    serve["head_start_ray_commands"] = [
+        token + c if "ray start" in c else c for c in serve["head_start_ray_commands"] if "ray_app.ops.deadman" not in c
+    ]
+    serve["worker_start_ray_commands"] = [
+        token + c if "ray start" in c else c for c in serve["worker_start_ray_commands"]
+    ]
     return serve
 
 
@@ -151,37 +157,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fake_multinode_config(cluster: dict, gcs_port: int, max_workers_per_type: int = 1,
-                          idle_timeout_minutes: float = 0.1) -> dict:
+def fake_multinode_config(
+    cluster: dict, gcs_port: int, max_workers_per_type: int = 1, idle_timeout_minutes: float = 0.1
+) -> dict:
     """cluster.yaml's node types and labels on Ray's fake multinode provider, sized for one machine: one CPU (and
     one GPU for the GPU types) per worker, at most ``max_workers_per_type`` of each type."""
     head_type = cluster["head_node_type"]
     if head_type != "ray.head.default":
         raise ValueError("Ray's fake multinode provider knows only the head type name 'ray.head.default'")
-    types: dict[str, dict] = {head_type: {"resources": dict(cluster["available_node_types"][head_type]["resources"]),
-                                          "node_config": {}, "max_workers": 0}}
+    types: dict[str, dict] = {
+        head_type: {
+            "resources": dict(cluster["available_node_types"][head_type]["resources"]),
+            "node_config": {},
+            "max_workers": 0,
+        }
+    }
     for name, node_type in cluster["available_node_types"].items():
         if name == head_type:
             continue
         resources = {**node_type["resources"], "CPU": 1, "object_store_memory": 100 * 1024**2}
         if "spot_gpu" in node_type["resources"]:
             resources["GPU"] = 1
-        types[name] = {"resources": resources, "node_config": {}, "min_workers": node_type.get("min_workers", 0),
-                       "max_workers": max_workers_per_type}
+        types[name] = {
+            "resources": resources,
+            "node_config": {},
+            "min_workers": node_type.get("min_workers", 0),
+            "max_workers": max_workers_per_type,
+        }
     return {
         "cluster_name": f"{cluster['cluster_name']}-local",
         "max_workers": (len(types) - 1) * max_workers_per_type,
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_minutes,
-        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": f"127.0.0.1:{gcs_port}",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
         "auth": {},
         "docker": {},
         "head_node_type": head_type,
         "available_node_types": types,
-        **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands",
-                           "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
-                           "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+        **{
+            k: []
+            for k in (
+                "initialization_commands",
+                "setup_commands",
+                "head_setup_commands",
+                "worker_setup_commands",
+                "head_start_ray_commands",
+                "worker_start_ray_commands",
+                "cluster_synced_files",
+                "rsync_exclude",
+                "rsync_filter",
+            )
+        },
         "file_mounts": {},
         "file_mounts_sync_continuously": False,
     }
@@ -210,9 +242,16 @@ class LocalLauncher(Launcher):
     ray = str(Path(sys.executable).with_name("ray"))
     python = sys.executable
 
-    def __init__(self, cluster_yaml: str | Path = CLUSTER_YAML, *, head_cpus: int = 0,
-                 max_workers_per_type: int = 1, idle_s: float = 60, max_lifetime_s: float = 3600,
-                 env: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        cluster_yaml: str | Path = CLUSTER_YAML,
+        *,
+        head_cpus: int = 0,
+        max_workers_per_type: int = 1,
+        idle_s: float = 60,
+        max_lifetime_s: float = 3600,
+        env: Mapping[str, str] | None = None,
+    ):
         self.cluster = yaml.safe_load(Path(cluster_yaml).read_text())
         self.head_cpus = head_cpus
         self.max_workers_per_type = max_workers_per_type
@@ -236,30 +275,77 @@ class LocalLauncher(Launcher):
         self.temp_dir = tempfile.mkdtemp(prefix="rayapp-", dir="/tmp")  # short: Ray's socket paths must fit
         gcs_port, dash_port = free_port(), free_port()
         fake_yaml = Path(self.temp_dir) / "fake-cluster.yaml"
-        fake_yaml.write_text(yaml.safe_dump(fake_multinode_config(prepare_config(self.cluster), gcs_port,
-                                                                  self.max_workers_per_type)))
-        env = {**self.base_env, "RAY_FAKE_CLUSTER": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-               "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        fake_yaml.write_text(
+            yaml.safe_dump(fake_multinode_config(prepare_config(self.cluster), gcs_port, self.max_workers_per_type))
+        )
+        env = {
+            **self.base_env,
+            "RAY_FAKE_CLUSTER": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        }
         env.pop("RAY_ADDRESS", None)
-        ports = [f"--{name}={free_port()}" for name in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-            "metrics-export-port", "ray-client-server-port")]
+        ports = [
+            f"--{name}={free_port()}"
+            for name in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+                "ray-client-server-port",
+            )
+        ]
         with open(Path(self.temp_dir) / "head.log", "wb") as log:
             self.head = subprocess.Popen(
-                [self.ray, "start", "--head", "--block", f"--port={gcs_port}", f"--num-cpus={self.head_cpus}",
-                 f"--object-store-memory={200 * 1024**2}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={dash_port}", *ports, "--disable-usage-stats",
-                 f"--autoscaling-config={fake_yaml}", f"--temp-dir={self.temp_dir}"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    self.ray,
+                    "start",
+                    "--head",
+                    "--block",
+                    f"--port={gcs_port}",
+                    f"--num-cpus={self.head_cpus}",
+                    f"--object-store-memory={200 * 1024**2}",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash_port}",
+                    *ports,
+                    "--disable-usage-stats",
+                    f"--autoscaling-config={fake_yaml}",
+                    f"--temp-dir={self.temp_dir}",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.dashboard = f"http://127.0.0.1:{dash_port}"
         self.base_env = {k: v for k, v in env.items() if k != "RAY_FAKE_CLUSTER"}
         self._wait_for_dashboard()
         with open(Path(self.temp_dir) / "deadman.log", "wb") as log:
             self.deadman = subprocess.Popen(
-                [self.python, "-m", "ray_app.ops.deadman", "--dashboard", self.dashboard,
-                 "--idle-seconds", str(self.idle_s), "--max-seconds", str(self.max_lifetime_s), "--poll-seconds", "1",
-                 "--", "kill", "-TERM", str(self.head.pid)],
-                env=self.base_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    self.python,
+                    "-m",
+                    "ray_app.ops.deadman",
+                    "--dashboard",
+                    self.dashboard,
+                    "--idle-seconds",
+                    str(self.idle_s),
+                    "--max-seconds",
+                    str(self.max_lifetime_s),
+                    "--poll-seconds",
+                    "1",
+                    "--",
+                    "kill",
+                    "-TERM",
+                    str(self.head.pid),
+                ],
+                env=self.base_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         print(f"local cluster up: {self.dashboard} (logs in {self.temp_dir})", flush=True)
 
     def _wait_for_dashboard(self, timeout: float = 90) -> None:
@@ -304,18 +390,35 @@ def _raise_interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def run_job(launcher: Launcher, batch_argv: Sequence[str], *, job_id: str, env: Mapping[str, str],
-            keep: bool = False) -> int:
+def run_job(
+    launcher: Launcher, batch_argv: Sequence[str], *, job_id: str, env: Mapping[str, str], keep: bool = False
+) -> int:
     """Up, the batch job as Ray job ``job_id`` (its logs streamed here), down; returns the job's exit status
     (130 when interrupted). ``keep`` leaves the cluster up for another job (the dead-man's switch still ends it)."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
     try:
         launcher.up()
-        return launcher.run([
-            launcher.ray, "job", "submit", *launcher.address_args(), "--submission-id", job_id,
-            "--runtime-env-json", json.dumps({"env_vars": dict(env)}), "--",
-            launcher.python, "-m", "ray_app.cli", "batch", "--job-id", job_id, *batch_argv])
+        return launcher.run(
+            [
+                launcher.ray,
+                "job",
+                "submit",
+                *launcher.address_args(),
+                "--submission-id",
+                job_id,
+                "--runtime-env-json",
+                json.dumps({"env_vars": dict(env)}),
+                "--",
+                launcher.python,
+                "-m",
+                "ray_app.adapters.cli",
+                "batch",
+                "--job-id",
+                job_id,
+                *batch_argv,
+            ]
+        )
     except KeyboardInterrupt:
         print(f"interrupted: stopping job {job_id}, then the cluster", file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):
@@ -327,5 +430,8 @@ def run_job(launcher: Launcher, batch_argv: Sequence[str], *, job_id: str, env: 
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["serve-config"]:
-    print(SERVE_CONFIG_HEADER + yaml.safe_dump(serve_cluster_config(yaml.safe_load(CLUSTER_YAML.read_text())),
-                                               sort_keys=False, width=120), end="")
+    print(
+        SERVE_CONFIG_HEADER
+        + yaml.safe_dump(serve_cluster_config(yaml.safe_load(CLUSTER_YAML.read_text())), sort_keys=False, width=120),
+        end="",
+    )

@@ -10,7 +10,7 @@ Measured, from the job summary alone (no object is read but the summary): per sc
 seconds, the CPUs and GPUs it was given and the CPUs of the machine it ran on (so CPU-seconds, not wall
 seconds, are projected: a run measured with one 1-CPU actor on a laptop prices a 16-vCPU Spot node correctly),
 the fetch and write tasks' seconds, every object written and its bytes, and the DynamoDB item's size.
-Priced with ``ray_app/data/prices.json`` (dated, sourced; any key can be overridden by a file). Assumed, and
+Priced with ``ray_app/ops/prices.json`` (dated, sourced; any key can be overridden by a file). Assumed, and
 printed as such: parallel efficiency beyond the measured one, what a vCPU yields, start-up and teardown
 minutes, nodes per job, jobs per month, retention, egress share, log volume.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ray_app.ops.cluster import CLUSTER_YAML
 
-PRICES_FILE = Path(__file__).resolve().parent.parent / "data" / "prices.json"
+PRICES_FILE = Path(__file__).resolve().parent / "prices.json"
 HOURS_PER_MONTH = 730  # AWS's own convention for monthly estimates
 GB = 1024**3  # AWS bills storage and transfer per GiB ("GB")
 COMPARE_SCANS_PER_MONTH = 1_000_000  # the second column of the table
@@ -182,11 +182,12 @@ def _mean(values: list) -> float | None:
 def measure(summary_uris: list[str], actor_cpus: float | None = None) -> Measured:
     """Read job summaries (Parquet, local or s3://). ``actor_cpus`` stands in for a summary written before the
     batch job recorded what its actors had (then the machine's CPUs are taken to be at least that)."""
-    from ray_app.sinks import read_summary
+    from ray_app.storage.sinks import read_summary
 
     rows = [row for uri in summary_uris for row in read_summary(uri)]
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("total_s") is not None
-          and r.get("segment_s") is not None]
+    ok = [
+        r for r in rows if r.get("status") == "ok" and r.get("total_s") is not None and r.get("segment_s") is not None
+    ]
     if not ok:
         raise CostInputError(f"no successful scans with timings in {', '.join(summary_uris)}")
     threads: dict[str, list[float]] = {}
@@ -194,8 +195,10 @@ def measure(summary_uris: list[str], actor_cpus: float | None = None) -> Measure
     for r in ok:
         cpus = r.get("actor_cpus") if r.get("actor_cpus") is not None else actor_cpus
         if cpus is None:
-            raise CostInputError("the summary does not say how many CPUs the segmentation actor had (written before "
-                                 "the batch job recorded it): pass --measured-actor-cpus N")
+            raise CostInputError(
+                "the summary does not say how many CPUs the segmentation actor had (written before "
+                "the batch job recorded it): pass --measured-actor-cpus N"
+            )
         node = r.get("node_cpus") or cpus
         used = max(1.0, min(float(cpus), float(node)))  # torch threads beyond the machine's CPUs add nothing
         actor = r["segment_s"] + (r.get("passport_s") or 0.0)
@@ -318,8 +321,13 @@ def _plan(kind: str, scan_node_hours: float, a: Assumptions) -> dict:
         why = f"each busy >= {MIN_NODE_HOURS_PER_JOB:g} h, at most {max_workers} ({source})"
     scan_hours = per_job / nodes
     job_hours = (a.head_startup_minutes + a.node_startup_minutes + a.head_teardown_minutes) / 60 + scan_hours
-    return {"nodes_per_job": nodes, "nodes_basis": why, "scan_node_hours_per_job": per_job,
-            "scan_hours_per_job": scan_hours, "job_hours": job_hours}
+    return {
+        "nodes_per_job": nodes,
+        "nodes_basis": why,
+        "scan_node_hours_per_job": per_job,
+        "scan_hours_per_job": scan_hours,
+        "job_hours": job_hours,
+    }
 
 
 def _nodes(plan: dict) -> str:
@@ -351,12 +359,15 @@ def _cpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions
     startup = plan["nodes_per_job"] * a.jobs_per_month * a.node_startup_minutes / 60
     measured_at = ", ".join(f"{k} thread{'s' if k != '1' else ''} x {t:.1f} s" for k, (t, _) in m.threads.items())
     line = LineItem(
-        f"compute: {label} {a.cpu_instance}", scan_node_hours + startup, "node-h",
+        f"compute: {label} {a.cpu_instance}",
+        scan_node_hours + startup,
+        "node-h",
         _node_hour_price(prices, table, a.cpu_instance, a),
         f"{m.cpu_seconds_per_scan:.1f} CPU-s/scan measured (actor {measured_at}, tasks {m.task_seconds:.1f} s)"
         f" = {work:.1f} 1-thread-s; on {vcpus:g} vCPU x {a.vcpu_yield:g} yield, {a.cpus_per_actor:g}-thread actors"
         f" at {e_target:.2f} efficiency{memory_note}: {node_seconds:.2f} node-s/scan; + {_nodes(plan)} x"
-        f" {a.jobs_per_month} jobs x {a.node_startup_minutes:g} min start-up; price incl. {a.ebs_gb_per_node:g} GB gp3")
+        f" {a.jobs_per_month} jobs x {a.node_startup_minutes:g} min start-up; price incl. {a.ebs_gb_per_node:g} GB gp3",
+    )
     return line, plan
 
 
@@ -372,23 +383,29 @@ def _gpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions
     plan = _plan("gpu", scan_node_hours, a)
     startup = plan["nodes_per_job"] * a.jobs_per_month * a.node_startup_minutes / 60
     line = LineItem(
-        f"compute: {label} {a.gpu_instance}", scan_node_hours + startup, "node-h",
+        f"compute: {label} {a.gpu_instance}",
+        scan_node_hours + startup,
+        "node-h",
         _node_hour_price(prices, table, a.gpu_instance, a),
         f"{m.gpu_seconds_per_scan:.1f} GPU-s/scan measured ({m.actor_gpus:g} GPU x {m.actor_seconds:.1f} s) on"
         f" {gpus:g} GPU/node; tasks {m.task_seconds:.1f} CPU-s beside it on {vcpus:g} vCPU"
         f"{' (the bound)' if cpu_bound > gpu_bound else ''}; + {_nodes(plan)} x {a.jobs_per_month}"
-        f" jobs x {a.node_startup_minutes:g} min start-up; price incl. {a.ebs_gb_per_node:g} GB gp3")
+        f" jobs x {a.node_startup_minutes:g} min start-up; price incl. {a.ebs_gb_per_node:g} GB gp3",
+    )
     return line, plan
 
 
 def _head_line(plan: dict, prices: dict, a: Assumptions) -> LineItem:
     per_job_overhead = a.head_startup_minutes + a.node_startup_minutes + a.head_teardown_minutes
     return LineItem(
-        f"batch head: on-demand {a.head_instance}", a.jobs_per_month * plan["job_hours"], "h",
+        f"batch head: on-demand {a.head_instance}",
+        a.jobs_per_month * plan["job_hours"],
+        "h",
         _node_hour_price(prices, "ec2_on_demand_per_hour", a.head_instance, a),
         f"job-scoped: {a.jobs_per_month} jobs x ({plan['scan_hours_per_job']:.2f} h of scans on"
         f" {_nodes(plan)} + {per_job_overhead:g} min: head start-up {a.head_startup_minutes:g},"
-        f" workers' {a.node_startup_minutes:g}, teardown {a.head_teardown_minutes:g}); incl. its gp3 volume")
+        f" workers' {a.node_startup_minutes:g}, teardown {a.head_teardown_minutes:g}); incl. its gp3 volume",
+    )
 
 
 def _serve_lines(m: Measured, prices: dict, a: Assumptions) -> list[LineItem]:
@@ -399,21 +416,28 @@ def _serve_lines(m: Measured, prices: dict, a: Assumptions) -> list[LineItem]:
     node_seconds = (actor_work + m.task_seconds) / e_target / (vcpus * a.vcpu_yield)
     idle_hours = a.serve_scale_ups_per_month * (a.node_startup_minutes + a.serve_idle_minutes) / 60
     return [
-        LineItem(f"serve head: on-demand {a.serve_head_instance}", HOURS_PER_MONTH, "h",
-                 _node_hour_price(prices, "ec2_on_demand_per_hour", a.serve_head_instance, a),
-                 "always on (Serve's proxy and controller, no replicas); incl. its gp3 volume"),
-        LineItem(f"serve replicas: Spot {a.cpu_instance}",
-                 a.serve_requests_per_month * node_seconds / 3600 + idle_hours, "node-h",
-                 _node_hour_price(prices, "ec2_spot_per_hour", a.cpu_instance, a),
-                 f"{a.serve_requests_per_month:,} requests (assumed) x {node_seconds:.2f} node-s (the batch job's"
-                 f" per-scan work at {a.cpus_per_actor:g} threads) + {a.serve_scale_ups_per_month} scale-ups from zero"
-                 f" x ({a.node_startup_minutes:g} min start-up + {a.serve_idle_minutes:g} min idle)"),
+        LineItem(
+            f"serve head: on-demand {a.serve_head_instance}",
+            HOURS_PER_MONTH,
+            "h",
+            _node_hour_price(prices, "ec2_on_demand_per_hour", a.serve_head_instance, a),
+            "always on (Serve's proxy and controller, no replicas); incl. its gp3 volume",
+        ),
+        LineItem(
+            f"serve replicas: Spot {a.cpu_instance}",
+            a.serve_requests_per_month * node_seconds / 3600 + idle_hours,
+            "node-h",
+            _node_hour_price(prices, "ec2_spot_per_hour", a.cpu_instance, a),
+            f"{a.serve_requests_per_month:,} requests (assumed) x {node_seconds:.2f} node-s (the batch job's"
+            f" per-scan work at {a.cpus_per_actor:g} threads) + {a.serve_scale_ups_per_month} scale-ups from zero"
+            f" x ({a.node_startup_minutes:g} min start-up + {a.serve_idle_minutes:g} min idle)",
+        ),
     ]
 
 
 def _sizes(m: Measured, a: Assumptions) -> tuple[dict, str]:
     """Per scan: objects and bytes written (large ones apart) and the DynamoDB item sizes."""
-    from ray_app.sinks import LARGE_OBJECT_BYTES
+    from ray_app.storage.sinks import LARGE_OBJECT_BYTES
 
     if a.mask_mb is not None or a.passport_kb is not None:
         if a.mask_mb is None or a.passport_kb is None:
@@ -423,32 +447,51 @@ def _sizes(m: Measured, a: Assumptions) -> tuple[dict, str]:
         s = {"objects": 2, "bytes": mask + passport, "large_objects": len(large), "large_bytes": sum(large)}
         basis = f"given: mask {a.mask_mb:g} MB + passport {a.passport_kb:g} KB"
     elif m.bytes_per_scan is None:
-        raise CostInputError("the summary does not record the objects written per scan (written before the batch "
-                             "job counted them): re-run with this version, or pass --mask-mb and --passport-kb")
+        raise CostInputError(
+            "the summary does not record the objects written per scan (written before the batch "
+            "job counted them): re-run with this version, or pass --mask-mb and --passport-kb"
+        )
     else:
-        s = {"objects": m.objects_per_scan, "bytes": m.bytes_per_scan, "large_objects": m.large_objects_per_scan,
-             "large_bytes": m.large_bytes_per_scan}
-        basis = (f"measured {m.objects_per_scan:.2f} objects, {m.bytes_per_scan / 1024**2:.2f} MB per scan"
-                 f" ({m.large_bytes_per_scan / 1024**2:.2f} MB in {m.large_objects_per_scan:.2f} objects over"
-                 f" {LARGE_OBJECT_BYTES // 1024} KiB)")
+        s = {
+            "objects": m.objects_per_scan,
+            "bytes": m.bytes_per_scan,
+            "large_objects": m.large_objects_per_scan,
+            "large_bytes": m.large_bytes_per_scan,
+        }
+        basis = (
+            f"measured {m.objects_per_scan:.2f} objects, {m.bytes_per_scan / 1024**2:.2f} MB per scan"
+            f" ({m.large_bytes_per_scan / 1024**2:.2f} MB in {m.large_objects_per_scan:.2f} objects over"
+            f" {LARGE_OBJECT_BYTES // 1024} KiB)"
+        )
     if a.item_kb is not None:
         s["item"], s["index_item"] = a.item_kb * 1024, m.store_index_bytes or 100
     elif m.store_item_bytes is None:
-        raise CostInputError("the summary does not record the DynamoDB item size (written before the batch job "
-                             "measured it): re-run with this version, or pass --item-kb")
+        raise CostInputError(
+            "the summary does not record the DynamoDB item size (written before the batch job "
+            "measured it): re-run with this version, or pass --item-kb"
+        )
     else:
         s["item"], s["index_item"] = m.store_item_bytes, m.store_index_bytes
     return s, basis
 
 
-def estimate(measured: Measured, assumptions: Assumptions, prices: dict,
-             gpu_measured: Measured | None = None) -> CostReport:
+def estimate(
+    measured: Measured, assumptions: Assumptions, prices: dict, gpu_measured: Measured | None = None
+) -> CostReport:
     """All line items for ``assumptions.scans_per_month``."""
     a, p, n = assumptions, prices, assumptions.scans_per_month
-    if (n <= 0 or a.jobs_per_month <= 0 or a.retention_months < 1 or a.cpus_per_actor <= 0
-            or not 0 < a.vcpu_yield <= 1 or (a.nodes_per_job is not None and a.nodes_per_job <= 0)):
-        raise CostInputError("scans and jobs per month, CPUs per actor and nodes per job must be positive, retention "
-                             "at least 1 month, vCPU yield in (0, 1]")
+    if (
+        n <= 0
+        or a.jobs_per_month <= 0
+        or a.retention_months < 1
+        or a.cpus_per_actor <= 0
+        or not 0 < a.vcpu_yield <= 1
+        or (a.nodes_per_job is not None and a.nodes_per_job <= 0)
+    ):
+        raise CostInputError(
+            "scans and jobs per month, CPUs per actor and nodes per job must be positive, retention "
+            "at least 1 month, vCPU yield in (0, 1]"
+        )
     sizes, size_basis = _sizes(measured, a)
     large_gb, small_gb = sizes["large_bytes"] / GB, (sizes["bytes"] - sizes["large_bytes"]) / GB
     item_kb = math.ceil(sizes["item"] / 1024)  # DynamoDB bills writes per started KB, reads per started 4 KB
@@ -472,38 +515,89 @@ def estimate(measured: Measured, assumptions: Assumptions, prices: dict,
         head[option] = _head_line(plan[option], p, a)
 
     shared = [
-        LineItem("S3 Standard: new large + all small objects", n * (large_gb + retention * small_gb),
-                 "GB-month", p["s3_standard_per_gb_month"], f"{size_basis}; {retention} months kept"),
-        LineItem("S3 Glacier IR: older large objects", n * large_gb * (retention - 1), "GB-month",
-                 p["s3_glacier_ir_per_gb_month"], f"lifecycle rule after 30 days; {retention - 1} months' worth"),
-        LineItem("S3 PUT: results", n * sizes["objects"] / 1000, "1k requests", p["s3_put_per_1000"],
-                 f"{sizes['objects']:.2f} objects written per scan"),
+        LineItem(
+            "S3 Standard: new large + all small objects",
+            n * (large_gb + retention * small_gb),
+            "GB-month",
+            p["s3_standard_per_gb_month"],
+            f"{size_basis}; {retention} months kept",
+        ),
+        LineItem(
+            "S3 Glacier IR: older large objects",
+            n * large_gb * (retention - 1),
+            "GB-month",
+            p["s3_glacier_ir_per_gb_month"],
+            f"lifecycle rule after 30 days; {retention - 1} months' worth",
+        ),
+        LineItem(
+            "S3 PUT: results",
+            n * sizes["objects"] / 1000,
+            "1k requests",
+            p["s3_put_per_1000"],
+            f"{sizes['objects']:.2f} objects written per scan",
+        ),
         LineItem("S3 GET: inputs", n * 2 / 1000, "1k requests", p["s3_get_per_1000"], "HEAD + GET per scan"),
-        LineItem("S3 lifecycle transitions", n * sizes["large_objects"] / 1000, "1k requests",
-                 p["s3_glacier_ir_transition_per_1000"], f"{sizes['large_objects']:.2f} large objects per scan"),
-        LineItem("DynamoDB writes (table + job index)", n * (item_kb + index_kb) / 1e6, "M write units",
-                 p["dynamodb_write_per_million"],
-                 f"{sizes['item']:.0f} B compact item ({item_kb} units) + {sizes['index_item']:.0f} B index copy"
-                 f" ({index_kb})"),
-        LineItem("DynamoDB reads (resume check)", n * math.ceil(sizes["item"] / 4096) / 1e6, "M read units",
-                 p["dynamodb_read_per_million"], "one strongly consistent GetItem per scan"),
-        LineItem("DynamoDB storage", n * retention * (sizes["item"] + sizes["index_item"] + 200) / GB, "GB-month",
-                 p["dynamodb_storage_per_gb_month"], f"item + index copy + 100 B overhead each, {retention} months"),
-        LineItem("egress to the internet", n * (large_gb + small_gb) * a.egress_fraction, "GB",
-                 p["egress_internet_per_gb"], f"{a.egress_fraction:g} of the results downloaded once (assumed)"),
-        LineItem("CloudWatch Logs ingestion", n * a.log_kb_per_scan * 1024 / GB, "GB",
-                 p["cloudwatch_logs_ingest_per_gb"], f"{a.log_kb_per_scan:g} KB per scan (assumed)"),
-        LineItem("CloudWatch Logs storage", n * a.log_kb_per_scan * 1024 / GB * retention, "GB-month",
-                 p["cloudwatch_logs_storage_per_gb_month"], f"{retention} months kept"),
+        LineItem(
+            "S3 lifecycle transitions",
+            n * sizes["large_objects"] / 1000,
+            "1k requests",
+            p["s3_glacier_ir_transition_per_1000"],
+            f"{sizes['large_objects']:.2f} large objects per scan",
+        ),
+        LineItem(
+            "DynamoDB writes (table + job index)",
+            n * (item_kb + index_kb) / 1e6,
+            "M write units",
+            p["dynamodb_write_per_million"],
+            f"{sizes['item']:.0f} B compact item ({item_kb} units) + {sizes['index_item']:.0f} B index copy"
+            f" ({index_kb})",
+        ),
+        LineItem(
+            "DynamoDB reads (resume check)",
+            n * math.ceil(sizes["item"] / 4096) / 1e6,
+            "M read units",
+            p["dynamodb_read_per_million"],
+            "one strongly consistent GetItem per scan",
+        ),
+        LineItem(
+            "DynamoDB storage",
+            n * retention * (sizes["item"] + sizes["index_item"] + 200) / GB,
+            "GB-month",
+            p["dynamodb_storage_per_gb_month"],
+            f"item + index copy + 100 B overhead each, {retention} months",
+        ),
+        LineItem(
+            "egress to the internet",
+            n * (large_gb + small_gb) * a.egress_fraction,
+            "GB",
+            p["egress_internet_per_gb"],
+            f"{a.egress_fraction:g} of the results downloaded once (assumed)",
+        ),
+        LineItem(
+            "CloudWatch Logs ingestion",
+            n * a.log_kb_per_scan * 1024 / GB,
+            "GB",
+            p["cloudwatch_logs_ingest_per_gb"],
+            f"{a.log_kb_per_scan:g} KB per scan (assumed)",
+        ),
+        LineItem(
+            "CloudWatch Logs storage",
+            n * a.log_kb_per_scan * 1024 / GB * retention,
+            "GB-month",
+            p["cloudwatch_logs_storage_per_gb_month"],
+            f"{retention} months kept",
+        ),
     ]
     return CostReport(a, measured, gpu_measured, prices, compute, head, shared, _serve_lines(measured, p, a), plan)
 
 
-def estimate_at(volumes: list[int], measured: Measured, assumptions: Assumptions, prices: dict,
-                gpu_measured: Measured | None = None) -> list[CostReport]:
+def estimate_at(
+    volumes: list[int], measured: Measured, assumptions: Assumptions, prices: dict, gpu_measured: Measured | None = None
+) -> list[CostReport]:
     """One report per monthly volume, all else equal."""
-    return [estimate(measured, dataclasses.replace(assumptions, scans_per_month=v), prices, gpu_measured)
-            for v in volumes]
+    return [
+        estimate(measured, dataclasses.replace(assumptions, scans_per_month=v), prices, gpu_measured) for v in volumes
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -519,27 +613,39 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
     reports = [reports] if isinstance(reports, CostReport) else reports
     first = reports[0]
     a, m, p = first.assumptions, first.measured, first.prices
-    cols = "".join(f" {'quantity @' + _volume(r.assumptions.scans_per_month):>27} "
-                   f"{'USD @' + _volume(r.assumptions.scans_per_month):>10}" for r in reports)
+    cols = "".join(
+        f" {'quantity @' + _volume(r.assumptions.scans_per_month):>27} "
+        f"{'USD @' + _volume(r.assumptions.scans_per_month):>10}"
+        for r in reports
+    )
     head = f"{'line item':<44} {'price':>10}{cols}  basis (at {_volume(a.scans_per_month)}/month)"
     rule = "-" * len(head)
     threads = ", ".join(f"{k} thread{'s' if k != '1' else ''}: {t:.1f} s x {n}" for k, (t, n) in m.threads.items())
     out = [
-        (f"Cost estimate, scans/month: {', '.join(f'{r.assumptions.scans_per_month:,}' for r in reports)};"
-         f" {p.get('region', '?')}, prices taken {p.get('taken', '?')}"),
-        (f"measured: {m.scans_ok} ok scans in {', '.join(m.summaries)}: actor {m.actor_seconds:.1f} s/scan"
-         f" ({threads}; node CPUs {m.node_cpus}), fetch + write tasks {m.task_seconds:.1f} s"
-         f" -> {m.cpu_seconds_per_scan:.1f} CPU-s/scan"),
-        (f"assumed: parallel efficiency {a.parallel_efficiency:g} at 2 threads (measured: a whole CT 0.82-0.84), Amdahl beyond:"
-         f" {efficiency(a.cpus_per_actor, a.parallel_efficiency):.2f} at {a.cpus_per_actor:g}; vCPU yield"
-         f" {a.vcpu_yield:g}; {a.jobs_per_month} jobs/month; start-up: head {a.head_startup_minutes:g} min, node"
-         f" {a.node_startup_minutes:g} min; teardown {a.head_teardown_minutes:g} min (not measurable here);"
-         f" {a.actor_memory_gb:g} GB per actor"),
+        (
+            f"Cost estimate, scans/month: {', '.join(f'{r.assumptions.scans_per_month:,}' for r in reports)};"
+            f" {p.get('region', '?')}, prices taken {p.get('taken', '?')}"
+        ),
+        (
+            f"measured: {m.scans_ok} ok scans in {', '.join(m.summaries)}: actor {m.actor_seconds:.1f} s/scan"
+            f" ({threads}; node CPUs {m.node_cpus}), fetch + write tasks {m.task_seconds:.1f} s"
+            f" -> {m.cpu_seconds_per_scan:.1f} CPU-s/scan"
+        ),
+        (
+            f"assumed: parallel efficiency {a.parallel_efficiency:g} at 2 threads (measured: a whole CT 0.82-0.84),"
+            " Amdahl beyond:"
+            f" {efficiency(a.cpus_per_actor, a.parallel_efficiency):.2f} at {a.cpus_per_actor:g}; vCPU yield"
+            f" {a.vcpu_yield:g}; {a.jobs_per_month} jobs/month; start-up: head {a.head_startup_minutes:g} min, node"
+            f" {a.node_startup_minutes:g} min; teardown {a.head_teardown_minutes:g} min (not measurable here);"
+            f" {a.actor_memory_gb:g} GB per actor"
+        ),
     ]
     g = first.gpu_measured
     if g is not None:
-        out.append(f"measured (GPU): {g.scans_ok} ok scans in {', '.join(g.summaries)}: {g.gpu_seconds_per_scan:.1f}"
-                   f" GPU-s/scan")
+        out.append(
+            f"measured (GPU): {g.scans_ok} ok scans in {', '.join(g.summaries)}: {g.gpu_seconds_per_scan:.1f}"
+            f" GPU-s/scan"
+        )
 
     def row(lines: list[LineItem | None]) -> str:
         line = next(x for x in lines if x is not None)
@@ -547,8 +653,9 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
         return f"{line.item[:44]:<44} {'$' + format(line.unit_price, '.4g'):>10}{cells}  {line.basis}"
 
     def total_row(label: str, totals: list[float]) -> str:
-        cells = "".join(f" {'per 1k scans ' + format(r.per_1k(t), ',.3f'):>27} {t:>10,.2f}"
-                        for r, t in zip(reports, totals))
+        cells = "".join(
+            f" {'per 1k scans ' + format(r.per_1k(t), ',.3f'):>27} {t:>10,.2f}" for r, t in zip(reports, totals)
+        )
         return f"{label:<44} {'':>10}{cells}"
 
     out += ["", "BATCH (job-scoped cluster: head and workers exist only while a job runs)", head, rule]
@@ -558,18 +665,25 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
             continue
         out.append(row([r.compute[option] for r in reports]))
         out.append(row([r.head[option] for r in reports]))
-        nodes = ", ".join(f"{r.plan[option]['nodes_per_job']} @{_volume(r.assumptions.scans_per_month)}"
-                          for r in reports)
+        nodes = ", ".join(
+            f"{r.plan[option]['nodes_per_job']} @{_volume(r.assumptions.scans_per_month)}" for r in reports
+        )
         out.append(f"{'':<44} {'':>10}  nodes per job: {nodes} ({first.plan[option]['nodes_basis']})")
     out.append(rule)
-    for i, line in enumerate(first.shared):
+    for i in range(len(first.shared)):
         out.append(row([r.shared[i] for r in reports]))
     out.append(rule)
     for option in first.compute:
         if first.total(option) is not None:
             out.append(total_row(f"batch total with {option}", [r.total(option) for r in reports]))
-    out += ["", ("SERVE (always-on endpoint: small head 730 h + replicas from zero; its own deployment, not in"
-                 " the batch total)"), rule]
+    out += [
+        "",
+        (
+            "SERVE (always-on endpoint: small head 730 h + replicas from zero; its own deployment, not in"
+            " the batch total)"
+        ),
+        rule,
+    ]
     out += [row([r.serve[i] for r in reports]) for i in range(len(first.serve))]
     out.append(f"{'serve total':<44} {'':>10}" + "".join(f" {'':>27} {r.serve_total():>10,.2f}" for r in reports))
     out.append(f"'per 1k': USD per 1,000 scans. Prices: {p.get('source', '')}")
@@ -578,6 +692,7 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
 
 def report_dict(report: CostReport) -> dict:
     """The same figures as JSON-ready data."""
+
     def line(item: LineItem | None, per_scan: bool = True) -> dict | None:
         if item is None:
             return None
@@ -589,8 +704,10 @@ def report_dict(report: CostReport) -> dict:
     a = report.assumptions
     return {
         "scans_per_month": a.scans_per_month,
-        "assumptions": {**asdict(a), "efficiency_at_cpus_per_actor": efficiency(a.cpus_per_actor,
-                                                                                a.parallel_efficiency)},
+        "assumptions": {
+            **asdict(a),
+            "efficiency_at_cpus_per_actor": efficiency(a.cpus_per_actor, a.parallel_efficiency),
+        },
         "measured": asdict(report.measured),
         "gpu_measured": asdict(report.gpu_measured) if report.gpu_measured else None,
         "prices": {k: report.prices.get(k) for k in ("taken", "region", "currency", "source")},
@@ -599,8 +716,9 @@ def report_dict(report: CostReport) -> dict:
         "plan": report.plan,
         "shared": [line(s) for s in report.shared],
         "totals": {k: report.total(k) for k in report.compute},
-        "per_1k_scans": {k: (None if t is None else report.per_1k(t))
-                         for k, t in ((k, report.total(k)) for k in report.compute)},
+        "per_1k_scans": {
+            k: (None if t is None else report.per_1k(t)) for k, t in ((k, report.total(k)) for k in report.compute)
+        },
         "serve": {"lines": [line(s, per_scan=False) for s in report.serve], "total": report.serve_total()},
     }
 
@@ -610,16 +728,34 @@ def report_dict(report: CostReport) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Assumptions(scans_per_month=0)
-    p.add_argument("--summary", action="append", required=True, metavar="URI",
-                   help="summary.parquet of a finished CPU run (repeatable)")
-    p.add_argument("--gpu-summary", action="append", default=[], metavar="URI",
-                   help="summary.parquet of a run on the GPU workers (repeatable); without it GPU is not priced")
+    p.add_argument(
+        "--summary",
+        action="append",
+        required=True,
+        metavar="URI",
+        help="summary.parquet of a finished CPU run (repeatable)",
+    )
+    p.add_argument(
+        "--gpu-summary",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="summary.parquet of a run on the GPU workers (repeatable); without it GPU is not priced",
+    )
     p.add_argument("--scans-per-month", type=int, required=True)
-    p.add_argument("--compare-scans-per-month", type=int, default=COMPARE_SCANS_PER_MONTH, metavar="N",
-                   help=f"a second column at this volume (default {COMPARE_SCANS_PER_MONTH:,}; 0: none)")
+    p.add_argument(
+        "--compare-scans-per-month",
+        type=int,
+        default=COMPARE_SCANS_PER_MONTH,
+        metavar="N",
+        help=f"a second column at this volume (default {COMPARE_SCANS_PER_MONTH:,}; 0: none)",
+    )
     p.add_argument("--prices", help=f"JSON overriding keys of {PRICES_FILE.name} (local or s3://)")
-    p.add_argument("--measured-actor-cpus", type=float,
-                   help="CPUs the measured run's actors had, for a summary that does not record it")
+    p.add_argument(
+        "--measured-actor-cpus",
+        type=float,
+        help="CPUs the measured run's actors had, for a summary that does not record it",
+    )
     p.add_argument("--mask-mb", type=float, help="with --passport-kb: sizes for a summary without bytes_written")
     p.add_argument("--passport-kb", type=float)
     p.add_argument("--item-kb", type=float, help="DynamoDB item size for a summary without store_item_bytes")
@@ -627,12 +763,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
     for name in ("jobs_per_month", "retention_months", "serve_requests_per_month", "serve_scale_ups_per_month"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument("--nodes-per-job", type=int, default=None,
-                   help=f"worker nodes a job runs on (default: each busy >= {MIN_NODE_HOURS_PER_JOB:g} h, at most"
-                        " cluster.yaml's max workers)")
-    for name in ("cpus_per_actor", "actor_memory_gb", "parallel_efficiency", "vcpu_yield", "node_startup_minutes", "head_startup_minutes",
-                 "head_teardown_minutes", "ebs_gb_per_node", "egress_fraction", "log_kb_per_scan",
-                 "serve_idle_minutes"):
+    p.add_argument(
+        "--nodes-per-job",
+        type=int,
+        default=None,
+        help=f"worker nodes a job runs on (default: each busy >= {MIN_NODE_HOURS_PER_JOB:g} h, at most"
+        " cluster.yaml's max workers)",
+    )
+    for name in (
+        "cpus_per_actor",
+        "actor_memory_gb",
+        "parallel_efficiency",
+        "vcpu_yield",
+        "node_startup_minutes",
+        "head_startup_minutes",
+        "head_teardown_minutes",
+        "ebs_gb_per_node",
+        "egress_fraction",
+        "log_kb_per_scan",
+        "serve_idle_minutes",
+    ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
@@ -651,8 +801,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({**report_dict(reports[0]), "other_volumes": [report_dict(r) for r in reports[1:]]},
-                         indent=1))
+        print(json.dumps({**report_dict(reports[0]), "other_volumes": [report_dict(r) for r in reports[1:]]}, indent=1))
     else:
         print(format_report(reports))
     return 0

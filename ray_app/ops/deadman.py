@@ -49,8 +49,12 @@ def jobs_busy(dashboard: str) -> bool:
     return any(str(job.status) in BUSY for job in jobs)
 
 
-def watch(busy: Callable[[], bool], limits: Limits, clock: Callable[[], float] = time.monotonic,
-          sleep: Callable[[float], None] = time.sleep) -> str:
+def watch(
+    busy: Callable[[], bool],
+    limits: Limits,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
     """Poll ``busy`` until a limit is reached; returns why (``"idle"`` or ``"max_lifetime"``)."""
     started = idle_since = clock()
     while True:
@@ -65,8 +69,9 @@ def watch(busy: Callable[[], bool], limits: Limits, clock: Callable[[], float] =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_app.ops.deadman", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_app.ops.deadman", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dashboard", default="http://127.0.0.1:8265", help="the head's job API")
     idle = parser.add_mutually_exclusive_group()
     idle.add_argument("--idle-minutes", type=float, default=15.0)
@@ -79,11 +84,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s deadman %(message)s")
 
-    limits = Limits(idle_s=args.idle_seconds if args.idle_seconds is not None else args.idle_minutes * 60,
-                    max_lifetime_s=args.max_seconds if args.max_seconds is not None else args.max_hours * 3600,
-                    poll_s=args.poll_seconds)
-    log.info("armed: idle %.0f s, max lifetime %.0f s, action %s", limits.idle_s, limits.max_lifetime_s,
-             " ".join(args.action))
+    limits = Limits(
+        idle_s=args.idle_seconds if args.idle_seconds is not None else args.idle_minutes * 60,
+        max_lifetime_s=args.max_seconds if args.max_seconds is not None else args.max_hours * 3600,
+        poll_s=args.poll_seconds,
+    )
+    log.info(
+        "armed: idle %.0f s, max lifetime %.0f s, action %s",
+        limits.idle_s,
+        limits.max_lifetime_s,
+        " ".join(args.action),
+    )
     reason = watch(lambda: jobs_busy(args.dashboard), limits)
     log.info("fired (%s): running %s", reason, " ".join(args.action))
     return subprocess.run(args.action, check=False).returncode

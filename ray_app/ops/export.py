@@ -41,8 +41,13 @@ def passport_row(doc: dict) -> dict:
     """The flat row of one passport (full or compact form)."""
     error = doc.get("error")
     code = error.get("code") if isinstance(error, dict) else doc.get("error_code")
-    row = {"scan_id": doc.get("scan_id"), "status": doc.get("status"), "error_code": code,
-           "model": _model_key(doc), "created_at": doc.get("created_at")}
+    row = {
+        "scan_id": doc.get("scan_id"),
+        "status": doc.get("status"),
+        "error_code": code,
+        "model": _model_key(doc),
+        "created_at": doc.get("created_at"),
+    }
     for name, entry in (doc.get("structures") or {}).items():
         row[f"{name}_ml"] = _volume(entry)
     return row
@@ -57,7 +62,7 @@ def export_rows(docs: list[dict]) -> tuple[list[str], list[dict]]:
 
 def to_bytes(columns: list[str], rows: list[dict], fmt: str) -> bytes:
     if fmt == "csv":
-        from ray_app.keys import looks_like_formula
+        from ray_app.storage.keys import looks_like_formula
 
         def cell(v):  # ids are validated formula-free when stored; text from another store form is not trusted
             return "'" + v if isinstance(v, str) and looks_like_formula(v) else v
@@ -82,7 +87,7 @@ def export_job(job_id: str, passports: str, out: str) -> int:
 
     No passports (a mistyped job id, the wrong store): nothing is written, so no empty table passes for a job."""
     from ray_app import storage
-    from ray_app.sinks import open_passport_store
+    from ray_app.storage.sinks import open_passport_store
 
     fmt = "csv" if out.endswith(".csv") else "parquet" if out.endswith(".parquet") else None
     if fmt is None:
@@ -90,8 +95,9 @@ def export_job(job_id: str, passports: str, out: str) -> int:
     columns, rows = export_rows(open_passport_store(passports).list_by_job(job_id))
     if not rows:
         return 0
-    storage.write_bytes(out, to_bytes(columns, rows, fmt),
-                        "text/csv" if fmt == "csv" else "application/vnd.apache.parquet")
+    storage.write_bytes(
+        out, to_bytes(columns, rows, fmt), "text/csv" if fmt == "csv" else "application/vnd.apache.parquet"
+    )
     return len(rows)
 
 
@@ -102,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray_app.errors import RayAppError
+    from ray_app.core.errors import RayAppError
 
     try:
         n = export_job(args.job, args.passports, args.out)

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from botocore.exceptions import ClientError
 
 from ray_app import storage
-from ray_app.batch import BatchConfig, preflight
-from ray_app.errors import PreflightError
-from ray_app.manifest import read_manifest
+from ray_app.adapters.batch import BatchConfig, preflight
+from ray_app.core.errors import PreflightError
+from ray_app.core.totalseg import task_spec
 from ray_app.settings import Settings
-from ray_app.sinks import open_passport_store
-from ray_app.totalseg import task_spec
+from ray_app.storage.manifest import read_manifest
+from ray_app.storage.sinks import open_passport_store
 
 DATA_POLICY_NAME = "ray-app-data"  # the inline policy jobs/setup_aws.py puts on both roles
 
@@ -26,6 +26,7 @@ DATA_POLICY_NAME = "ray-app-data"  # the inline policy jobs/setup_aws.py puts on
 def policy_allows(document: dict, action: str, resource: str) -> bool:
     """Whether an identity policy allows ``action`` on ``resource``: IAM's ``*``/``?`` wildcards, an explicit Deny
     wins, and an Allow with a Condition is not counted (it cannot be evaluated here)."""
+
     def matches(patterns, value: str) -> bool:
         patterns = [patterns] if isinstance(patterns, str) else patterns
         return any(fnmatch.fnmatchcase(value, p) for p in patterns)
@@ -46,8 +47,10 @@ def check_region(cluster: dict) -> str:
     region, source = storage.aws_region()
     launch = cluster.get("provider", {}).get("region")
     if launch and launch != region:
-        raise PreflightError(f"cluster.yaml launches in {launch}, but the job's table and bucket would be used in "
-                             f"{region} (from {source}): set AWS_REGION={launch} or change provider.region")
+        raise PreflightError(
+            f"cluster.yaml launches in {launch}, but the job's table and bucket would be used in "
+            f"{region} (from {source}): set AWS_REGION={launch} or change provider.region"
+        )
     return f"region {region} (from {source})"
 
 
@@ -56,8 +59,10 @@ def check_resources(cluster: dict, cfg: BatchConfig) -> str:
     offered = {name for t in cluster["available_node_types"].values() for name in t.get("resources", {})}
     missing = sorted(set(cfg.actor_resources or {}) - offered)
     if missing:
-        raise PreflightError(f"--actor-resource {', '.join(missing)}: no node type in the cluster offers it "
-                             f"(offered: {', '.join(sorted(offered))})")
+        raise PreflightError(
+            f"--actor-resource {', '.join(missing)}: no node type in the cluster offers it "
+            f"(offered: {', '.join(sorted(offered))})"
+        )
     return "actor resources offered"
 
 
@@ -71,11 +76,15 @@ def check_worker_role(role: str, cfg: BatchConfig) -> str:
     try:
         doc = storage.client("iam").get_role_policy(RoleName=role, PolicyName=DATA_POLICY_NAME)["PolicyDocument"]
     except ClientError as exc:
-        raise PreflightError(f"cannot read the policy {DATA_POLICY_NAME} of role {role}: "
-                             f"{exc.response['Error']['Code']} (made by jobs/setup_aws.py --iam)") from exc
+        raise PreflightError(
+            f"cannot read the policy {DATA_POLICY_NAME} of role {role}: "
+            f"{exc.response['Error']['Code']} (made by jobs/setup_aws.py --iam)"
+        ) from exc
     if not policy_allows(doc, "s3:PutObject", probe):
-        raise PreflightError(f"role {role} may not write under {cfg.output}: re-run jobs/setup_aws.py --iam with "
-                             "this --output, or use the output prefix it was set up for")
+        raise PreflightError(
+            f"role {role} may not write under {cfg.output}: re-run jobs/setup_aws.py --iam with "
+            "this --output, or use the output prefix it was set up for"
+        )
     return f"role {role} may write under {cfg.output}"
 
 
@@ -85,12 +94,16 @@ PLACEHOLDER_ACCOUNT = "123456789012"
 def check_image(cluster: dict) -> str:
     """cluster.yaml ships with a placeholder registry; nodes would fail to pull it after the head had started."""
     images = [cluster.get("docker", {}).get("image", "")] + [
-        t["docker"]["worker_image"] for t in cluster["available_node_types"].values() if "worker_image" in
-        t.get("docker", {})]
+        t["docker"]["worker_image"]
+        for t in cluster["available_node_types"].values()
+        if "worker_image" in t.get("docker", {})
+    ]
     if any(PLACEHOLDER_ACCOUNT in image for image in images):
-        raise PreflightError("cluster.yaml still names the placeholder image registry "
-                             f"{PLACEHOLDER_ACCOUNT}.dkr.ecr...: build and push the image (Dockerfile) and put your "
-                             "account and region there (deploy/README.md, step 2)")
+        raise PreflightError(
+            "cluster.yaml still names the placeholder image registry "
+            f"{PLACEHOLDER_ACCOUNT}.dkr.ecr...: build and push the image (Dockerfile) and put your "
+            "account and region there (deploy/README.md, step 2)"
+        )
     return "node images set"
 
 

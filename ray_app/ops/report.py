@@ -75,8 +75,11 @@ def _volumes(rows: list[dict], organ: str) -> list[tuple[str, float]]:
     """(scan, ml) of the succeeded scans in which the organ was found. A volume of 0 means not found (out of the
     field of view, e.g. a chest CT's pancreas): counted apart by :func:`absent`, not judged as a volume."""
     col = f"{organ}_ml"
-    return [(r["scan_id"], float(r[col])) for r in rows
-            if r.get("status") == "ok" and r.get(col) is not None and float(r[col]) > 0]
+    return [
+        (r["scan_id"], float(r[col]))
+        for r in rows
+        if r.get("status") == "ok" and r.get(col) is not None and float(r[col]) > 0
+    ]
 
 
 def absent(rows: list[dict], organ: str) -> int:
@@ -177,16 +180,18 @@ def plot_organs(rows: list[dict]) -> str:
         outside = [v for v in vals if not lo <= v <= hi]
         # A fixed, deterministic jitter, so scans with close volumes stay visible as separate dots.
         jitter = [((i * 0.618) % 1 - 0.5) * 0.6 for i in range(len(vals))]
-        ax.plot(inside, jitter[:len(inside)], "o", color="#1565c0", alpha=0.6)
-        ax.plot(outside, jitter[len(inside):], "o", color="#c62828", alpha=0.9)
+        ax.plot(inside, jitter[: len(inside)], "o", color="#1565c0", alpha=0.6)
+        ax.plot(outside, jitter[len(inside) :], "o", color="#c62828", alpha=0.9)
         ax.set_ylim(-0.5, 0.5)
         ax.set_yticks([])
         ax.set_ylabel(organ, rotation=0, ha="right", va="center")
         ax.set_xlim(left=0, right=max([hi * 1.15, *(v * 1.1 for v in vals)]))
         ax.tick_params(axis="x", labelsize=8)
     axes[-1].set_xlabel("volume (ml)")
-    axes[0].set_title("Organ volumes of the scans that succeeded (green: adult reference, red: outside it, "
-                      "dashed: IQR fences)", fontsize=9)
+    axes[0].set_title(
+        "Organ volumes of the scans that succeeded (green: adult reference, red: outside it, dashed: IQR fences)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return _png(fig)
 
@@ -195,15 +200,16 @@ def plot_organs(rows: list[dict]) -> str:
 
 
 def _stage_table(rows: list[dict]) -> str:
-    out = ["<table><tr><th>stage</th><th>scans</th><th>median s</th><th>p90 s</th><th>max s</th>"
-           "<th>sum s</th></tr>"]
+    out = ["<table><tr><th>stage</th><th>scans</th><th>median s</th><th>p90 s</th><th>max s</th><th>sum s</th></tr>"]
     for s in (*STAGES, "total_s"):
         v = sorted(float(r[s]) for r in rows if r.get(s) is not None)
         if not v:
             out.append(f"<tr><td>{s}</td><td>0</td><td colspan=4>-</td></tr>")
             continue
-        out.append(f"<tr><td>{s}</td><td>{len(v)}</td><td>{_quantile(v, .5):.2f}</td><td>{_quantile(v, .9):.2f}"
-                   f"</td><td>{v[-1]:.2f}</td><td>{sum(v):.1f}</td></tr>")
+        out.append(
+            f"<tr><td>{s}</td><td>{len(v)}</td><td>{_quantile(v, 0.5):.2f}</td><td>{_quantile(v, 0.9):.2f}"
+            f"</td><td>{v[-1]:.2f}</td><td>{sum(v):.1f}</td></tr>"
+        )
     return "".join(out) + "</table>"
 
 
@@ -215,31 +221,42 @@ def render_html(rows: list[dict], *, source: str = "") -> str:
     ok = sum(n for (s, _), n in counts.items() if s == "ok")
     failed = sum(n for (s, _), n in counts.items() if s in FAILED)
     found = outliers(rows)
-    status_rows = "".join(f"<tr><td>{esc(s)}</td><td>{esc(c) or '-'}</td><td>{n}</td></tr>"
-                          for (s, c), n in sorted(counts.items()))
-    failed_rows = "".join(f"<tr><td>{esc(r['scan_id'])}</td><td>{esc(r.get('status') or '')}</td>"
-                          f"<td>{esc(r.get('error_code') or '')}</td></tr>"
-                          for r in sorted(rows, key=lambda r: r["scan_id"]) if r.get("status") != "ok")
-    outlier_rows = "".join(f"<tr class=outlier><td>{esc(o.scan_id)}</td><td>{esc(o.organ)}</td>"
-                           f"<td>{o.volume_ml:.1f}</td><td>{esc('; '.join(o.reasons))}</td></tr>" for o in found)
+    status_rows = "".join(
+        f"<tr><td>{esc(s)}</td><td>{esc(c) or '-'}</td><td>{n}</td></tr>" for (s, c), n in sorted(counts.items())
+    )
+    failed_rows = "".join(
+        f"<tr><td>{esc(r['scan_id'])}</td><td>{esc(r.get('status') or '')}</td>"
+        f"<td>{esc(r.get('error_code') or '')}</td></tr>"
+        for r in sorted(rows, key=lambda r: r["scan_id"])
+        if r.get("status") != "ok"
+    )
+    outlier_rows = "".join(
+        f"<tr class=outlier><td>{esc(o.scan_id)}</td><td>{esc(o.organ)}</td>"
+        f"<td>{o.volume_ml:.1f}</td><td>{esc('; '.join(o.reasons))}</td></tr>"
+        for o in found
+    )
     missing = ", ".join(f"{o} in {n}" for o in ORGANS if (n := absent(rows, o)))
     ranges = ", ".join(f"{o} {lo:g}-{hi:g} ml" for o, (lo, hi) in REFERENCE_ML.items())
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Job report: {esc(', '.join(jobs))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>Job report: {esc(", ".join(jobs))}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:1em auto;padding:0 1em}}
 table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}
 .big{{font-size:1.4em}}.bad{{color:#c62828}}img{{max-width:100%}}</style></head><body>
-<h1>Job report: {esc(', '.join(jobs))}</h1>
+<h1>Job report: {esc(", ".join(jobs))}</h1>
 <p>From <code>{esc(source)}</code>, generated {generated}.</p>
-<p class=big>{len(rows)} scans: {ok} ok, <span class={'bad' if failed else ''}>{failed} failed</span>;
-{len({o.scan_id for o in found})} scan{'s' if len({o.scan_id for o in found}) != 1 else ''} with a volume worth a
-look ({len(found)} organ volume{'s' if len(found) != 1 else ''}).</p>
+<p class=big>{len(rows)} scans: {ok} ok, <span class={"bad" if failed else ""}>{failed} failed</span>;
+{len({o.scan_id for o in found})} scan{"s" if len({o.scan_id for o in found}) != 1 else ""} with a volume worth a
+look ({len(found)} organ volume{"s" if len(found) != 1 else ""}).</p>
 <h2 id=status>Scans by status and error code</h2>
 <img alt="scans by status and error code" src="data:image/png;base64,{plot_status(rows)}">
 <table><tr><th>status</th><th>error code</th><th>scans</th></tr>{status_rows}</table>
-{f'<h3>Scans that did not succeed</h3><table><tr><th>scan</th><th>status</th><th>error code</th></tr>{failed_rows}</table>'
- if failed_rows else ''}
+{
+        "<h3>Scans that did not succeed</h3><table><tr><th>scan</th><th>status</th><th>error code</th></tr>"
+        f"{failed_rows}</table>"
+        if failed_rows
+        else ""
+    }
 <h2 id=stages>Seconds per stage</h2>
 <img alt="seconds per stage" src="data:image/png;base64,{plot_stages(rows)}">
 {_stage_table(rows)}
@@ -249,16 +266,19 @@ look ({len(found)} organ volume{'s' if len(found) != 1 else ''}).</p>
 <p>Listed: a succeeded scan whose organ volume is outside a broad adult reference range ({esc(ranges)};
 approximate, to catch a segmentation gone wrong, not diagnostic) or outside this job's 1.5 IQR fences
 (computed when at least {MIN_FOR_FENCES} scans have that organ). An organ not found (0 ml: outside the field
-of view, or missed) is not judged as a volume; not found: {esc(missing) or 'none'}.</p>
-{f'<table><tr><th>scan</th><th>organ</th><th>ml</th><th>why</th></tr>{outlier_rows}</table>' if found
- else '<p>None.</p>'}
+of view, or missed) is not judged as a volume; not found: {esc(missing) or "none"}.</p>
+{
+        f"<table><tr><th>scan</th><th>organ</th><th>ml</th><th>why</th></tr>{outlier_rows}</table>"
+        if found
+        else "<p>None.</p>"
+    }
 </body></html>
 """
 
 
 def write_report(summary_uri: str, out_dir: str | Path) -> Path:
     """Read the summary, write ``OUT_DIR/report.html``; returns its path."""
-    from ray_app.sinks import read_summary
+    from ray_app.storage.sinks import read_summary
 
     rows = read_summary(summary_uri)
     out = Path(out_dir)
@@ -274,7 +294,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray_app.errors import RayAppError
+    from ray_app.core.errors import RayAppError
 
     try:
         path = write_report(args.summary, args.out)

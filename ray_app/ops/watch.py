@@ -65,31 +65,48 @@ class JobStatus:
             out.append(f"last passport: {self.last_at:%Y-%m-%d %H:%M:%S} UTC ({age:.1f} min ago)")
         if self.eta_minutes is not None:
             eta = self.now.timestamp() + self.eta_minutes * 60
-            out.append(f"ETA: {self.eta_minutes:.1f} min ({datetime.fromtimestamp(eta, timezone.utc):%H:%M} UTC)"
-                       if self.done < self.total else "ETA: done")
+            out.append(
+                f"ETA: {self.eta_minutes:.1f} min ({datetime.fromtimestamp(eta, timezone.utc):%H:%M} UTC)"
+                if self.done < self.total
+                else "ETA: done"
+            )
         elif self.total is None:
             out.append("ETA: unknown (give --total N or --output OUTPUT for the job's record)")
         return out
 
 
-def job_status(job_id: str, docs: list[dict], *, total: int | None = None, started_at: datetime | None = None,
-               now: datetime | None = None) -> JobStatus:
+def job_status(
+    job_id: str,
+    docs: list[dict],
+    *,
+    total: int | None = None,
+    started_at: datetime | None = None,
+    now: datetime | None = None,
+) -> JobStatus:
     times = sorted(t for t in (_time(d.get("created_at")) for d in docs) if t)
     errors = Counter()
     for d in docs:
         if d.get("status") != "ok":
             err = d.get("error")
             errors[(err.get("code") if isinstance(err, dict) else d.get("error_code")) or "unknown"] += 1
-    return JobStatus(job_id=job_id, done=len(docs), by_status=Counter(d.get("status") or "?" for d in docs),
-                     by_error=errors, first_at=times[0] if times else None, last_at=times[-1] if times else None,
-                     started_at=started_at, total=total, now=now or datetime.now(timezone.utc))
+    return JobStatus(
+        job_id=job_id,
+        done=len(docs),
+        by_status=Counter(d.get("status") or "?" for d in docs),
+        by_error=errors,
+        first_at=times[0] if times else None,
+        last_at=times[-1] if times else None,
+        started_at=started_at,
+        total=total,
+        now=now or datetime.now(timezone.utc),
+    )
 
 
 def job_record(output: str, job_id: str) -> tuple[int | None, datetime | None]:
     """(size, started_at) from ``OUTPUT/_jobs/<job>/job.json``: the manifest's runnable rows, capped by the limit."""
     from ray_app import storage
-    from ray_app.keys import job_file_uri
-    from ray_app.manifest import read_manifest
+    from ray_app.storage.keys import job_file_uri
+    from ray_app.storage.manifest import read_manifest
 
     record = json.loads(storage.read_bytes(job_file_uri(output, job_id, "job.json")))
     size = None
@@ -108,8 +125,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray_app.errors import RayAppError
-    from ray_app.sinks import open_passport_store
+    from ray_app.core.errors import RayAppError
+    from ray_app.storage.sinks import open_passport_store
 
     total, started = args.total, None
     try:

@@ -14,8 +14,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ray_app.errors import DicomSegUnavailable
-from ray_app.scan import Scan
+from ray_app.core.errors import DicomSegUnavailable
+from ray_app.core.scan import Scan
 
 #: Preview figure size in inches at PREVIEW_DPI: a 1500x600 pixel PNG.
 PREVIEW_SIZE_IN = (15.0, 6.0)
@@ -191,10 +191,23 @@ def preview_png(scan: Scan, mask: np.ndarray | nib.Nifti1Image, label_map: Mappi
         # the viewer's left, anterior on top in axial, superior on top and anterior on the left in sagittal).
         image = np.flipud(np.fliplr(np.asarray(ct_slice, dtype=np.float32).T))
         overlay = np.flipud(np.fliplr(np.asarray(label_slice).T))
-        ax.imshow(image, cmap="gray", vmin=PREVIEW_WINDOW_HU[0], vmax=PREVIEW_WINDOW_HU[1], aspect=aspect,
-                  interpolation="nearest")
-        ax.imshow(np.ma.masked_equal(overlay, 0), cmap=cmap, vmin=-0.5, vmax=n_colors - 0.5, alpha=0.45,
-                  aspect=aspect, interpolation="nearest")
+        ax.imshow(
+            image,
+            cmap="gray",
+            vmin=PREVIEW_WINDOW_HU[0],
+            vmax=PREVIEW_WINDOW_HU[1],
+            aspect=aspect,
+            interpolation="nearest",
+        )
+        ax.imshow(
+            np.ma.masked_equal(overlay, 0),
+            cmap=cmap,
+            vmin=-0.5,
+            vmax=n_colors - 0.5,
+            alpha=0.45,
+            aspect=aspect,
+            interpolation="nearest",
+        )
         ax.set_title(title)
         ax.set_axis_off()
 
@@ -302,7 +315,9 @@ def _segment_description(number: int, name: str, algorithm) -> Any:
 
         item = Dataset()
         item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = (
-            modifier["value"], modifier["scheme"], modifier["meaning"],
+            modifier["value"],
+            modifier["scheme"],
+            modifier["meaning"],
         )
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [item]
     return description

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-PHANTOM_WEIGHTS = Path(__file__).resolve().parent / "phantom_weights"
+PHANTOM_WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "phantom_weights"
 
 
 def _scan_id_from_path(path: str) -> str:
@@ -21,12 +21,13 @@ def _scan_id_from_path(path: str) -> str:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     """Segment local scans in this process (no Ray) into ``OUT/<scan_id>/``."""
-    from ray_app import pipeline
-    from ray_app.keys import validate_scan_id
-    from ray_app.scan import load_scan
-    from ray_app.segmenter import Segmenter
+    from ray_app.core import pipeline
+    from ray_app.core.segmenter import Segmenter
     from ray_app.settings import get_settings
-    from ray_app.sinks import ArtifactSink
+    from ray_app.storage import results
+    from ray_app.storage.keys import validate_scan_id
+    from ray_app.storage.scans import load_scan
+    from ray_app.storage.sinks import ArtifactSink
 
     if args.scan_id and len(args.scan_id) != len(args.scans):
         print("error: give one --scan-id per scan", file=sys.stderr)
@@ -41,18 +42,28 @@ def cmd_segment(args: argparse.Namespace) -> int:
         try:
             scan_id = validate_scan_id(scan_id)
             scan = load_scan(source, scan_id, settings)
-            result = pipeline.segment_scan(segmenter, scan, settings=settings,
-                                           timings={"read_s": time.perf_counter() - start})
+            result = pipeline.segment_scan(
+                segmenter, scan, settings=settings, timings={"read_s": time.perf_counter() - start}
+            )
         except Exception as exc:  # noqa: BLE001 - reported per scan; the others still run
             result = pipeline.failure(str(scan_id), exc, segmenter.model_info, source_uri=source)
         doc = result.passport
         if result.ok:
             doc["timings"]["total_s"] = time.perf_counter() - start
-            pipeline.write_result(result, sink, None, "segment", label_map=segmenter.spec.output_labels,
-                                  preview=args.preview, per_structure=args.per_structure)
+            results.write_result(
+                result,
+                sink,
+                None,
+                "segment",
+                label_map=segmenter.spec.output_labels,
+                preview=args.preview,
+                per_structure=args.per_structure,
+            )
             present = sum(1 for s in doc["structures"].values() if s["present"])
-            print(f"{scan_id}: ok, {present} structures present, {doc['timings']['total_s']:.1f} s"
-                  f" -> {Path(args.out) / scan_id}")
+            print(
+                f"{scan_id}: ok, {present} structures present, {doc['timings']['total_s']:.1f} s"
+                f" -> {Path(args.out) / scan_id}"
+            )
         else:
             failed += 1
             print(f"{scan_id}: FAILED {doc['error']['code']}: {doc['error']['message']}")
@@ -73,24 +84,49 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-actors", type=int, default=1)
     p.add_argument("--max-actors", type=int, default=2)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--gpus-per-actor", type=float, default=None,
-                   help="fractions allowed, e.g. 0.5 (default: 1 with --device cuda, 0 with cpu)")
-    p.add_argument("--actor-resource", action="append", default=[], metavar="NAME=AMOUNT",
-                   help="custom Ray resource per actor, e.g. spot_gpu=1 to pin actors to a node type")
-    p.add_argument("--actor-memory-gb", type=float, default=None,
-                   help="memory per segmentation actor, reserved with Ray and enforced as its heap limit: a scan "
-                        "that does not fit fails as out_of_memory instead of getting the worker OOM-killed")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="run only the first N scans of the manifest: a pilot whose measured figures price the month")
-    p.add_argument("--max-task-retries", type=int, default=3,
-                   help="times a scan is retried after the actor segmenting it died (Spot loss, OOM killer, crash); "
-                        "then it fails as worker_lost and the job goes on")
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="fractions allowed, e.g. 0.5 (default: 1 with --device cuda, 0 with cpu)",
+    )
+    p.add_argument(
+        "--actor-resource",
+        action="append",
+        default=[],
+        metavar="NAME=AMOUNT",
+        help="custom Ray resource per actor, e.g. spot_gpu=1 to pin actors to a node type",
+    )
+    p.add_argument(
+        "--actor-memory-gb",
+        type=float,
+        default=None,
+        help="memory per segmentation actor, reserved with Ray and enforced as its heap limit: a scan "
+        "that does not fit fails as out_of_memory instead of getting the worker OOM-killed",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run only the first N scans of the manifest: a pilot whose measured figures price the month",
+    )
+    p.add_argument(
+        "--max-task-retries",
+        type=int,
+        default=3,
+        help="times a scan is retried after the actor segmenting it died (Spot loss, OOM killer, crash); "
+        "then it fails as worker_lost and the job goes on",
+    )
 
 
 def _add_per_structure_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--per-structure", action="store_true",
-                   help="also write segmentations.zip per scan: one binary <structure>.nii.gz per structure present "
-                        "(TotalSegmentator's default output layout)")
+    p.add_argument(
+        "--per-structure",
+        action="store_true",
+        help="also write segmentations.zip per scan: one binary <structure>.nii.gz per structure present "
+        "(TotalSegmentator's default output layout)",
+    )
 
 
 def _add_mode_options(p: argparse.ArgumentParser) -> None:
@@ -101,7 +137,7 @@ def _add_mode_options(p: argparse.ArgumentParser) -> None:
 
 
 def batch_config(args: argparse.Namespace):
-    from ray_app.batch import BatchConfig
+    from ray_app.adapters.batch import BatchConfig
     from ray_app.settings import get_settings
 
     settings = get_settings()
@@ -109,14 +145,26 @@ def batch_config(args: argparse.Namespace):
     resources = dict(_resource(r) for r in args.actor_resource) or None
     kwargs = {"job_id": args.job_id} if args.job_id else {}
     return BatchConfig(
-        manifest=args.manifest, output=args.output, passports=passports,
-        fast=settings.fast if args.fast is None else args.fast, device=args.device or settings.device,
-        roi_subset=tuple(args.roi_subset) if args.roi_subset else None, force=args.force,
-        retry_failed=args.retry_failed, preview=args.preview, per_structure=args.per_structure,
-        min_actors=args.min_actors, max_actors=args.max_actors, cpus_per_actor=args.cpus_per_actor,
-        gpus_per_actor=args.gpus_per_actor, actor_resources=resources,
+        manifest=args.manifest,
+        output=args.output,
+        passports=passports,
+        fast=settings.fast if args.fast is None else args.fast,
+        device=args.device or settings.device,
+        roi_subset=tuple(args.roi_subset) if args.roi_subset else None,
+        force=args.force,
+        retry_failed=args.retry_failed,
+        preview=args.preview,
+        per_structure=args.per_structure,
+        min_actors=args.min_actors,
+        max_actors=args.max_actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        actor_resources=resources,
         memory_per_actor=int(args.actor_memory_gb * 1024**3) if args.actor_memory_gb else None,
-        max_task_retries=args.max_task_retries, limit=args.limit, **kwargs)
+        max_task_retries=args.max_task_retries,
+        limit=args.limit,
+        **kwargs,
+    )
 
 
 def _resource(text: str) -> tuple[str, float]:
@@ -128,9 +176,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     """Run the Ray Data batch job. Exit 0 when every scan of the manifest has a good result (this run's or an
     earlier one's), 1 when any failed, was rejected or is skipped with an earlier failure, 2 when nothing could run
     (contradictory options, an unusable manifest, a failed preflight)."""
-    from ray_app.batch import format_report, run_batch
-    from ray_app.errors import PreflightError
-    from ray_app.manifest import ManifestError
+    from ray_app.adapters.batch import format_report, run_batch
+    from ray_app.core.errors import PreflightError
+    from ray_app.storage.manifest import ManifestError
 
     try:
         cfg = batch_config(args)
@@ -167,38 +215,58 @@ def _projection(summary_uri: str) -> str:
         report = cost.estimate(m, cost.Assumptions(scans_per_month=PROJECTED_SCANS_PER_MONTH), cost.load_prices())
     except cost.CostInputError as exc:
         return f"projection: none ({exc})"
-    return (f"measured: {m.scans_ok} scans, {m.cpu_seconds_per_scan:.1f} CPU-s each ({m.actor_cpus:g}-CPU actor "
-            f"{m.actor_seconds:.1f} s, fetch and write {m.task_seconds:.1f} s), {(m.bytes_per_scan or 0) / 1e6:.2f} "
-            f"MB written\nprojected: {PROJECTED_SCANS_PER_MONTH:,} such scans a month on AWS, job-scoped with Spot "
-            f"CPU: about ${report.total('Spot CPU'):,.2f} (every line: ray-app cost --summary {summary_uri} "
-            f"--scans-per-month {PROJECTED_SCANS_PER_MONTH})")
+    return (
+        f"measured: {m.scans_ok} scans, {m.cpu_seconds_per_scan:.1f} CPU-s each ({m.actor_cpus:g}-CPU actor "
+        f"{m.actor_seconds:.1f} s, fetch and write {m.task_seconds:.1f} s), {(m.bytes_per_scan or 0) / 1e6:.2f} "
+        f"MB written\nprojected: {PROJECTED_SCANS_PER_MONTH:,} such scans a month on AWS, job-scoped with Spot "
+        f"CPU: about ${report.total('Spot CPU'):,.2f} (every line: ray-app cost --summary {summary_uri} "
+        f"--scans-per-month {PROJECTED_SCANS_PER_MONTH})"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Make phantom scans, then run the real batch pipeline on a local Ray with the project's made weights."""
-    from ray_app.batch import format_report, run_batch
-    from ray_app.demo import CORRUPT_CODE, CORRUPT_ID, make_demo_inputs
+    from ray_app.adapters.batch import format_report, run_batch
+    from ray_app.demo.inputs import CORRUPT_CODE, CORRUPT_ID, make_demo_inputs
 
     os.environ["TOTALSEG_WEIGHTS_PATH"] = str(PHANTOM_WEIGHTS)
     out = Path(args.out).resolve()
     manifest = make_demo_inputs(out / "inputs", count=args.scans)
     print(f"demo: {args.scans} phantom scans and a corrupt file in {out / 'inputs'}; manifest {manifest}")
     # --force: a second demo in the same folder runs again instead of skipping everything as done.
-    batch_args = build_parser().parse_args(["batch", "--manifest", str(manifest), "--output", str(out / "results"),
-                                            "--max-actors", str(args.actors), "--preview", "--force"])
+    batch_args = build_parser().parse_args(
+        [
+            "batch",
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(out / "results"),
+            "--max-actors",
+            str(args.actors),
+            "--preview",
+            "--force",
+        ]
+    )
     report = run_batch(batch_config(batch_args))
     print(format_report(report))
-    print(f"demo: masks, passports and previews under {out / 'results'}; passports in "
-          f"{out / 'results' / 'passports.sqlite'}")
+    print(
+        f"demo: masks, passports and previews under {out / 'results'}; passports in "
+        f"{out / 'results' / 'passports.sqlite'}"
+    )
     # The corrupt file failing is the demo working: success means exactly that failure and nothing else.
     outcome = {r["scan_id"]: (r["status"], r.get("error_code")) for r in report.rows}
     expected = {**{sid: ("ok", None) for sid in outcome if sid != CORRUPT_ID}, CORRUPT_ID: ("failed", CORRUPT_CODE)}
     if len(outcome) == args.scans + 1 and outcome == expected:
-        print(f"demo: as intended: {args.scans} phantoms segmented, the corrupt file recorded as a failure "
-              f"({CORRUPT_CODE}) while the job went on")
+        print(
+            f"demo: as intended: {args.scans} phantoms segmented, the corrupt file recorded as a failure "
+            f"({CORRUPT_CODE}) while the job went on"
+        )
         return 0
-    print("demo: NOT as intended: " + ", ".join(f"{sid} {st}{f' ({code})' if code else ''}"
-                                                for sid, (st, code) in sorted(outcome.items())), file=sys.stderr)
+    print(
+        "demo: NOT as intended: "
+        + ", ".join(f"{sid} {st}{f' ({code})' if code else ''}" for sid, (st, code) in sorted(outcome.items())),
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -210,7 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start a local Ray (loopback only) and the Serve endpoint on HOST:PORT; block until Ctrl-C or SIGTERM."""
     import signal
 
-    from ray_app.serve_app import build_app, load_token
+    from ray_app.adapters.serve import build_app, load_token
     from ray_app.settings import get_settings
 
     try:
@@ -255,13 +323,16 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
     """Preflight, then a job-scoped cluster: up, the batch job, down (``ray_app.ops.cluster``)."""
     import yaml
 
-    from ray_app.errors import RayAppError
+    from ray_app.core.errors import RayAppError
     from ray_app.ops import cluster, preflight
     from ray_app.ops.cloudwatch import with_cloudwatch
     from ray_app.settings import get_settings
 
-    batch_argv = _absolute_paths([a for a in args.batch_args if a != "--"]) if args.local else \
-        [a for a in args.batch_args if a != "--"]
+    batch_argv = (
+        _absolute_paths([a for a in args.batch_args if a != "--"])
+        if args.local
+        else [a for a in args.batch_args if a != "--"]
+    )
     try:
         cfg = batch_config(build_parser().parse_args(["batch", *batch_argv]))
     except ValueError as exc:  # contradictory options
@@ -279,8 +350,9 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
             print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
             return 2
     if args.local:
-        launcher = cluster.LocalLauncher(args.config, head_cpus=args.head_cpus, idle_s=args.idle_minutes * 60,
-                                         max_lifetime_s=args.max_hours * 3600)
+        launcher = cluster.LocalLauncher(
+            args.config, head_cpus=args.head_cpus, idle_s=args.idle_minutes * 60, max_lifetime_s=args.max_hours * 3600
+        )
     else:
         launcher = cluster.AwsLauncher(conf if args.cloudwatch else args.config)
     return cluster.run_job(launcher, batch_argv, job_id=cfg.job_id, env=cluster.job_env(), keep=args.keep)
@@ -365,25 +437,46 @@ def _add_cluster_parser(sub) -> None:
     from ray_app.ops.cluster import CLUSTER_YAML
 
     cluster = sub.add_parser("cluster", help="job-scoped clusters: up, one batch job, down").add_subparsers(
-        dest="cluster_command", required=True)
-    p = cluster.add_parser("run", help="preflight, start the cluster, run the batch job on it, remove every node",
-                           description="Everything after -- is `ray-app batch`'s options, e.g. "
-                                       "ray-app cluster run -- --manifest s3://in/m.csv --output s3://out/ct/ "
-                                       "--table passports --limit 20")
+        dest="cluster_command", required=True
+    )
+    p = cluster.add_parser(
+        "run",
+        help="preflight, start the cluster, run the batch job on it, remove every node",
+        description="Everything after -- is `ray-app batch`'s options, e.g. "
+        "ray-app cluster run -- --manifest s3://in/m.csv --output s3://out/ct/ "
+        "--table passports --limit 20",
+    )
     p.add_argument("--config", default=str(CLUSTER_YAML), help="the cluster.yaml to launch (default: the checkout's)")
-    p.add_argument("--local", action="store_true",
-                   help="rehearse on this machine: Ray's fake multinode provider stands in for EC2")
-    p.add_argument("--keep", action="store_true", help="leave the cluster up after the job (the dead-man's switch "
-                   "still ends it once idle); `ray-app cluster down` removes it")
+    p.add_argument(
+        "--local", action="store_true", help="rehearse on this machine: Ray's fake multinode provider stands in for EC2"
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the cluster up after the job (the dead-man's switch "
+        "still ends it once idle); `ray-app cluster down` removes it",
+    )
     p.add_argument("--worker-role", default=WORKER_ROLE, help="role whose policy must allow writing the output")
     p.add_argument("--no-preflight", action="store_true", help="skip the checks before the cluster starts")
-    p.add_argument("--cloudwatch", action="store_true", help="add deploy/cloudwatch/provider.yaml: the dashboard "
-                   "and alarms through Ray's launcher (see deploy/cloudwatch/README.md before relying on it)")
-    p.add_argument("--idle-minutes", type=float, default=15.0,
-                   help="--local: the dead-man's switch's idle limit (on AWS: cluster.yaml's head_start_ray_commands)")
+    p.add_argument(
+        "--cloudwatch",
+        action="store_true",
+        help="add deploy/cloudwatch/provider.yaml: the dashboard "
+        "and alarms through Ray's launcher (see deploy/cloudwatch/README.md before relying on it)",
+    )
+    p.add_argument(
+        "--idle-minutes",
+        type=float,
+        default=15.0,
+        help="--local: the dead-man's switch's idle limit (on AWS: cluster.yaml's head_start_ray_commands)",
+    )
     p.add_argument("--max-hours", type=float, default=12.0, help="--local: the head's maximum lifetime (likewise)")
-    p.add_argument("--head-cpus", type=int, default=0,
-                   help="--local: CPUs the head offers to fetch and write tasks (cluster.yaml's head: 0)")
+    p.add_argument(
+        "--head-cpus",
+        type=int,
+        default=0,
+        help="--local: CPUs the head offers to fetch and write tasks (cluster.yaml's head: 0)",
+    )
     p.add_argument("batch_args", nargs=argparse.REMAINDER, help="-- then the batch job's options")
     p.set_defaults(func=cmd_cluster_run)
     p = cluster.add_parser("down", help="remove every node of the cluster (ray down)")

@@ -30,10 +30,17 @@ def _get():
         from ray.util.metrics import Counter, Histogram
 
         _metrics = (
-            Counter(SCANS, description="Scans written by the batch job, by status and error code",
-                    tag_keys=("job_id", "status", "error_code")),
-            Histogram(STAGE_SECONDS, description="Seconds per stage of each scan of the batch job",
-                      boundaries=BOUNDARIES, tag_keys=("job_id", "stage")),
+            Counter(
+                SCANS,
+                description="Scans written by the batch job, by status and error code",
+                tag_keys=("job_id", "status", "error_code"),
+            ),
+            Histogram(
+                STAGE_SECONDS,
+                description="Seconds per stage of each scan of the batch job",
+                boundaries=BOUNDARIES,
+                tag_keys=("job_id", "stage"),
+            ),
         )
     return _metrics
 
@@ -43,8 +50,14 @@ def record_scan(row: dict) -> None:
     ``*_s``)."""
     scans, seconds = _get()
     job = str(row.get("job_id") or "")
-    scans.inc(1, tags={"job_id": job, "status": str(row.get("status") or "unknown"),
-                       "error_code": str(row.get("error_code") or "")})
+    scans.inc(
+        1,
+        tags={
+            "job_id": job,
+            "status": str(row.get("status") or "unknown"),
+            "error_code": str(row.get("error_code") or ""),
+        },
+    )
     for stage in STAGES:
         value = row.get(stage)
         if value is not None:

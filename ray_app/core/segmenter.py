@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from ray_app import totalseg
-from ray_app.errors import RayAppError
+from ray_app.core import totalseg
+from ray_app.core.errors import RayAppError
 from ray_app.settings import Settings, get_settings
 
 
@@ -50,8 +50,10 @@ def body_box(data: np.ndarray) -> tuple[slice, ...]:
     inside = np.nonzero(data > BODY_HU)
     if not inside[0].size:
         return tuple(slice(0, n) for n in data.shape)
-    return tuple(slice(max(0, int(i.min()) - BODY_MARGIN), min(n, int(i.max()) + 1 + BODY_MARGIN))
-                 for i, n in zip(inside, data.shape))
+    return tuple(
+        slice(max(0, int(i.min()) - BODY_MARGIN), min(n, int(i.max()) + 1 + BODY_MARGIN))
+        for i, n in zip(inside, data.shape)
+    )
 
 
 def resample_labels(seg: np.ndarray, target_shape) -> np.ndarray:
@@ -130,8 +132,9 @@ class Segmenter:
             verbose_preprocessing=False,
             allow_tqdm=False,
         )
-        predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=stage.folds,
-                                                       checkpoint_name="checkpoint_final.pth")
+        predictor.initialize_from_trained_model_folder(
+            str(model_dir), use_folds=stage.folds, checkpoint_name="checkpoint_final.pth"
+        )
         self.checkpoint_loads += 1
         return predictor
 
@@ -141,8 +144,14 @@ class Segmenter:
         datasets = []
         for stage in self.spec.all_stages:
             ckpt = self._model_dirs[stage.task_id] / f"fold_{stage.folds[0]}" / "checkpoint_final.pth"
-            datasets.append({"task_id": stage.task_id, "folder": stage.folder_name, "trainer": stage.trainer,
-                             "sha256": totalseg.checkpoint_sha256(ckpt)})
+            datasets.append(
+                {
+                    "task_id": stage.task_id,
+                    "folder": stage.folder_name,
+                    "trainer": stage.trainer,
+                    "sha256": totalseg.checkpoint_sha256(ckpt),
+                }
+            )
         import hashlib
 
         combined = hashlib.sha256("".join(d["sha256"] for d in datasets).encode()).hexdigest()
@@ -174,10 +183,16 @@ class Segmenter:
                 inv = {v: k for k, v in spec.label_map.items()}
                 crop_mask = np.isin(rough, [inv[r] for r in spec.roi_subset]).astype(np.uint8)
                 if crop_mask.sum() == 0:
-                    return SegmentationResult(self._as_mask_image(np.zeros(img_orig.shape, np.uint8), img_orig), timings)
+                    return SegmentationResult(
+                        self._as_mask_image(np.zeros(img_orig.shape, np.uint8), img_orig), timings
+                    )
                 img_in = nib.Nifti1Image(img_orig.get_fdata(caching="unchanged"), img_orig.affine)
-                img_in, crop_bbox = crop_to_mask(img_in, nib.Nifti1Image(crop_mask, img_orig.affine),
-                                                 addon=list(totalseg.ROI_CROP_ADDON), dtype=np.int32)
+                img_in, crop_bbox = crop_to_mask(
+                    img_in,
+                    nib.Nifti1Image(crop_mask, img_orig.affine),
+                    addon=list(totalseg.ROI_CROP_ADDON),
+                    dtype=np.int32,
+                )
                 seg = np.zeros(img_orig.shape, dtype=np.uint8)  # label ids: no float64 volume needed
                 (x0, x1), (y0, y1), (z0, z1) = crop_bbox
                 seg[x0:x1, y0:y1, z0:z1] = self._predict(img_in, spec.stages, timings, "", copy_input=False)
@@ -234,8 +249,11 @@ class Segmenter:
         # TotalSegmentator splits images above 512*512*900 voxels (and > 200 slices) with a 20-slice margin.
         if np.prod(shape) > 512 * 512 * 900 and shape[2] > 200:
             third, margin = shape[2] // 3, 20
-            parts = [data[:, :, :third + margin], data[:, :, third + 1 - margin:third * 2 + margin],
-                     data[:, :, third * 2 + 1 - margin:]]
+            parts = [
+                data[:, :, : third + margin],
+                data[:, :, third + 1 - margin : third * 2 + margin],
+                data[:, :, third * 2 + 1 - margin :],
+            ]
         else:
             parts = [data]
         merged = []
@@ -254,8 +272,8 @@ class Segmenter:
         third, margin = shape[2] // 3, 20
         out = np.zeros(shape, dtype=np.uint8)
         out[:, :, :third] = merged[0][:, :, :-margin]
-        out[:, :, third:third * 2] = merged[1][:, :, margin - 1:-margin]
-        out[:, :, third * 2:] = merged[2][:, :, margin - 1:]
+        out[:, :, third : third * 2] = merged[1][:, :, margin - 1 : -margin]
+        out[:, :, third * 2 :] = merged[2][:, :, margin - 1 :]
         return out
 
     def _run_network(self, task_id: int, data: np.ndarray, img_in_rsp: nib.Nifti1Image) -> np.ndarray:
@@ -270,8 +288,9 @@ class Segmenter:
         spacing = [float(s) for s in img_in_rsp.header.get_zooms()[:3]][::-1]
         box = body_box(data) if self.crop_to_body else tuple(slice(0, n) for n in data.shape)
         arr = np.ascontiguousarray(data[box].transpose(2, 1, 0)[None], dtype=np.float32)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"
-                                  and self.device.type == "cpu")
+        autocast = torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16" and self.device.type == "cpu"
+        )
         with autocast:
             seg = predictor.predict_single_npy_array(arr, {"spacing": spacing}, None, None, False)
         seg = np.asarray(seg, dtype=np.uint8).transpose(2, 1, 0)

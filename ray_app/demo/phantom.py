@@ -101,7 +101,7 @@ class PhantomParams:
     hu_offset: dict  # per-tissue contrast variation
 
     @classmethod
-    def from_seed(cls, seed: int) -> "PhantomParams":
+    def from_seed(cls, seed: int) -> PhantomParams:
         rng = np.random.default_rng([seed, 0])
         organs = ("lungs", "liver", "spleen", "kidneys", "urinary_bladder", "heart", "aorta", "iliopsoas")
         return cls(
@@ -225,14 +225,17 @@ def make_phantom(
     def block(lo, hi) -> tuple[slice, slice, slice]:
         """Voxel slices that hold the template-space box [lo, hi]: structures are drawn only there (speed)."""
         corners = np.array(list(itertools.product(*zip(lo, hi))), dtype=float)
-        world_corners = np.stack(
-            [
-                p.scale * (cos * corners[:, 0] - sin * corners[:, 1]),
-                p.scale * (sin * corners[:, 0] + cos * corners[:, 1]),
-                p.scale * corners[:, 2],
-            ],
-            axis=1,
-        ) + p.shift_mm
+        world_corners = (
+            np.stack(
+                [
+                    p.scale * (cos * corners[:, 0] - sin * corners[:, 1]),
+                    p.scale * (sin * corners[:, 0] + cos * corners[:, 1]),
+                    p.scale * corners[:, 2],
+                ],
+                axis=1,
+            )
+            + p.shift_mm
+        )
         ijk = nib.affines.apply_affine(inv_affine, world_corners)
         start = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 1, 0, shape)
         stop = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, 0, shape)
@@ -241,7 +244,7 @@ def make_phantom(
     def put(hu_name, label, mask_fn, box=None):
         """Draw ``mask_fn(x, y, z)`` (template mm) with a tissue's HU and, if given, a label; later wins."""
         b = block(*box) if box is not None else (slice(None),) * 3
-        mask = mask_fn(x[b], y[b], z[b])
+        mask = mask_fn(x[b], y[b], z[b])  # noqa: F821 (the coordinates are freed only after the last put)
         hu[b][mask] = tissue(hu_name)
         if label is not None:
             labels[b][mask] = ids[label]
@@ -268,8 +271,12 @@ def make_phantom(
     k = p.organ_scale
     for side, name in SIDES:
         c, r = np.array([side * 78.0, -5.0, 140.0]), np.array([58.0, 72.0, 95.0]) * k["lungs"]
-        put("lung_upper", f"lung_upper_lobe_{name}", lambda x, y, z: _lung(x, y, z, side, k["lungs"])[0], (c - r, c + r))
-        put("lung_lower", f"lung_lower_lobe_{name}", lambda x, y, z: _lung(x, y, z, side, k["lungs"])[1], (c - r, c + r))
+        put(
+            "lung_upper", f"lung_upper_lobe_{name}", lambda x, y, z: _lung(x, y, z, side, k["lungs"])[0], (c - r, c + r)
+        )
+        put(
+            "lung_lower", f"lung_lower_lobe_{name}", lambda x, y, z: _lung(x, y, z, side, k["lungs"])[1], (c - r, c + r)
+        )
     put("liver", "liver", *ellipsoid((RIGHT * 62, 5, 40), np.array([82, 72, 62]) * k["liver"]))
     put("spleen", "spleen", *ellipsoid((LEFT * 88, -30, 50), np.array([32, 26, 48]) * k["spleen"]))
     kid = np.array([26, 24, 48]) * k["kidneys"]
@@ -279,9 +286,19 @@ def make_phantom(
     pr = k["iliopsoas"]
     for side, name in SIDES:
         cx, cy, rr, z0, z1 = (side * 36.0, side * 68.0), (-40.0, -18.0), (11.0 * pr, 24.0 * pr), -185.0, 30.0
-        put("iliopsoas", f"iliopsoas_{name}", lambda x, y, z: _tube_z(x, y, z, cx, cy, rr, z0, z1), _tube_box(cx, cy, rr, z0, z1))
+        put(
+            "iliopsoas",
+            f"iliopsoas_{name}",
+            lambda x, y, z: _tube_z(x, y, z, cx, cy, rr, z0, z1),
+            _tube_box(cx, cy, rr, z0, z1),
+        )
         cx, cy, rr, z0, z1 = (side * 30.0,) * 2, (-86.0, -86.0), (18.0, 18.0), -125.0, 135.0
-        put("autochthon", f"autochthon_{name}", lambda x, y, z: _tube_z(x, y, z, cx, cy, rr, z0, z1), _tube_box(cx, cy, rr, z0, z1))
+        put(
+            "autochthon",
+            f"autochthon_{name}",
+            lambda x, y, z: _tube_z(x, y, z, cx, cy, rr, z0, z1),
+            _tube_box(cx, cy, rr, z0, z1),
+        )
     put("heart", "heart", *ellipsoid((LEFT * 18, 22, 125), np.array([58, 48, 48]) * k["heart"]))
     cx, cy, rr, z0, z1 = (LEFT * 14.0, LEFT * 14.0), (-20.0, -22.0), (12.0 * k["aorta"],) * 2, -80.0, 400.0
     put("aorta", "aorta", lambda x, y, z: _tube_z(x, y, z, cx, cy, rr, z0, z1), _tube_box(cx, cy, rr, z0, z1))
@@ -298,7 +315,10 @@ def make_phantom(
     for side, name in SIDES:
         for number, level, length in ((11, "T11", 1.55), (12, "T12", 1.15)):
             z_root = VERTEBRA_Z_MM[level] + 4.0
-            box = ((min(0.0, side * BODY_A_MM), -BODY_B_MM, z_root - 45.0), (max(0.0, side * BODY_A_MM), BODY_B_MM, z_root + 10.0))
+            box = (
+                (min(0.0, side * BODY_A_MM), -BODY_B_MM, z_root - 45.0),
+                (max(0.0, side * BODY_A_MM), BODY_B_MM, z_root + 10.0),
+            )
             put("rib", f"rib_{name}_{number}", lambda x, y, z: _rib(x, y, z, side, z_root, length), box)
     del x, y, z
 

@@ -1,9 +1,9 @@
-"""Reading and validating CT scans: NIfTI (plain or gzip), DICOM series (folder, file list or zip), from a path,
-from bytes or from ``s3://``.
+"""Reading and validating CT scans: NIfTI (plain or gzip), DICOM series (folder, file list or zip), from a path
+or from bytes (``s3://`` objects: :mod:`ray_app.storage.scans`).
 
 Every check that can be made from headers (size, dimensions, dtype, spacing, affine, slice layout) runs before
 pixel data are decoded or allocated, so a hostile or broken input costs almost nothing. Each problem raises its
-own :class:`~ray_app.errors.ScanError` subclass whose message names the scan id and the problem, never a file
+own :class:`~ray_app.core.errors.ScanError` subclass whose message names the scan id and the problem, never a file
 name or a patient identifier.
 
 DICOM geometry comes from highdicom (slice sorting, spacing regularity, affine) and pixels from pydicom
@@ -25,12 +25,12 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Union
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from ray_app.errors import (
+from ray_app.core.errors import (
     DecompressionBomb,
     DuplicateSlices,
     EmptyScan,
@@ -53,7 +53,7 @@ from ray_app.errors import (
 )
 from ray_app.settings import Settings, get_settings
 
-Source = Union[str, os.PathLike, bytes, nib.Nifti1Image, Sequence[Union[str, os.PathLike, bytes]]]
+Source = str | os.PathLike | bytes | nib.Nifti1Image | Sequence[str | os.PathLike | bytes]
 
 #: A zip whose declared content is this many times its compressed size (and above ZIP_RATIO_MIN_BYTES) is a bomb.
 ZIP_MAX_RATIO = 100
@@ -112,8 +112,8 @@ class Scan:
 
 
 def load_scan(source: Source, scan_id: str, settings: Settings | None = None, *, kind: str | None = None) -> Scan:
-    """Read and validate a scan from a local path, an ``s3://`` URI (a key, or a prefix ending in ``/`` for a
-    DICOM series), bytes, a list of DICOM files (paths or bytes) or an in-memory NIfTI image."""
+    """Read and validate a scan from a local path (a file, or a folder of DICOM files), bytes, a list of DICOM
+    files (paths or bytes) or an in-memory NIfTI image. Object-store URIs: :func:`ray_app.storage.scans.load_scan`."""
     settings = settings or get_settings()
     if isinstance(source, nib.Nifti1Image):
         return scan_from_image(source, scan_id, settings)
@@ -122,7 +122,7 @@ def load_scan(source: Source, scan_id: str, settings: Settings | None = None, *,
     if isinstance(source, (str, os.PathLike)):
         uri = os.fspath(source)
         if uri.startswith("s3://"):
-            return _load_s3(uri, scan_id, settings, kind)
+            raise TypeError("s3:// sources are read by ray_app.storage.scans.load_scan (ray_app.load_scan)")
         return _load_path(Path(uri), scan_id, settings, kind)
     if isinstance(source, Sequence):
         blobs = [_read_blob(s, scan_id, settings) for s in source]
@@ -263,26 +263,6 @@ def load_dicom_series(
 # ----------------------------------------------------------------------------------------------- sources
 
 
-def _load_s3(uri: str, scan_id: str, settings: Settings, kind: str | None) -> Scan:
-    """Thin dispatch to ``ray_app.storage``: one object is a file, a prefix ending in ``/`` a DICOM series."""
-    from ray_app import storage
-
-    if uri.endswith("/"):
-        budget = settings.max_input_bytes
-        blobs = []
-        for member in storage.list_uris(uri):
-            if member.endswith("/"):  # a console-made "folder" marker, not a file
-                continue
-            blob = storage.read_bytes(member, max_bytes=budget)
-            budget -= len(blob)
-            blobs.append(blob)
-        if not blobs:
-            raise ScanNotFound("no objects under the given prefix", scan_id=scan_id)
-        return load_dicom_series(blobs, scan_id, settings, source_uri=uri)
-    data = storage.read_bytes(uri, max_bytes=settings.max_input_bytes)
-    return load_bytes(data, scan_id, kind=kind, settings=settings, source_uri=uri)
-
-
 def _load_path(path: Path, scan_id: str, settings: Settings, kind: str | None) -> Scan:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -349,9 +329,7 @@ def _nifti_from_bytes(data: bytes, gzipped: bool, scan_id: str, settings: Settin
     if not gzipped:
         hdr, klass, need = _parse_nifti_header(data[:540], scan_id, settings)
         if len(data) < need:
-            raise TruncatedScan(
-                f"the file has {len(data)} bytes but its header declares {need}", scan_id=scan_id
-            )
+            raise TruncatedScan(f"the file has {len(data)} bytes but its header declares {need}", scan_id=scan_id)
         return klass.from_bytes(data[:need])
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as gz:
@@ -491,9 +469,7 @@ def _hu_problem(data: np.ndarray, lo: float, hi: float) -> str | None:
     step = max(1, math.ceil((data.size / _HU_SAMPLE) ** (1 / 3)))
     p_hi = float(np.percentile(data[::step, ::step, ::step], 99.5))  # a strided view: no full-size copy
     if p_hi > 4000 or hi > 50000 or lo < -50000:
-        return (
-            f"intensities range {lo:g} to {hi:g} (99.5th percentile {p_hi:g}): far outside the Hounsfield scale"
-        )
+        return f"intensities range {lo:g} to {hi:g} (99.5th percentile {p_hi:g}): far outside the Hounsfield scale"
     return None
 
 
@@ -518,9 +494,7 @@ def _unzip(data: bytes, scan_id: str, settings: Settings) -> list[bytes]:
             raise DecompressionBomb(f"the archive has {len(infos)} members", scan_id=scan_id)
         for info in infos:
             if _unsafe_member(info.filename):
-                raise UnsafeArchivePath(
-                    "the archive has a member with an absolute or '..' path", scan_id=scan_id
-                )
+                raise UnsafeArchivePath("the archive has a member with an absolute or '..' path", scan_id=scan_id)
         files = [i for i in infos if not i.is_dir()]
         declared = sum(i.file_size for i in files)
         compressed = sum(i.compress_size for i in files)

@@ -10,17 +10,18 @@ times (one slab-wise pass of ``np.bincount`` and one ``find_objects``), never on
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Mapping
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ray_app.errors import RayAppError
-from ray_app.scan import Scan
+from ray_app.core.errors import RayAppError
+from ray_app.core.scan import Scan
 from ray_app.settings import Settings, get_settings
 
 SCHEMA_VERSION = "1.0"
@@ -126,8 +127,8 @@ def validate_passport(doc: Mapping[str, Any]) -> None:
 
 
 def passport_schema() -> dict:
-    """The JSON Schema (draft 2020-12) shipped in ``ray_app/schemas/passport.schema.json``."""
-    return json.loads(resources.files("ray_app").joinpath("schemas/passport.schema.json").read_text())
+    """The JSON Schema (draft 2020-12) shipped in ``ray_app/core/passport.schema.json``."""
+    return json.loads(resources.files("ray_app.core").joinpath("passport.schema.json").read_text())
 
 
 @lru_cache(maxsize=1)
@@ -219,8 +220,10 @@ def _geometry(box: tuple[slice, ...], centroid_vox: np.ndarray, shape: tuple[int
     start = np.array([s.start for s in box])
     stop = np.array([s.stop for s in box])
     incomplete = bool(np.any(start < BORDER_VOXELS) or np.any(stop > np.array(shape) - BORDER_VOXELS))
-    corners = np.array([[i, j, k] for i in (start[0], stop[0] - 1) for j in (start[1], stop[1] - 1)
-                        for k in (start[2], stop[2] - 1)], dtype=float)
+    corners = np.array(
+        [[i, j, k] for i in (start[0], stop[0] - 1) for j in (start[1], stop[1] - 1) for k in (start[2], stop[2] - 1)],
+        dtype=float,
+    )
     world = nib.affines.apply_affine(affine, corners)
     return {
         "incomplete": incomplete,

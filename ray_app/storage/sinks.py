@@ -1,6 +1,6 @@
 """Where results go: per-scan artifact files, the passport index (DynamoDB or SQLite) and the job summary.
 
-Artifacts live at ``{output_prefix}/{scan_id}/{model_key}/{name}`` (see :mod:`ray_app.keys`), locally or on
+Artifacts live at ``{output_prefix}/{scan_id}/{model_key}/{name}`` (see :mod:`ray_app.storage.keys`), locally or on
 S3 with server-side encryption. Passports are indexed by ``(scan_id, model_key)``; a write is conditional
 on ``created_at`` so a late retry of an old run can never replace a newer result.
 """
@@ -13,11 +13,12 @@ import json
 import re
 import sqlite3
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from decimal import Decimal, DecimalException
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,8 +26,8 @@ from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from ray_app import storage
-from ray_app.errors import RayAppError
-from ray_app.keys import result_uri, scan_file_uri, validate_id
+from ray_app.core.errors import RayAppError
+from ray_app.storage.keys import result_uri, scan_file_uri, validate_id
 
 CONTENT_TYPES = {
     ".nii.gz": "application/gzip",
@@ -257,8 +258,11 @@ def dynamodb_item(passport: dict, job_id: str, passport_uri: str | None = None) 
         if model is not None:
             item["model"] = model
         structures = passport.get("structures") if isinstance(passport.get("structures"), dict) else {}
-        volumes = {name: s.get("volume_ml") for name, s in structures.items()
-                   if isinstance(s, dict) and s.get("present") and isinstance(s.get("volume_ml"), (int, float))}
+        volumes = {
+            name: s.get("volume_ml")
+            for name, s in structures.items()
+            if isinstance(s, dict) and s.get("present") and isinstance(s.get("volume_ml"), (int, float))
+        }
         native = _json_to_dynamo(volumes)
         if native is not None:
             item["volume_ml"] = native
@@ -345,12 +349,17 @@ class DynamoDBPassportStore(PassportStore):
             raise
         except (OSError, ValueError) as exc:
             raise storage.StorageError(f"passport {uri} named by the store could not be read: {exc}") from exc
-        same = (isinstance(doc, dict) and doc.get("scan_id") == item["scan_id"]["S"]
-                and (doc.get("model") or {}).get("key") == item["model_key"]["S"]
-                and doc.get("created_at") == item["created_at"]["S"])
+        same = (
+            isinstance(doc, dict)
+            and doc.get("scan_id") == item["scan_id"]["S"]
+            and (doc.get("model") or {}).get("key") == item["model_key"]["S"]
+            and doc.get("created_at") == item["created_at"]["S"]
+        )
         if not same:
-            raise storage.StorageError(f"passport {uri} is not the one the store recorded (scan, model or created_at "
-                                       "differ): another run overwrote it")
+            raise storage.StorageError(
+                f"passport {uri} is not the one the store recorded (scan, model or created_at "
+                "differ): another run overwrote it"
+            )
         return doc
 
     def _query(self, **kwargs) -> Iterator[dict]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ray_app.phantom import make_phantom
+from ray_app.demo.phantom import make_phantom
 
 #: The demo's deliberately corrupt input and the failure it must end in.
 CORRUPT_ID = "truncated"

@@ -19,13 +19,20 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
-from ray_app import pipeline, storage
-from ray_app.errors import PreflightError, RayAppError, WorkerLost
-from ray_app.keys import job_file_uri
-from ray_app.manifest import read_manifest
+from ray_app import storage
+from ray_app.core import pipeline
+from ray_app.core.errors import PreflightError, RayAppError, WorkerLost
+from ray_app.core.totalseg import TaskSpec, missing_weights, task_spec
 from ray_app.settings import Settings, get_settings
-from ray_app.sinks import ArtifactSink, PassportStore, open_passport_store, write_summary
-from ray_app.totalseg import TaskSpec, missing_weights, task_spec
+from ray_app.storage import results
+from ray_app.storage.keys import job_file_uri
+from ray_app.storage.manifest import read_manifest
+from ray_app.storage.sinks import (
+    ArtifactSink,
+    PassportStore,
+    open_passport_store,
+    write_summary,
+)
 
 #: The key a preflight reads from the passport store: it proves the store exists and answers, and is never written.
 PREFLIGHT_SCAN_ID = "_preflight"
@@ -36,8 +43,9 @@ class BatchConfig:
     manifest: str
     output: str
     passports: str | None = None
-    job_id: str = field(default_factory=lambda: time.strftime("job-%Y%m%dT%H%M%SZ-", time.gmtime())
-                        + uuid.uuid4().hex[:6])
+    job_id: str = field(
+        default_factory=lambda: time.strftime("job-%Y%m%dT%H%M%SZ-", time.gmtime()) + uuid.uuid4().hex[:6]
+    )
     fast: bool = True
     device: str = "cpu"
     roi_subset: tuple[str, ...] | None = None
@@ -66,11 +74,15 @@ class BatchConfig:
         if self.gpus_per_actor is None:
             self.gpus_per_actor = 1.0 if self.device == "cuda" else 0.0
         if self.device == "cuda" and self.gpus_per_actor <= 0:
-            raise ValueError("--device cuda needs a GPU per actor: leave --gpus-per-actor out (default 1 with cuda) "
-                             "or give a share such as 0.5")
+            raise ValueError(
+                "--device cuda needs a GPU per actor: leave --gpus-per-actor out (default 1 with cuda) "
+                "or give a share such as 0.5"
+            )
         if self.device != "cuda" and self.gpus_per_actor > 0:
-            raise ValueError(f"--gpus-per-actor {self.gpus_per_actor:g} reserves GPUs that --device "
-                             f"{self.device} actors never use: add --device cuda (or RAY_APP_DEVICE=cuda)")
+            raise ValueError(
+                f"--gpus-per-actor {self.gpus_per_actor:g} reserves GPUs that --device "
+                f"{self.device} actors never use: add --device cuda (or RAY_APP_DEVICE=cuda)"
+            )
 
     @property
     def passport_store_uri(self) -> str:
@@ -132,8 +144,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
-def preflight(cfg: BatchConfig, store: PassportStore, spec: TaskSpec, settings: Settings, *,
-              weights: bool = True) -> None:
+def preflight(
+    cfg: BatchConfig, store: PassportStore, spec: TaskSpec, settings: Settings, *, weights: bool = True
+) -> None:
     """Prove the job's destinations before any scan runs: the store answers, the output takes a write (the job's
     record, ``_jobs/<job>/job.json``, with the credentials the job writes with), and (``weights``) the weights are
     where the segmenter looks when it may not download them. A mistake costs seconds, not a job of failures."""
@@ -141,24 +154,36 @@ def preflight(cfg: BatchConfig, store: PassportStore, spec: TaskSpec, settings: 
     try:
         store.status(PREFLIGHT_SCAN_ID, spec.key)
     except storage.StorageError as exc:
-        raise PreflightError(f"passport store {cfg.passport_store_uri} is not usable: {exc.message} (AWS region "
-                             f"{region}, from {source})") from exc
-    record = {"job_id": cfg.job_id, "started_at": datetime.now(timezone.utc).isoformat(), "manifest": cfg.manifest,
-              "model_key": spec.key, "device": cfg.device, "limit": cfg.limit, "region": region}
+        raise PreflightError(
+            f"passport store {cfg.passport_store_uri} is not usable: {exc.message} (AWS region {region}, from {source})"
+        ) from exc
+    record = {
+        "job_id": cfg.job_id,
+        "started_at": datetime.now(timezone.utc).isoformat(),
+        "manifest": cfg.manifest,
+        "model_key": spec.key,
+        "device": cfg.device,
+        "limit": cfg.limit,
+        "region": region,
+    }
     try:
         storage.write_bytes(cfg.job_uri("job.json"), json.dumps(record, indent=1).encode(), "application/json")
     except storage.StorageError as exc:
-        raise PreflightError(f"cannot write under {cfg.output}: {exc.message}. On AWS the nodes' role may write "
-                             "only under the prefix jobs/setup_aws.py --output was given") from exc
+        raise PreflightError(
+            f"cannot write under {cfg.output}: {exc.message}. On AWS the nodes' role may write "
+            "only under the prefix jobs/setup_aws.py --output was given"
+        ) from exc
     missing = [] if settings.download_weights or not weights else missing_weights(spec)
     if missing:
-        raise PreflightError(f"model weights {', '.join(missing)} are not in TotalSegmentator's weights folder and "
-                             "downloads are off (RAY_APP_DOWNLOAD_WEIGHTS=false)")
+        raise PreflightError(
+            f"model weights {', '.join(missing)} are not in TotalSegmentator's weights folder and "
+            "downloads are off (RAY_APP_DOWNLOAD_WEIGHTS=false)"
+        )
 
 
 def _fetch(row: dict[str, Any]) -> dict[str, Any]:
     """Download, decode and validate one scan (CPU task)."""
-    from ray_app.scan import load_scan
+    from ray_app.storage.scans import load_scan
 
     t = time.perf_counter()
     try:
@@ -167,8 +192,14 @@ def _fetch(row: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - recorded as the scan's failure
         code, message = pipeline.error_fields(exc)
         blob = b""
-    return {"scan_id": row["scan_id"], "uri": row["uri"], "scan": blob, "error_code": code,
-            "error_message": message, "read_s": time.perf_counter() - t}
+    return {
+        "scan_id": row["scan_id"],
+        "uri": row["uri"],
+        "scan": blob,
+        "error_code": code,
+        "error_message": message,
+        "read_s": time.perf_counter() - t,
+    }
 
 
 class _Starts:
@@ -186,8 +217,11 @@ class _Starts:
 
 
 def _worker_lost(scan_id: str, deaths: int) -> WorkerLost:
-    return WorkerLost(f"the worker segmenting this scan died {deaths} time{'s' if deaths != 1 else ''} (node loss, "
-                      "out of memory or a crash); not tried again", scan_id=scan_id)
+    return WorkerLost(
+        f"the worker segmenting this scan died {deaths} time{'s' if deaths != 1 else ''} (node loss, "
+        "out of memory or a crash); not tried again",
+        scan_id=scan_id,
+    )
 
 
 class SegmentActor:
@@ -199,24 +233,37 @@ class SegmentActor:
     segmenting it again: a scan that kills its worker every time cannot hang the job.
     """
 
-    def __init__(self, fast: bool, device: str, roi_subset: tuple[str, ...] | None, num_threads: int,
-                 memory_limit: int | None = None, starts=None, max_task_retries: int = 3, cpus: float | None = None,
-                 gpus: float = 0.0):
-        from ray_app.segmenter import Segmenter
+    def __init__(
+        self,
+        fast: bool,
+        device: str,
+        roi_subset: tuple[str, ...] | None,
+        num_threads: int,
+        memory_limit: int | None = None,
+        starts=None,
+        max_task_retries: int = 3,
+        cpus: float | None = None,
+        gpus: float = 0.0,
+    ):
+        from ray_app.core.segmenter import Segmenter
 
         if memory_limit:
             _limit_memory(memory_limit)
         self.starts = starts
         self.max_task_retries = max_task_retries
 
-        self.segmenter = Segmenter(fast=fast, device=device, roi_subset=list(roi_subset) if roi_subset else None,
-                                   num_threads=num_threads)
+        self.segmenter = Segmenter(
+            fast=fast, device=device, roi_subset=list(roi_subset) if roi_subset else None, num_threads=num_threads
+        )
         # Recorded with every scan (summary columns actor_cpus, actor_gpus, node_cpus): the cost report turns
         # seconds into CPU- and GPU-seconds with them, so a run measured with one actor size projects onto
         # another. node_cpus: the CPUs this process may run on (the machine's, or its cgroup cpuset's), not
         # the count Ray was told, which a laptop may set higher than its cores.
-        self.usage = {"actor_cpus": float(cpus if cpus is not None else num_threads), "actor_gpus": float(gpus),
-                      "node_cpus": _machine_cpus()}
+        self.usage = {
+            "actor_cpus": float(cpus if cpus is not None else num_threads),
+            "actor_gpus": float(gpus),
+            "node_cpus": _machine_cpus(),
+        }
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"scan_id": [], "result": []}
@@ -226,11 +273,17 @@ class SegmentActor:
             if batch["error_code"][i]:
                 exc = RayAppError(str(batch["error_message"][i]), scan_id=scan_id)
                 exc.code = str(batch["error_code"][i])
-                result = pipeline.failure(scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i],
-                                          timings=timings)
+                result = pipeline.failure(
+                    scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i], timings=timings
+                )
             elif (deaths := self._deaths_before(scan_id)) > self.max_task_retries:
-                result = pipeline.failure(scan_id, _worker_lost(scan_id, deaths), self.segmenter.model_info,
-                                          source_uri=batch["uri"][i], timings=timings)
+                result = pipeline.failure(
+                    scan_id,
+                    _worker_lost(scan_id, deaths),
+                    self.segmenter.model_info,
+                    source_uri=batch["uri"][i],
+                    timings=timings,
+                )
             else:
                 try:
                     result = pipeline.segment_scan(self.segmenter, pickle.loads(batch["scan"][i]), timings=timings)
@@ -238,8 +291,9 @@ class SegmentActor:
                     blob = pickle.dumps(result, protocol=5)
                 except Exception as exc:  # noqa: BLE001 - e.g. MemoryError unpickling a huge scan: its failure only
                     result = blob = None  # let a partial result go before the failure record is made
-                    result = pipeline.failure(scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i],
-                                              timings=timings)
+                    result = pipeline.failure(
+                        scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i], timings=timings
+                    )
             result.usage.update(self.usage)
             out["scan_id"].append(scan_id)
             out["result"].append(blob or pickle.dumps(result, protocol=5))
@@ -281,30 +335,43 @@ def _store(uri: str):
     return open_passport_store(uri)
 
 
-def _make_writer(output: str, store_uri: str, job_id: str, preview: bool, label_map: dict[int, str],
-                 per_structure: bool = False):
+def _make_writer(
+    output: str, store_uri: str, job_id: str, preview: bool, label_map: dict[int, str], per_structure: bool = False
+):
     def _write(row: dict[str, Any]) -> dict[str, Any]:
         """Write one scan's files and passport (CPU task); returns its summary row."""
         result: pipeline.ScanResult = pickle.loads(row["result"])
         start = time.perf_counter()
         try:
-            pipeline.write_result(result, ArtifactSink(output), _store(store_uri), job_id,
-                                  label_map=label_map, preview=preview, per_structure=per_structure)
+            results.write_result(
+                result,
+                ArtifactSink(output),
+                _store(store_uri),
+                job_id,
+                label_map=label_map,
+                preview=preview,
+                per_structure=per_structure,
+            )
         except Exception as exc:  # noqa: BLE001 - a write failure is this scan's failure
-            failed = pipeline.failure(result.scan_id, exc, result.passport["model"],
-                                      source_uri=(result.passport.get("scan") or {}).get("source_uri"),
-                                      timings=result.passport.get("timings"))
+            failed = pipeline.failure(
+                result.scan_id,
+                exc,
+                result.passport["model"],
+                source_uri=(result.passport.get("scan") or {}).get("source_uri"),
+                timings=result.passport.get("timings"),
+            )
             try:
                 _store(store_uri).put(failed.passport, job_id)
             except Exception:  # noqa: BLE001 - the summary row still records it
                 pass
             result = failed
         timings = result.passport.setdefault("timings", {})
-        timings["total_s"] = sum(v for k, v in timings.items() if k in ("read_s", "segment_s", "passport_s")) \
-            + (time.perf_counter() - start)
-        row = pipeline.summary_row(result.passport, job_id, result.locations, result.usage)
+        timings["total_s"] = sum(v for k, v in timings.items() if k in ("read_s", "segment_s", "passport_s")) + (
+            time.perf_counter() - start
+        )
+        row = results.summary_row(result.passport, job_id, result.locations, result.usage)
         try:
-            from ray_app.metrics import record_scan
+            from ray_app.adapters.metrics import record_scan
 
             record_scan(row)  # Ray's metrics endpoint: scans by status and code, seconds per stage
         except Exception:  # noqa: BLE001 - metrics never fail a scan
@@ -329,7 +396,7 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
 
     rows: list[dict[str, Any]] = [_rejected_row(p, cfg.job_id, spec.key) for p in manifest.problems]
     todo, skipped, earlier_failures = [], [], {}
-    for row in manifest.rows[:cfg.limit]:
+    for row in manifest.rows[: cfg.limit]:
         status = None if cfg.force else _already_recorded(store, row["scan_id"], spec.key, cfg.retry_failed)
         if status is None:
             todo.append({"scan_id": row["scan_id"], "uri": row["uri"]})
@@ -342,9 +409,14 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     if todo:
         init_ray()
         threads = max(1, int(cfg.cpus_per_actor))
-        starts = ray.remote(_Starts).options(
-            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                           soft=False)).remote()
+        starts = (
+            ray.remote(_Starts)
+            .options(
+                num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+            )
+            .remote()
+        )
         context = ray.data.DataContext.get_current()
         saved_max_errored_blocks = context.max_errored_blocks
         # A block is one scan. Every stage turns a scan's own failure into a record, so a block errors only when
@@ -359,10 +431,17 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
         ds = ds.map(_fetch, num_cpus=0.5)
         ds = ds.map_batches(
             SegmentActor,
-            fn_constructor_kwargs={"fast": cfg.fast, "device": cfg.device, "roi_subset": cfg.roi_subset,
-                                   "num_threads": threads, "memory_limit": cfg.memory_per_actor, "starts": starts,
-                                   "max_task_retries": cfg.max_task_retries, "cpus": cfg.cpus_per_actor,
-                                   "gpus": cfg.gpus_per_actor},
+            fn_constructor_kwargs={
+                "fast": cfg.fast,
+                "device": cfg.device,
+                "roi_subset": cfg.roi_subset,
+                "num_threads": threads,
+                "memory_limit": cfg.memory_per_actor,
+                "starts": starts,
+                "max_task_retries": cfg.max_task_retries,
+                "cpus": cfg.cpus_per_actor,
+                "gpus": cfg.gpus_per_actor,
+            },
             batch_size=1,
             compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
             num_cpus=cfg.cpus_per_actor,
@@ -376,8 +455,10 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
             # named parameter) failed 5 of 6 scans as lost after one node kill in tests/test_reliability.py.
             **({"memory": cfg.memory_per_actor} if cfg.memory_per_actor else {}),
         )
-        ds = ds.map(_make_writer(cfg.output, store_uri, cfg.job_id, cfg.preview, spec.output_labels,
-                                 cfg.per_structure), num_cpus=0.5)
+        ds = ds.map(
+            _make_writer(cfg.output, store_uri, cfg.job_id, cfg.preview, spec.output_labels, cfg.per_structure),
+            num_cpus=0.5,
+        )
         try:
             done = list(ds.iter_rows())
         finally:
@@ -386,9 +467,20 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
         seen = {r["scan_id"] for r in done}
         rows.extend(_worker_lost_row(item, cfg, store, spec) for item in todo if item["scan_id"] not in seen)
 
-    rows.extend({"job_id": cfg.job_id, "scan_id": sid, "model_key": spec.key, "status": "skipped",
-                 **({"error_code": earlier_failures[sid], "error": "failed in an earlier run; not retried"}
-                    if sid in earlier_failures else {})} for sid in skipped)
+    rows.extend(
+        {
+            "job_id": cfg.job_id,
+            "scan_id": sid,
+            "model_key": spec.key,
+            "status": "skipped",
+            **(
+                {"error_code": earlier_failures[sid], "error": "failed in an earlier run; not retried"}
+                if sid in earlier_failures
+                else {}
+            ),
+        }
+        for sid in skipped
+    )
     summary_uri = write_summary(rows, cfg.summary_uri)
     return BatchReport(cfg.job_id, rows, skipped, summary_uri, earlier_failures)
 
@@ -396,16 +488,24 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
 def _worker_lost_row(item: dict[str, Any], cfg: BatchConfig, store, spec) -> dict[str, Any]:
     """The failure record of a scan that produced no row because Ray gave up on its block. Written like any
     failure (passport.json, then the store entry) so that a re-run skips it unless ``retry_failed``."""
-    exc = WorkerLost("no result came back for this scan: Ray gave up on it after losing its worker (node loss, "
-                     "out of memory or a crash)", scan_id=item["scan_id"])
-    model = {"key": spec.key, "task": spec.task, "mode": spec.mode, "device": cfg.device,
-             "roi_subset": list(spec.roi_subset) if spec.roi_subset else None}
+    exc = WorkerLost(
+        "no result came back for this scan: Ray gave up on it after losing its worker (node loss, "
+        "out of memory or a crash)",
+        scan_id=item["scan_id"],
+    )
+    model = {
+        "key": spec.key,
+        "task": spec.task,
+        "mode": spec.mode,
+        "device": cfg.device,
+        "roi_subset": list(spec.roi_subset) if spec.roi_subset else None,
+    }
     result = pipeline.failure(item["scan_id"], exc, model, source_uri=item["uri"])
     try:
-        pipeline.write_result(result, ArtifactSink(cfg.output), store, cfg.job_id, label_map=spec.output_labels)
+        results.write_result(result, ArtifactSink(cfg.output), store, cfg.job_id, label_map=spec.output_labels)
     except Exception:  # noqa: BLE001 - the summary row still records it
         traceback.print_exc()
-    return pipeline.summary_row(result.passport, cfg.job_id, result.locations, result.usage)
+    return results.summary_row(result.passport, cfg.job_id, result.locations, result.usage)
 
 
 def _already_recorded(store, scan_id: str, model_key: str, retry_failed: bool) -> str | None:
@@ -418,9 +518,14 @@ def _already_recorded(store, scan_id: str, model_key: str, retry_failed: bool) -
 def _rejected_row(problem, job_id: str, model_key: str) -> dict[str, Any]:
     """Manifest rows that cannot run appear in the summary only: their id may be unusable as a key, or be the
     duplicate of a row that does run."""
-    return {"job_id": job_id, "scan_id": str(problem.scan_id or f"row {problem.row}"), "model_key": model_key,
-            "status": "rejected", "error_code": problem.code, "error": f"manifest row {problem.row}: "
-            f"{problem.message}"}
+    return {
+        "job_id": job_id,
+        "scan_id": str(problem.scan_id or f"row {problem.row}"),
+        "model_key": model_key,
+        "status": "rejected",
+        "error_code": problem.code,
+        "error": f"manifest row {problem.row}: {problem.message}",
+    }
 
 
 def format_report(report: BatchReport) -> str:
@@ -435,12 +540,19 @@ def format_report(report: BatchReport) -> str:
             detail += f": {r['error']}"
         if r["status"] == "ok":
             detail = f"{r.get('structures_present')} structures, liver {_ml(r.get('liver_ml'))}"
-        lines.append(f"{r['scan_id'][:28]:<28} {r['status']:<9} {'' if seconds is None else f'{seconds:8.1f}':>8}"
-                     f"  {detail[:120]}")
-    earlier = (f", {len(report.earlier_failures)} of them failed earlier (--retry-failed redoes those)"
-               if report.earlier_failures else "")
-    lines.append(f"job {report.job_id}: {report.succeeded} ok, {report.failed} failed, "
-                 f"{len(report.skipped)} skipped (already done{earlier}); summary: {report.summary_uri}")
+        lines.append(
+            f"{r['scan_id'][:28]:<28} {r['status']:<9} {'' if seconds is None else f'{seconds:8.1f}':>8}"
+            f"  {detail[:120]}"
+        )
+    earlier = (
+        f", {len(report.earlier_failures)} of them failed earlier (--retry-failed redoes those)"
+        if report.earlier_failures
+        else ""
+    )
+    lines.append(
+        f"job {report.job_id}: {report.succeeded} ok, {report.failed} failed, "
+        f"{len(report.skipped)} skipped (already done{earlier}); summary: {report.summary_uri}"
+    )
     return "\n".join(lines)
 
 

@@ -63,7 +63,7 @@ class IntensityProperties:
     max: float = field(default=3071.0)
 
     @classmethod
-    def from_cases(cls, cases, num_samples: int = 10000) -> "IntensityProperties":
+    def from_cases(cls, cases, num_samples: int = 10000) -> IntensityProperties:
         """Pool foreground (label > 0) voxels of (ct, labels) arrays exactly as nnU-Net's fingerprint does."""
         from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
             DatasetFingerprintExtractor,
@@ -92,7 +92,9 @@ class IntensityProperties:
 
     def normalize(self, ct: np.ndarray) -> np.ndarray:
         """nnU-Net's ``CTNormalization`` (the same code path inference runs)."""
-        from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
+        from nnunetv2.preprocessing.normalization.default_normalization_schemes import (
+            CTNormalization,
+        )
 
         return CTNormalization(use_mask_for_norm=False, intensityproperties=self.as_dict()).run(
             np.array(ct, dtype=np.float32)
@@ -116,7 +118,11 @@ def model_dir(root: str | Path, task_id: int) -> Path:
 
 def dataset_classes(task_id: int) -> dict[int, str]:
     """The dataset's own label ids (part models number their classes from 1) to TotalSegmentator names."""
-    from totalsegmentator.map_to_binary import class_map, class_map_5_parts, map_taskid_to_partname_ct
+    from totalsegmentator.map_to_binary import (
+        class_map,
+        class_map_5_parts,
+        map_taskid_to_partname_ct,
+    )
 
     if task_id in (297, 298):
         return dict(class_map["total"])

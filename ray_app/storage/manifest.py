@@ -13,15 +13,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_app import storage
-from ray_app.errors import RayAppError
-from ray_app.keys import InvalidId, looks_like_formula, validate_scan_id
+from ray_app.core.errors import RayAppError
+from ray_app.storage.keys import InvalidId, looks_like_formula, validate_scan_id
 
 REQUIRED_COLUMNS = ("scan_id", "uri")
 DEFAULT_MAX_BYTES = 256 * 1024**2

@@ -14,10 +14,10 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
-from ray_app.errors import RayAppError, WeightsMissing
+from ray_app.core.errors import RayAppError, WeightsMissing
 
 PLANS = "nnUNetPlans"
 CONFIGURATION = "3d_fullres"
@@ -123,9 +123,15 @@ class TaskSpec:
         return {k: v for k, v in self.label_map.items() if v in self.roi_subset}
 
 
-def task_spec(task: str = "total", fast: bool = True, roi_subset: list[str] | tuple[str, ...] | None = None) -> TaskSpec:
+def task_spec(
+    task: str = "total", fast: bool = True, roi_subset: list[str] | tuple[str, ...] | None = None
+) -> TaskSpec:
     """Resolve a task through TotalSegmentator's own task table (``get_task_config``)."""
-    from totalsegmentator.map_to_binary import class_map, class_map_5_parts, map_taskid_to_partname_ct
+    from totalsegmentator.map_to_binary import (
+        class_map,
+        class_map_5_parts,
+        map_taskid_to_partname_ct,
+    )
     from totalsegmentator.python_api import get_task_config
 
     if task != "total":
@@ -148,7 +154,10 @@ def task_spec(task: str = "total", fast: bool = True, roi_subset: list[str] | tu
 def part_label_lut(task_id: int, label_map: dict[int, str]):
     """Lookup table from a part model's label ids to the task's ids (TotalSegmentator's merge of 291-295)."""
     import numpy as np
-    from totalsegmentator.map_to_binary import class_map_5_parts, map_taskid_to_partname_ct
+    from totalsegmentator.map_to_binary import (
+        class_map_5_parts,
+        map_taskid_to_partname_ct,
+    )
 
     part_map = class_map_5_parts[map_taskid_to_partname_ct[task_id]]
     inv = {v: k for k, v in label_map.items()}
@@ -185,13 +194,17 @@ def ensure_weights(stage: ModelStage, *, allow_download: bool = True) -> Path:
     model_dir = stage.model_dir(root)
     if (root / stage.folder_name).exists():
         if not (model_dir / f"fold_{stage.folds[0]}" / "checkpoint_final.pth").is_file():
-            raise WeightsMissing(f"{root / stage.folder_name} exists but has no {model_dir.name}/fold_{stage.folds[0]}"
-                                 "/checkpoint_final.pth; remove the incomplete folder or copy the full weights")
+            raise WeightsMissing(
+                f"{root / stage.folder_name} exists but has no {model_dir.name}/fold_{stage.folds[0]}"
+                "/checkpoint_final.pth; remove the incomplete folder or copy the full weights"
+            )
         return model_dir
-    hint = (f"TotalSegmentator weights for task {stage.task_id} ({stage.folder_name}) are not in {root}. "
-            "On a machine with internet run `totalseg_download_weights -t total_fast` (or `-t total` for normal mode) "
-            "and copy the weights folder here, or set TOTALSEG_WEIGHTS_PATH to a folder containing "
-            f"{stage.folder_name}/.")
+    hint = (
+        f"TotalSegmentator weights for task {stage.task_id} ({stage.folder_name}) are not in {root}. "
+        "On a machine with internet run `totalseg_download_weights -t total_fast` (or `-t total` for normal mode) "
+        "and copy the weights folder here, or set TOTALSEG_WEIGHTS_PATH to a folder containing "
+        f"{stage.folder_name}/."
+    )
     if not allow_download:
         raise WeightsMissing(hint + " Downloads are disabled (RAY_APP_DOWNLOAD_WEIGHTS=false).")
     from totalsegmentator.libs import download_pretrained_weights
@@ -207,7 +220,7 @@ def ensure_weights(stage: ModelStage, *, allow_download: bool = True) -> Path:
     return model_dir
 
 
-@lru_cache(maxsize=None)
+@cache
 def checkpoint_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -12,7 +12,7 @@ Limits are layered so overload and abuse cost little:
 * Each replica runs one segmentation at a time (one compute thread; Ray gives the replica ``num_cpus`` threads),
   so a second request in a replica waits there instead of halving the speed of both.
 
-Start: ``serve run ray_app.serve_app:app`` (builder args as ``key=value``), ``serve deploy serve_config.yaml``
+Start: ``serve run ray_app.adapters.serve:app`` (builder args as ``key=value``), ``serve deploy serve_config.yaml``
 or ``ray-app serve``. The token comes from ``RAY_APP_API_TOKEN`` or the file named by ``RAY_APP_API_TOKEN_FILE``
 (a mounted secret) in the replicas' environment; a replica refuses to start without one.
 """
@@ -38,9 +38,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_app import errors, outputs, pipeline, storage
-from ray_app.keys import InvalidId, validate_scan_id
+from ray_app import storage
+from ray_app.core import errors, outputs, pipeline
 from ray_app.settings import Settings, get_settings
+from ray_app.storage import results
+from ray_app.storage.keys import InvalidId, validate_scan_id
 
 logger = logging.getLogger("ray.serve")
 
@@ -97,7 +99,7 @@ class UriRequest(BaseModel):
 
 
 class Passport(BaseModel):
-    """The anatomical passport (``ray_app/schemas/passport.schema.json``); documented here, returned verbatim."""
+    """The anatomical passport (``ray_app/core/passport.schema.json``); documented here, returned verbatim."""
 
     model_config = ConfigDict(extra="allow")
     schema_version: str
@@ -140,13 +142,13 @@ ERROR_STATUSES: dict[int, str] = {
     413: "Body or scan over the configured limits (body_too_large, input_too_large).",
     415: "Unsupported Content-Type (unsupported_media_type).",
     422: "Unusable request or scan: invalid_request, invalid_id, invalid_roi_subset, object_not_found, or the scan's "
-         "own error code (truncated_file, not_ct, ...). Not worth retrying unchanged.",
+    "own error code (truncated_file, not_ct, ...). Not worth retrying unchanged.",
     500: "Unexpected error (internal_error); see the replica log.",
     501: "This deployment is not configured for it (persist_not_configured, passport_store_not_configured): a "
-         "permanent state of the deployment, not worth retrying; ask its operator.",
+    "permanent state of the deployment, not worth retrying; ask its operator.",
     502: "S3 or the passport store failed (storage_error); retrying may help.",
     503: "Temporarily unable: model_loading, model_unavailable, out_of_memory, or Serve's own overload answer "
-         "(plain text). Retry after `Retry-After` seconds when given.",
+    "(plain text). Retry after `Retry-After` seconds when given.",
 }
 SEGMENT_ERRORS = (400, 401, 403, 413, 415, 422, 500, 501, 502, 503)
 PASSPORT_ERRORS = (401, 404, 422, 500, 501, 502)
@@ -200,8 +202,11 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 DOCS_ASSETS = "/docs/assets"
 #: The Swagger UI files the page needs, from the ``swagger-ui-bundle-v2`` package (nothing else is served).
-SWAGGER_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
-                  "favicon-32x32.png": "image/png"}
+SWAGGER_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
 
 
 def _swagger_dir() -> Path:
@@ -215,7 +220,8 @@ async def docs(request: Request) -> HTMLResponse:
     """Swagger UI for this API, every asset from this server (works offline)."""
     root = request.scope.get("root_path", "").rstrip("/")
     return get_swagger_ui_html(
-        openapi_url=f"{root}{api.openapi_url}", title=f"{api.title} - API docs",
+        openapi_url=f"{root}{api.openapi_url}",
+        title=f"{api.title} - API docs",
         swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
         swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
         swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon-32x32.png",
@@ -228,8 +234,9 @@ async def docs_asset(name: str) -> FileResponse:
     media_type = SWAGGER_ASSETS.get(name)
     if media_type is None:
         raise ApiError(404, "not_found", "no such docs asset")
-    return FileResponse(_swagger_dir() / name, media_type=media_type,
-                        headers={"Cache-Control": "public, max-age=86400"})
+    return FileResponse(
+        _swagger_dir() / name, media_type=media_type, headers={"Cache-Control": "public, max-age=86400"}
+    )
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -244,8 +251,10 @@ def load_token(settings: Settings) -> str:
         except OSError as exc:
             raise RuntimeError(f"cannot read RAY_APP_API_TOKEN_FILE: {type(exc).__name__}") from exc
     if not token:
-        raise RuntimeError("no API token: set RAY_APP_API_TOKEN (or RAY_APP_API_TOKEN_FILE) in the replicas' "
-                           "environment; the endpoint refuses to run unauthenticated")
+        raise RuntimeError(
+            "no API token: set RAY_APP_API_TOKEN (or RAY_APP_API_TOKEN_FILE) in the replicas' "
+            "environment; the endpoint refuses to run unauthenticated"
+        )
     if len(token) < 16:
         raise RuntimeError("the API token is shorter than 16 characters")
     return token
@@ -314,7 +323,7 @@ class SegmentService:
     def __init__(self, settings_overrides: dict[str, Any] | None = None):
         from ray.util import metrics
 
-        from ray_app.totalseg import task_spec
+        from ray_app.core.totalseg import task_spec
 
         self.settings = Settings(**(settings_overrides or {}))
         self._token = load_token(self.settings).encode()
@@ -324,17 +333,23 @@ class SegmentService:
         self._extra: OrderedDict[str, Any] = OrderedDict()
         self._store = None
         self._default: Future = self._compute.submit(self._load_default)
-        self.scans = metrics.Counter("ray_app_serve_scans", "Scans segmented by the Serve endpoint.",
-                                     tag_keys=("model_key", "status"))
-        self.failures = metrics.Counter("ray_app_serve_failures", "Segment requests that produced no passport.",
-                                        tag_keys=("code",))
-        self.seconds = metrics.Histogram("ray_app_serve_segment_seconds", "Model time per scan.",
-                                         boundaries=[1, 2, 5, 10, 20, 40, 80, 160, 320], tag_keys=("model_key",))
+        self.scans = metrics.Counter(
+            "ray_app_serve_scans", "Scans segmented by the Serve endpoint.", tag_keys=("model_key", "status")
+        )
+        self.failures = metrics.Counter(
+            "ray_app_serve_failures", "Segment requests that produced no passport.", tag_keys=("code",)
+        )
+        self.seconds = metrics.Histogram(
+            "ray_app_serve_segment_seconds",
+            "Model time per scan.",
+            boundaries=[1, 2, 5, 10, 20, 40, 80, 160, 320],
+            tag_keys=("model_key",),
+        )
 
     # -- models (compute thread only) -------------------------------------------------------------------
 
     def _load_default(self):
-        from ray_app.segmenter import Segmenter
+        from ray_app.core.segmenter import Segmenter
 
         t = time.perf_counter()
         seg = Segmenter(fast=self.settings.fast, settings=self.settings)
@@ -342,7 +357,7 @@ class SegmentService:
         return seg
 
     def _segmenter(self, spec):
-        from ray_app.segmenter import Segmenter
+        from ray_app.core.segmenter import Segmenter
 
         if spec.key == self._default_key:
             return self._default.result()
@@ -371,14 +386,21 @@ class SegmentService:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
-             summary="Readiness: 200 once the default model is loaded, 503 before (or if it failed)")
+    @api.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness}},
+        summary="Readiness: 200 once the default model is loaded, 503 before (or if it failed)",
+    )
     async def readyz(self):
         models = [self._default_key] if self._default.done() and not self._default.exception() else []
         models += list(self._extra)
         if not self._default.done():
-            return JSONResponse(Readiness(ready=False, models=models).model_dump(), status_code=503,
-                                headers={"Retry-After": str(self.settings.serve_retry_after_s)})
+            return JSONResponse(
+                Readiness(ready=False, models=models).model_dump(),
+                status_code=503,
+                headers={"Retry-After": str(self.settings.serve_retry_after_s)},
+            )
         if self._default.exception() is not None:
             code = pipeline.error_fields(self._default.exception())[0]
             return JSONResponse(Readiness(ready=False, models=models, error=code).model_dump(), status_code=503)
@@ -389,33 +411,52 @@ class SegmentService:
     def _authorize(self, request: Request) -> None:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
-            raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "a valid 'Authorization: Bearer <token>' header is required",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
     # -- routes -----------------------------------------------------------------------------------------
 
     @api.post(
         "/v1/segment",
         summary="Segment one scan; returns its passport (or the mask / a preview)",
-        responses={200: {"model": Passport, "content": {MASK_TYPE: {}, PNG_TYPE: {}, ZIP_TYPE: {}}},
-                   **_errors(SEGMENT_ERRORS)},
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": UriRequest.model_json_schema()},
-            **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in BODY_KINDS},
-        }}},
+        responses={
+            200: {"model": Passport, "content": {MASK_TYPE: {}, PNG_TYPE: {}, ZIP_TYPE: {}}},
+            **_errors(SEGMENT_ERRORS),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": UriRequest.model_json_schema()},
+                    **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in BODY_KINDS},
+                },
+            }
+        },
     )
     async def segment(
         self,
         request: Request,
-        mode: Annotated[Literal["fast", "normal"] | None,
-                        Query(description="fast: 3 mm model; normal: 1.5 mm (default: the deployment's).")] = None,
-        roi_subset: Annotated[list[str] | None,
-                              Query(description="Structures to segment (repeat or comma-separate).")] = None,
+        mode: Annotated[
+            Literal["fast", "normal"] | None,
+            Query(description="fast: 3 mm model; normal: 1.5 mm (default: the deployment's)."),
+        ] = None,
+        roi_subset: Annotated[
+            list[str] | None, Query(description="Structures to segment (repeat or comma-separate).")
+        ] = None,
         persist: Annotated[bool, Query(description="Store mask and passport; locations in `outputs`.")] = False,
-        return_: Annotated[Literal["passport", "mask", "preview", "segmentations"] | None, Query(
-            alias="return", description="Default passport; `Accept: application/gzip` also asks for the mask; "
-            "`segmentations`: a zip of one binary NIfTI per structure present (TotalSegmentator's default "
-            "layout).")] = None,
+        return_: Annotated[
+            Literal["passport", "mask", "preview", "segmentations"] | None,
+            Query(
+                alias="return",
+                description="Default passport; `Accept: application/gzip` also asks for the mask; "
+                "`segmentations`: a zip of one binary NIfTI per structure present (TotalSegmentator's default "
+                "layout).",
+            ),
+        ] = None,
         scan_id: Annotated[str | None, Query(description="Id for an uploaded scan (default: random).")] = None,
     ):
         self._authorize(request)
@@ -423,16 +464,20 @@ class SegmentService:
         spec = self._spec(mode, roi_subset)
         want = _wants(request, return_)
         if persist and not (self.settings.output_prefix and self.settings.passport_store):
-            raise ApiError(501, "persist_not_configured",
-                           "this deployment has no output_prefix/passport_store to persist to")
+            raise ApiError(
+                501, "persist_not_configured", "this deployment has no output_prefix/passport_store to persist to"
+            )
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/json":
             body = await read_body(request, JSON_BODY_LIMIT)
             try:
                 req = UriRequest.model_validate_json(body)
             except ValidationError as exc:
-                raise ApiError(422, "invalid_request", "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())[:2000]) from exc
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())[:2000],
+                ) from exc
             if scan_id and req.scan_id and scan_id != req.scan_id:
                 raise ApiError(422, "invalid_request", "scan_id differs between the query and the body")
             uri = check_uri_allowed(req.uri, self.settings.allowed_uri_prefixes)
@@ -443,8 +488,11 @@ class SegmentService:
             data = await read_body(request, self.settings.max_body_bytes)
             load = self._load_bytes(data, sid, BODY_KINDS[content_type])
         else:
-            raise ApiError(415, "unsupported_media_type",
-                           f"Content-Type must be application/json or one of: {', '.join(BODY_KINDS)}")
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type must be application/json or one of: {', '.join(BODY_KINDS)}",
+            )
 
         loop = asyncio.get_running_loop()
         try:
@@ -459,8 +507,13 @@ class SegmentService:
                 await loop.run_in_executor(self._io, self._persist, result, seg)
         except ApiError as exc:
             self.failures.inc(tags={"code": exc.code})
-            logger.warning("segment scan_id=%s model=%s rejected code=%s after %.2f s", sid, spec.key, exc.code,
-                           time.perf_counter() - start)
+            logger.warning(
+                "segment scan_id=%s model=%s rejected code=%s after %.2f s",
+                sid,
+                spec.key,
+                exc.code,
+                time.perf_counter() - start,
+            )
             raise
         except errors.RayAppError as exc:
             self.failures.inc(tags={"code": exc.code})
@@ -469,15 +522,23 @@ class SegmentService:
         except Exception as exc:
             self.failures.inc(tags={"code": "internal_error"})
             logger.exception("segment scan_id=%s model=%s internal error", sid, spec.key)
-            raise ApiError(500, "internal_error", f"internal error ({type(exc).__name__}); see the replica log") from exc
+            raise ApiError(
+                500, "internal_error", f"internal error ({type(exc).__name__}); see the replica log"
+            ) from exc
 
         doc = result.passport
         timings = doc["timings"]
         self.scans.inc(tags={"model_key": spec.key, "status": doc["status"]})
         self.seconds.observe(timings.get("segment_s", 0.0), tags={"model_key": spec.key})
-        logger.info("segment scan_id=%s model=%s status=%s read_s=%.2f segment_s=%.2f total_s=%.2f", sid, spec.key,
-                    doc["status"], timings.get("read_s", 0.0), timings.get("segment_s", 0.0),
-                    time.perf_counter() - start)
+        logger.info(
+            "segment scan_id=%s model=%s status=%s read_s=%.2f segment_s=%.2f total_s=%.2f",
+            sid,
+            spec.key,
+            doc["status"],
+            timings.get("read_s", 0.0),
+            timings.get("segment_s", 0.0),
+            time.perf_counter() - start,
+        )
         headers = {"X-Scan-Id": sid, "X-Model-Key": spec.key, "X-Passport-Status": doc["status"]}
         if result.locations.get("passport"):
             headers["X-Passport-Uri"] = result.locations["passport"]
@@ -486,23 +547,30 @@ class SegmentService:
             headers["Content-Disposition"] = f'attachment; filename="{sid}.mask.nii.gz"'
             return Response(data, media_type=MASK_TYPE, headers=headers)
         if want == "segmentations":
-            data = await loop.run_in_executor(self._io, outputs.per_structure_zip, result.mask, result.scan,
-                                              seg.spec.output_labels)
+            data = await loop.run_in_executor(
+                self._io, outputs.per_structure_zip, result.mask, result.scan, seg.spec.output_labels
+            )
             headers["Content-Disposition"] = f'attachment; filename="{sid}.{outputs.SEGMENTATIONS_ZIP}"'
             return Response(data, media_type=ZIP_TYPE, headers=headers)
         if want == "preview":
-            data = await loop.run_in_executor(self._io, outputs.preview_png, result.scan, result.mask,
-                                              seg.spec.output_labels)
+            data = await loop.run_in_executor(
+                self._io, outputs.preview_png, result.scan, result.mask, seg.spec.output_labels
+            )
             return Response(data, media_type=PNG_TYPE, headers=headers)
         return JSONResponse(doc, headers=headers)
 
-    @api.get("/v1/passports/{scan_id}", summary="The latest stored passport of a scan",
-             responses={200: {"model": Passport}, **_errors(PASSPORT_ERRORS)})
+    @api.get(
+        "/v1/passports/{scan_id}",
+        summary="The latest stored passport of a scan",
+        responses={200: {"model": Passport}, **_errors(PASSPORT_ERRORS)},
+    )
     async def get_passport(
         self,
         request: Request,
         scan_id: Annotated[str, PathParam(max_length=128)],
-        model_key: Annotated[str | None, Query(description="e.g. total_fast; default: the newest of any model.")] = None,
+        model_key: Annotated[
+            str | None, Query(description="e.g. total_fast; default: the newest of any model.")
+        ] = None,
     ):
         self._authorize(request)
         sid = self._scan_id(scan_id)
@@ -513,7 +581,8 @@ class SegmentService:
         loop = asyncio.get_running_loop()
         try:
             doc = await loop.run_in_executor(
-                self._io, (lambda: store.get(sid, model_key)) if model_key else (lambda: store.get_latest(sid)))
+                self._io, (lambda: store.get(sid, model_key)) if model_key else (lambda: store.get_latest(sid))
+            )
         except InvalidId as exc:
             raise ApiError(422, exc.code, exc.message) from exc
         except storage.StorageError as exc:
@@ -525,7 +594,7 @@ class SegmentService:
     # -- request pieces ---------------------------------------------------------------------------------
 
     def _spec(self, mode: str | None, roi_subset: list[str] | None):
-        from ray_app.totalseg import task_spec
+        from ray_app.core.totalseg import task_spec
 
         rois = sorted({r.strip() for item in roi_subset or () for r in item.split(",") if r.strip()}) or None
         fast = self.settings.fast if mode is None else mode == "fast"
@@ -544,25 +613,29 @@ class SegmentService:
             raise ApiError(422, exc.code, exc.message) from exc
 
     def _load_bytes(self, data: bytes, sid: str, kind: str | None):
-        from ray_app.scan import load_bytes
+        from ray_app.core.scan import load_bytes
 
         return lambda: load_bytes(data, sid, kind=kind, settings=self.settings)
 
     def _load_uri(self, uri: str, sid: str):
-        from ray_app.scan import load_scan
+        from ray_app.storage.scans import load_scan
 
         return lambda: load_scan(uri, sid, self.settings)
 
     async def _wait_for_model(self) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._default)),
-                                   self.settings.serve_model_wait_s)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._default)), self.settings.serve_model_wait_s)
         except asyncio.TimeoutError as exc:
-            raise ApiError(503, "model_loading", "the model is still loading; retry later",
-                           {"Retry-After": str(self.settings.serve_retry_after_s)}) from exc
+            raise ApiError(
+                503,
+                "model_loading",
+                "the model is still loading; retry later",
+                {"Retry-After": str(self.settings.serve_retry_after_s)},
+            ) from exc
         except Exception as exc:
-            raise ApiError(503, "model_unavailable",
-                           f"the model could not be loaded ({pipeline.error_fields(exc)[0]})") from exc
+            raise ApiError(
+                503, "model_unavailable", f"the model could not be loaded ({pipeline.error_fields(exc)[0]})"
+            ) from exc
 
     @staticmethod
     def _status_for(code: str) -> int:
@@ -579,25 +652,30 @@ class SegmentService:
         return 500
 
     def _passports(self):
-        from ray_app.sinks import open_passport_store
+        from ray_app.storage.sinks import open_passport_store
 
         if self._store is None and self.settings.passport_store:
             self._store = open_passport_store(self.settings.passport_store)
         return self._store
 
     def _persist(self, result, seg) -> None:
-        from ray_app.sinks import ArtifactSink
+        from ray_app.storage.sinks import ArtifactSink
 
         job_id = SERVE_JOB_PREFIX + time.strftime("%Y%m%d", time.gmtime())
-        pipeline.write_result(result, ArtifactSink(self.settings.output_prefix), self._passports(), job_id,
-                              label_map=seg.spec.output_labels)
+        results.write_result(
+            result,
+            ArtifactSink(self.settings.output_prefix),
+            self._passports(),
+            job_id,
+            label_map=seg.spec.output_labels,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- builder
 
 
 class AppArgs(BaseModel):
-    """Builder arguments (``serve run ray_app.serve_app:app key=value`` or ``args:`` in ``serve_config.yaml``).
+    """Builder arguments (``serve run ray_app.adapters.serve:app key=value`` or ``args:`` in ``serve_config.yaml``).
 
     Unset deployment knobs fall back to the ``RAY_APP_SERVE_*`` settings. ``settings`` overrides replica
     settings (e.g. ``allowed_uri_prefixes``, ``output_prefix``); the token is refused here because builder args
@@ -640,7 +718,9 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application
     device = a.settings.get("device", s.device)
     num_gpus = _pick(a.num_gpus, s.serve_gpus_per_replica or (1.0 if device == "cuda" else 0.0))
     if device == "cuda" and num_gpus <= 0:  # the replica would see no GPU and fail to load its model
-        raise ValueError("device cuda needs a GPU per replica: leave num_gpus unset (default 1 with cuda) or give a share")
+        raise ValueError(
+            "device cuda needs a GPU per replica: leave num_gpus unset (default 1 with cuda) or give a share"
+        )
     return SegmentService.options(
         autoscaling_config={
             "min_replicas": min_r,
@@ -653,11 +733,10 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application
         max_ongoing_requests=_pick(a.max_ongoing_requests, s.serve_max_ongoing_requests),
         max_queued_requests=_pick(a.max_queued_requests, s.serve_max_queued_requests),
         backpressure_config={"status_code": 503, "retry_after_s": _pick(a.retry_after_s, s.serve_retry_after_s)},
-        ray_actor_options={"num_cpus": _pick(a.num_cpus, s.serve_cpus_per_replica),
-                           "num_gpus": num_gpus},
+        ray_actor_options={"num_cpus": _pick(a.num_cpus, s.serve_cpus_per_replica), "num_gpus": num_gpus},
     ).bind(a.settings)
 
 
 def app(args: dict[str, Any]) -> serve.Application:
-    """Application builder for ``serve run ray_app.serve_app:app`` and ``import_path`` in serve_config.yaml."""
+    """Application builder for ``serve run ray_app.adapters.serve:app`` and ``import_path`` in serve_config.yaml."""
     return build_app(args)

@@ -18,7 +18,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from ray_app.errors import RayAppError
+from ray_app.core.errors import RayAppError
 from ray_app.settings import get_settings
 
 #: botocore retries throttling and transient errors itself, with backoff and a retry quota.

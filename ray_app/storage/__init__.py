@@ -1,0 +1,42 @@
+"""Storage beside the core: object I/O (``s3://`` and local paths), scans read from there, the output layout,
+manifests, artifact sinks, passport stores and the job summary. No Ray, no HTTP."""
+
+from ray_app.storage.objects import (
+    DEFAULT_REGION,
+    RETRY_CONFIG,
+    Location,
+    ObjectNotFound,
+    ObjectTooLarge,
+    StorageError,
+    UnsupportedUri,
+    aws_region,
+    clear_client_cache,
+    client,
+    delete,
+    exists,
+    is_s3,
+    list_uris,
+    parse_uri,
+    read_bytes,
+    write_bytes,
+)
+
+__all__ = [
+    "DEFAULT_REGION",
+    "RETRY_CONFIG",
+    "Location",
+    "ObjectNotFound",
+    "ObjectTooLarge",
+    "StorageError",
+    "UnsupportedUri",
+    "aws_region",
+    "clear_client_cache",
+    "client",
+    "delete",
+    "exists",
+    "is_s3",
+    "list_uris",
+    "parse_uri",
+    "read_bytes",
+    "write_bytes",
+]
