@@ -147,9 +147,26 @@ def make_plans(
     median_shape: tuple[int, int, int] | None = None,
 ) -> dict:
     """A complete nnU-Net v2 plans file with only the ``3d_fullres`` configuration TotalSegmentator runs."""
-    n = len(spec.features)
     spacing = [TARGET_SPACING_MM[task_id]] * 3
     median_shape = list(median_shape or spec.patch_size)
+    return {
+        "dataset_name": folder_name(task_id),
+        "plans_name": PLANS_NAME,
+        "original_median_spacing_after_transp": spacing,
+        "original_median_shape_after_transp": median_shape,
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {CONFIGURATION: _configuration(spec, spacing, median_shape)},
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": intensity.as_dict()},
+    }
+
+
+def _configuration(spec: NetSpec, spacing: list[float], median_shape: list[int]) -> dict:
+    """The ``3d_fullres`` configuration: nnU-Net's defaults around the network ``spec`` describes."""
+    n = len(spec.features)
     arch_kwargs = {
         "n_stages": n,
         "features_per_stage": list(spec.features),
@@ -170,40 +187,26 @@ def make_plans(
     resample_seg = {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None}
     resample_prob = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
     return {
-        "dataset_name": folder_name(task_id),
-        "plans_name": PLANS_NAME,
-        "original_median_spacing_after_transp": spacing,
-        "original_median_shape_after_transp": median_shape,
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "configurations": {
-            CONFIGURATION: {
-                "data_identifier": f"{PLANS_NAME}_{CONFIGURATION}",
-                "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": spec.batch_size,
-                "patch_size": list(spec.patch_size),
-                "median_image_size_in_voxels": median_shape,
-                "spacing": spacing,
-                "normalization_schemes": ["CTNormalization"],
-                "use_mask_for_norm": [False],
-                "resampling_fn_data": "resample_data_or_seg_to_shape",
-                "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": resample_data,
-                "resampling_fn_seg_kwargs": resample_seg,
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": resample_prob,
-                "architecture": {
-                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                    "arch_kwargs": arch_kwargs,
-                    "_kw_requires_import": list(_ARCH_IMPORTS),
-                },
-                "batch_dice": False,
-            }
+        "data_identifier": f"{PLANS_NAME}_{CONFIGURATION}",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": spec.batch_size,
+        "patch_size": list(spec.patch_size),
+        "median_image_size_in_voxels": median_shape,
+        "spacing": spacing,
+        "normalization_schemes": ["CTNormalization"],
+        "use_mask_for_norm": [False],
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": resample_data,
+        "resampling_fn_seg_kwargs": resample_seg,
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": resample_prob,
+        "architecture": {
+            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": arch_kwargs,
+            "_kw_requires_import": list(_ARCH_IMPORTS),
         },
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {"0": intensity.as_dict()},
+        "batch_dice": False,
     }
 
 
