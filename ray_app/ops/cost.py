@@ -55,11 +55,16 @@ COMPARE_SCANS_PER_MONTH = 1_000_000  # the second column of the table
 #: (:func:`efficiency`): 0.41 at 8 threads, 0.62 at 4, which is why the report takes --cpus-per-actor as an
 #: assumption. Override with --parallel-efficiency.
 PARALLEL_EFFICIENCY_2 = 0.83
-#: What a vCPU of the worker instance yields in the cores the CPU-seconds were measured on. c7i/c6i vCPUs are
-#: hyperthreads, two per physical core; on dense fp32 convolution a second thread on a core adds about 20 %,
-#: so 16 vCPUs do the work of about 8 x 1.2 = 9.6 cores: 0.6 per vCPU. Assumed: this machine has one thread
-#: per core, so it cannot be measured here.
-VCPU_YIELD = 0.6
+#: What a vCPU of the worker instance yields in the cores the CPU-seconds were measured on, by the instance's
+#: published threads per core (prices.json ``instance_threads_per_core``, EC2's DescribeInstanceTypes):
+#: - 2 (c7i, m7i, c6i, g6, ...: a vCPU is a hyperthread): on dense fp32 convolution a second thread on a core adds
+#:   about 20 %, so 16 vCPUs do the work of about 8 x 1.2 = 9.6 cores: 0.6 per vCPU;
+#: - 1 (m7a, c7a, r7a: 7th-generation AMD has no SMT, a vCPU is a core): 1.0, a core for a core.
+#: Both assumed: this machine has one thread per core and is not an AWS instance, so neither can be measured here.
+#: Override with --vcpu-yield.
+VCPU_YIELD_SMT = 0.6
+VCPU_YIELD_CORE = 1.0
+VCPU_YIELD = VCPU_YIELD_SMT  # the hyperthread figure, the one with a discount
 #: A worker node's start-up per job: EC2 launch and boot of the Deep Learning AMI (1-2 min), pulling the
 #: prebuilt image from ECR (a few GB: about 1-2 min) and starting Ray. Assumed: not measurable here (no AWS).
 NODE_STARTUP_MINUTES = 5.0
@@ -67,17 +72,22 @@ NODE_STARTUP_MINUTES = 5.0
 #: ``ray down``, instance termination). Assumed: not measurable here.
 HEAD_STARTUP_MINUTES = 6.0
 HEAD_TEARDOWN_MINUTES = 2.0
-#: Without --nodes-per-job, a job uses as many nodes as keep each one busy at least this long (so a node's
-#: start-up stays under a tenth of its time), at most cluster.yaml's max workers of the kind.
-MIN_NODE_HOURS_PER_JOB = 1.0
+#: Without --nodes-per-job, a job runs on the number of worker nodes that costs least: each node adds its
+#: start-up, each node fewer lengthens the job and so the head's hours; at most cluster.yaml's max workers of the
+#: kind, and enough that the job ends within the dead-man's switch's --max-hours (cluster.yaml).
+DEADMAN_MAX_HOURS = 12.0  # when cluster.yaml cannot be read
 #: Peak memory of one segmentation actor on a full-size CT: 5.2 GB RSS for a 512x512x300 CT with the warm
 #: segmenter (bench/results/latest.json, "ours"), 5.5 GB for 512x512x200 through vanilla TotalSegmentator
 #: (ENVIRONMENT.md); 6 GB with headroom. A node runs no more actors than fit in MEMORY_USABLE of its memory
 #: (the rest: the OS, Ray's raylet and object store, the fetch and write tasks).
 ACTOR_MEMORY_GB = 6.0
 MEMORY_USABLE = 0.8
-#: When cluster.yaml cannot be read: its max workers per kind as committed.
+#: When cluster.yaml cannot be read: its max workers per kind and its instance types as committed.
 DEFAULT_MAX_WORKERS = {"cpu": 16, "gpu": 8}
+DEFAULT_INSTANCES = {"cpu": "m7a.4xlarge", "gpu": "g6.xlarge", "head": "m7i.large"}
+#: The production job's --cpus-per-actor: 2 threads keep the measured efficiency (0.83), and 8 such actors fit
+#: a 16-vCPU, 64 GiB worker (cluster.yaml, deploy/README.md).
+CPUS_PER_ACTOR = 2
 
 
 class CostInputError(ValueError):
@@ -109,6 +119,12 @@ def _price(prices: dict, table: str, instance: str) -> float:
         raise CostInputError(f"no {table} entry for {instance!r}; add it with --prices FILE") from None
 
 
+def _assumed_note(prices: dict, table: str, instance: str) -> str:
+    """' (assumed)' when prices.json marks this price as an assumption rather than a list price (the report's
+    footer says why)."""
+    return " (assumed)" if f"{table}.{instance}" in (prices.get("assumed") or {}) else ""
+
+
 def efficiency(threads: float, at_2: float = PARALLEL_EFFICIENCY_2) -> float:
     """Parallel efficiency at ``threads`` torch threads by Amdahl's law, its serial share fitted to the
     efficiency measured at 2: s = 1/e(2) - 1, e(k) = 1 / (1 + (k - 1) s); 1.0 at one thread."""
@@ -118,13 +134,45 @@ def efficiency(threads: float, at_2: float = PARALLEL_EFFICIENCY_2) -> float:
     return 1 / (1 + (max(1.0, threads) - 1) * serial)
 
 
+def _load_cluster(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def cluster_instances(path: Path = CLUSTER_YAML) -> dict[str, str]:
+    """The instance types a job on cluster.yaml gets: the head's, and per worker kind (cpu/gpu) the type Ray's
+    autoscaler launches when every type of the kind fits the request equally well. It ranks them by a
+    utilization score and, on a tie (same vCPUs and memory), takes the node type whose name sorts last
+    (``resource_demand_scheduler.get_nodes_for``); cluster.yaml names its fallbacks so they sort first."""
+    try:
+        config = _load_cluster(path)
+        types = config["available_node_types"]
+        out = {"head": types[config["head_node_type"]]["node_config"]["InstanceType"]}
+        for kind in ("cpu", "gpu"):
+            names = sorted(n for n, t in types.items() if f"spot_{kind}" in (t.get("resources") or {}))
+            out[kind] = types[names[-1]]["node_config"]["InstanceType"]
+        return out
+    except (OSError, KeyError, IndexError, TypeError, ValueError, ImportError):
+        return dict(DEFAULT_INSTANCES)
+
+
+def deadman_max_hours(path: Path = CLUSTER_YAML) -> float:
+    """The dead-man's switch's --max-hours in cluster.yaml's head start commands: no job may run longer."""
+    import re
+
+    try:
+        commands = " ".join(_load_cluster(path)["head_start_ray_commands"])
+        return float(re.search(r"ray_app\.ops\.deadman\b.*?--max-hours\s+([0-9.]+)", commands).group(1))
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, ImportError):
+        return DEADMAN_MAX_HOURS
+
+
 def cluster_max_workers(kind: str, path: Path = CLUSTER_YAML) -> tuple[int, str]:
     """The most worker nodes of ``kind`` (cpu/gpu: node types labelled spot_cpu/spot_gpu) cluster.yaml allows,
     and where the figure comes from."""
     try:
-        import yaml
-
-        config = yaml.safe_load(path.read_text())
+        config = _load_cluster(path)
         types = config["available_node_types"].values()
         per_type = sum(int(t.get("max_workers", 0)) for t in types if f"spot_{kind}" in (t.get("resources") or {}))
         total = min(per_type, int(config.get("max_workers", per_type)))
@@ -235,18 +283,19 @@ def measure(summary_uris: list[str], actor_cpus: float | None = None) -> Measure
 
 @dataclass(frozen=True)
 class Assumptions:
-    """The figures a summary cannot measure. Defaults follow ``cluster.yaml`` and the constants above."""
+    """The figures a summary cannot measure. Defaults follow ``cluster.yaml`` (instance types: what a job on it
+    gets) and the constants above."""
 
     scans_per_month: int
-    cpu_instance: str = "c7i.4xlarge"
-    gpu_instance: str = "g6.xlarge"
-    head_instance: str = "m7i.xlarge"
-    cpus_per_actor: float = 8  # the production job's --cpus-per-actor (cluster.yaml: 2 actors per 16 vCPU)
+    cpu_instance: str = field(default_factory=lambda: cluster_instances()["cpu"])
+    gpu_instance: str = field(default_factory=lambda: cluster_instances()["gpu"])
+    head_instance: str = field(default_factory=lambda: cluster_instances()["head"])
+    cpus_per_actor: float = CPUS_PER_ACTOR  # the production job's --cpus-per-actor (deploy/README.md)
     actor_memory_gb: float = ACTOR_MEMORY_GB  # a node runs no more actors than fit in its memory
     parallel_efficiency: float = PARALLEL_EFFICIENCY_2  # at 2 threads; Amdahl beyond
-    vcpu_yield: float = VCPU_YIELD
+    vcpu_yield: float | None = None  # None: by the instance's threads per core (VCPU_YIELD_SMT / _CORE)
     jobs_per_month: int = 30
-    nodes_per_job: int | None = None  # None: enough for MIN_NODE_HOURS_PER_JOB each, within cluster.yaml
+    nodes_per_job: int | None = None  # None: the cheapest count within cluster.yaml (see _plan)
     node_startup_minutes: float = NODE_STARTUP_MINUTES
     head_startup_minutes: float = HEAD_STARTUP_MINUTES
     head_teardown_minutes: float = HEAD_TEARDOWN_MINUTES
@@ -310,23 +359,50 @@ def _node_hour_price(prices: dict, table: str, instance: str, a: Assumptions) ->
     return _price(prices, table, instance) + a.ebs_gb_per_node * prices["ebs_gp3_per_gb_month"] / HOURS_PER_MONTH
 
 
-def _plan(kind: str, scan_node_hours: float, a: Assumptions) -> dict:
-    """Nodes per job and the job's hours, from the month's node-hours of scan work."""
+def vcpu_yield(prices: dict, instance: str, a: Assumptions) -> float:
+    """What one vCPU of ``instance`` yields in measured cores: given, or by its threads per core."""
+    if a.vcpu_yield is not None:
+        return a.vcpu_yield
+    per_core = _price(prices, "instance_threads_per_core", instance)
+    return VCPU_YIELD_CORE if per_core == 1 else VCPU_YIELD_SMT
+
+
+def _yield_basis(prices: dict, instance: str, a: Assumptions) -> str:
+    if a.vcpu_yield is not None:
+        return f"yield {a.vcpu_yield:g} (given)"
+    per_core = _price(prices, "instance_threads_per_core", instance)
+    what = "a vCPU is a core" if per_core == 1 else f"{per_core:g} vCPUs per core"
+    return f"yield {vcpu_yield(prices, instance, a):g} ({what})"
+
+
+def _plan(kind: str, scan_node_hours: float, a: Assumptions, node_hourly: float, head_hourly: float) -> dict:
+    """Nodes per job and the job's hours, from the month's node-hours of scan work: the given number, or the one
+    that costs least (each node's start-up against the head's hours while the job runs), at most cluster.yaml's
+    max workers, and enough for the job to end within the dead-man's switch's maximum lifetime."""
     per_job = scan_node_hours / a.jobs_per_month
+    overhead = (a.head_startup_minutes + a.node_startup_minutes + a.head_teardown_minutes) / 60
     max_workers, source = cluster_max_workers(kind)
     if a.nodes_per_job is not None:
         nodes, why = a.nodes_per_job, "given"
     else:
-        nodes = min(max_workers, max(1, math.ceil(per_job / MIN_NODE_HOURS_PER_JOB)))
-        why = f"each busy >= {MIN_NODE_HOURS_PER_JOB:g} h, at most {max_workers} ({source})"
+        limit = deadman_max_hours()
+
+        def monthly(n: int) -> float:
+            return head_hourly * (overhead + per_job / n) + n * node_hourly * a.node_startup_minutes / 60
+
+        fits = [n for n in range(1, max_workers + 1) if overhead + per_job / n <= limit] or [max_workers]
+        nodes = min(fits, key=monthly)  # on a tie, fewer nodes
+        why = (
+            f"the cheapest count: {a.node_startup_minutes:g} min start-up per node against the head's hours;"
+            f" at most {max_workers} ({source}), the job within the switch's {limit:g} h"
+        )
     scan_hours = per_job / nodes
-    job_hours = (a.head_startup_minutes + a.node_startup_minutes + a.head_teardown_minutes) / 60 + scan_hours
     return {
         "nodes_per_job": nodes,
         "nodes_basis": why,
         "scan_node_hours_per_job": per_job,
         "scan_hours_per_job": scan_hours,
-        "job_hours": job_hours,
+        "job_hours": overhead + scan_hours,
     }
 
 
@@ -337,11 +413,12 @@ def _nodes(plan: dict) -> str:
 
 def _cpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions) -> tuple[LineItem, dict]:
     vcpus = _price(prices, "instance_vcpus", a.cpu_instance)
+    yield_ = vcpu_yield(prices, a.cpu_instance, a)
     e_target = efficiency(a.cpus_per_actor, a.parallel_efficiency)
     work = m.work_seconds(a.parallel_efficiency)
     actor_work = work - m.task_seconds
     # Per scan on the target node: the actor's work at the target's thread count, the tasks single-threaded...
-    node_seconds = (actor_work / e_target + m.task_seconds) / (vcpus * a.vcpu_yield)
+    node_seconds = (actor_work / e_target + m.task_seconds) / (vcpus * yield_)
     # ... unless the actors that fill its vCPUs do not fit in its memory: then fewer actors run, and each
     # scan takes its actor's wall time over the actors that fit.
     memory = _price(prices, "instance_memory_gib", a.cpu_instance)
@@ -352,21 +429,25 @@ def _cpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions
     memory_note = ""
     if fit < wanted:
         threads = min(a.cpus_per_actor, vcpus)
-        node_seconds = max(node_seconds, actor_work / (threads * e_target * a.vcpu_yield) / fit)
+        node_seconds = max(node_seconds, actor_work / (threads * e_target * yield_) / fit)
         memory_note = f" (memory: {fit} of {wanted} actors fit at {a.actor_memory_gb:g} GB)"
     scan_node_hours = a.scans_per_month * node_seconds / 3600
-    plan = _plan("cpu", scan_node_hours, a)
+    hourly = _node_hour_price(prices, table, a.cpu_instance, a)
+    head_hourly = _node_hour_price(prices, "ec2_on_demand_per_hour", a.head_instance, a)
+    plan = _plan("cpu", scan_node_hours, a, hourly, head_hourly)
+    plan["actors_per_node"] = min(fit, wanted)
     startup = plan["nodes_per_job"] * a.jobs_per_month * a.node_startup_minutes / 60
     measured_at = ", ".join(f"{k} thread{'s' if k != '1' else ''} x {t:.1f} s" for k, (t, _) in m.threads.items())
     line = LineItem(
         f"compute: {label} {a.cpu_instance}",
         scan_node_hours + startup,
         "node-h",
-        _node_hour_price(prices, table, a.cpu_instance, a),
+        hourly,
         f"{m.cpu_seconds_per_scan:.1f} CPU-s/scan measured (actor {measured_at}, tasks {m.task_seconds:.1f} s)"
-        f" = {work:.1f} 1-thread-s; on {vcpus:g} vCPU x {a.vcpu_yield:g} yield, {a.cpus_per_actor:g}-thread actors"
-        f" at {e_target:.2f} efficiency{memory_note}: {node_seconds:.2f} node-s/scan; + {_nodes(plan)} x"
-        f" {a.jobs_per_month} jobs x {a.node_startup_minutes:g} min start-up; price incl. {a.ebs_gb_per_node:g} GB gp3",
+        f" = {work:.1f} 1-thread-s; on {vcpus:g} vCPU x {_yield_basis(prices, a.cpu_instance, a)},"
+        f" {plan['actors_per_node']} x {a.cpus_per_actor:g}-thread actors at {e_target:.2f} efficiency{memory_note}:"
+        f" {node_seconds:.2f} node-s/scan; + {_nodes(plan)} x {a.jobs_per_month} jobs x {a.node_startup_minutes:g}"
+        f" min start-up; price{_assumed_note(prices, table, a.cpu_instance)} incl. {a.ebs_gb_per_node:g} GB gp3",
     )
     return line, plan
 
@@ -377,16 +458,19 @@ def _gpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions
     if m.gpu_seconds_per_scan <= 0:
         raise CostInputError("the GPU summary's actors had no GPU (actor_gpus 0): is it a CPU run?")
     gpu_bound = m.gpu_seconds_per_scan / gpus
-    cpu_bound = m.task_seconds / (vcpus * a.vcpu_yield)  # the fetch and write tasks beside, on its vCPUs
+    cpu_bound = m.task_seconds / (vcpus * vcpu_yield(prices, a.gpu_instance, a))  # fetch and write beside it
     node_seconds = max(gpu_bound, cpu_bound)
     scan_node_hours = a.scans_per_month * node_seconds / 3600
-    plan = _plan("gpu", scan_node_hours, a)
+    hourly = _node_hour_price(prices, table, a.gpu_instance, a)
+    head_hourly = _node_hour_price(prices, "ec2_on_demand_per_hour", a.head_instance, a)
+    plan = _plan("gpu", scan_node_hours, a, hourly, head_hourly)
+    plan["actors_per_node"] = max(1, math.floor(gpus / max(m.actor_gpus, 1e-9)))
     startup = plan["nodes_per_job"] * a.jobs_per_month * a.node_startup_minutes / 60
     line = LineItem(
         f"compute: {label} {a.gpu_instance}",
         scan_node_hours + startup,
         "node-h",
-        _node_hour_price(prices, table, a.gpu_instance, a),
+        hourly,
         f"{m.gpu_seconds_per_scan:.1f} GPU-s/scan measured ({m.actor_gpus:g} GPU x {m.actor_seconds:.1f} s) on"
         f" {gpus:g} GPU/node; tasks {m.task_seconds:.1f} CPU-s beside it on {vcpus:g} vCPU"
         f"{' (the bound)' if cpu_bound > gpu_bound else ''}; + {_nodes(plan)} x {a.jobs_per_month}"
@@ -413,7 +497,7 @@ def _serve_lines(m: Measured, prices: dict, a: Assumptions) -> list[LineItem]:
     e_target = efficiency(a.cpus_per_actor, a.parallel_efficiency)
     actor_work = m.work_seconds(a.parallel_efficiency) - m.task_seconds
     # A request is fetched, segmented and answered inside the replica: all of it at the replica's threads.
-    node_seconds = (actor_work + m.task_seconds) / e_target / (vcpus * a.vcpu_yield)
+    node_seconds = (actor_work + m.task_seconds) / e_target / (vcpus * vcpu_yield(prices, a.cpu_instance, a))
     idle_hours = a.serve_scale_ups_per_month * (a.node_startup_minutes + a.serve_idle_minutes) / 60
     return [
         LineItem(
@@ -485,7 +569,7 @@ def estimate(
         or a.jobs_per_month <= 0
         or a.retention_months < 1
         or a.cpus_per_actor <= 0
-        or not 0 < a.vcpu_yield <= 1
+        or (a.vcpu_yield is not None and not 0 < a.vcpu_yield <= 1)
         or (a.nodes_per_job is not None and a.nodes_per_job <= 0)
     ):
         raise CostInputError(
@@ -634,9 +718,10 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
         (
             f"assumed: parallel efficiency {a.parallel_efficiency:g} at 2 threads (measured: a whole CT 0.82-0.84),"
             " Amdahl beyond:"
-            f" {efficiency(a.cpus_per_actor, a.parallel_efficiency):.2f} at {a.cpus_per_actor:g}; vCPU yield"
-            f" {a.vcpu_yield:g}; {a.jobs_per_month} jobs/month; start-up: head {a.head_startup_minutes:g} min, node"
-            f" {a.node_startup_minutes:g} min; teardown {a.head_teardown_minutes:g} min (not measurable here);"
+            f" {efficiency(a.cpus_per_actor, a.parallel_efficiency):.2f} at {a.cpus_per_actor:g}; {a.cpu_instance} vCPU"
+            f" {_yield_basis(p, a.cpu_instance, a)}; {a.jobs_per_month} jobs/month;"
+            f" start-up: head {a.head_startup_minutes:g} min, node {a.node_startup_minutes:g} min;"
+            f" teardown {a.head_teardown_minutes:g} min (not measurable here);"
             f" {a.actor_memory_gb:g} GB per actor"
         ),
     ]
@@ -666,7 +751,9 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
         out.append(row([r.compute[option] for r in reports]))
         out.append(row([r.head[option] for r in reports]))
         nodes = ", ".join(
-            f"{r.plan[option]['nodes_per_job']} @{_volume(r.assumptions.scans_per_month)}" for r in reports
+            f"{r.plan[option]['nodes_per_job']} @{_volume(r.assumptions.scans_per_month)}"
+            f" (--max-actors {r.plan[option]['nodes_per_job'] * r.plan[option]['actors_per_node']})"
+            for r in reports
         )
         out.append(f"{'':<44} {'':>10}  nodes per job: {nodes} ({first.plan[option]['nodes_basis']})")
     out.append(rule)
@@ -687,6 +774,7 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
     out += [row([r.serve[i] for r in reports]) for i in range(len(first.serve))]
     out.append(f"{'serve total':<44} {'':>10}" + "".join(f" {'':>27} {r.serve_total():>10,.2f}" for r in reports))
     out.append(f"'per 1k': USD per 1,000 scans. Prices: {p.get('source', '')}")
+    out += [f"Price assumed, not listed: {key}: {why}" for key, why in (p.get("assumed") or {}).items()]
     return "\n".join(out)
 
 
@@ -767,14 +855,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--nodes-per-job",
         type=int,
         default=None,
-        help=f"worker nodes a job runs on (default: each busy >= {MIN_NODE_HOURS_PER_JOB:g} h, at most"
-        " cluster.yaml's max workers)",
+        help="worker nodes a job runs on (default: the cheapest count, at most cluster.yaml's max workers; the"
+        " report prints the --max-actors that gives it)",
     )
     for name in (
         "cpus_per_actor",
         "actor_memory_gb",
         "parallel_efficiency",
-        "vcpu_yield",
         "node_startup_minutes",
         "head_startup_minutes",
         "head_teardown_minutes",
@@ -784,6 +871,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "serve_idle_minutes",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument(
+        "--vcpu-yield",
+        type=float,
+        default=None,
+        help=f"what a worker vCPU does in measured cores (default: {VCPU_YIELD_CORE:g} where a vCPU is a core,"
+        f" {VCPU_YIELD_SMT:g} where it is a hyperthread)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
