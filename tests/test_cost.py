@@ -366,6 +366,56 @@ def test_cost_report_job_prints_the_table_and_exits_cleanly(local_summary):
         assert text in out, text
 
 
+def test_the_input_glacier_rule_is_priced_as_its_own_saving_line_by_line(local_summary):
+    """jobs/setup_aws.py --input-glacier-days N: each month's inputs spend N days in Standard, then the rest of their
+    retention in Glacier IR. The saving is (Standard - Glacier IR) x the GB-months moved, less the transitions; it is
+    reported beside the batch total (the inputs are the user's bucket), never in it."""
+    m, prices = cost.measure([local_summary]), cost.load_prices()
+    plain = cost.estimate(m, cost.Assumptions(scans_per_month=10_000), prices)
+    assert plain.inputs == [] and plain.input_saving() is None  # opt-in, like the rule
+    a = cost.Assumptions(scans_per_month=10_000, input_glacier_days=90, input_mb=150)
+    report = cost.estimate(m, a, prices)
+    without, storage, transitions, retrievals = report.inputs
+    for line in report.inputs:
+        assert line.monthly_usd == pytest.approx(line.quantity * line.unit_price), line.item
+    gb = 150 / 1024  # 150 MiB in GiB, as AWS bills
+    standard, glacier = prices["s3_standard_per_gb_month"], prices["s3_glacier_ir_per_gb_month"]
+    assert without.quantity == pytest.approx(10_000 * gb * 12) and without.unit_price == standard
+    months_moved = 12 - 90 / (365 / 12)  # 9.04 of the 12 months kept
+    assert storage.quantity == pytest.approx(10_000 * gb * months_moved)
+    assert storage.unit_price == pytest.approx(glacier - standard) and storage.unit_price < 0
+    assert transitions.quantity == pytest.approx(10) and transitions.unit_price == 0.02  # 10,000 objects
+    assert retrievals.quantity == 0
+    saving = 10_000 * gb * months_moved * (standard - glacier) - 10 * 0.02
+    assert report.input_saving() == pytest.approx(saving) == pytest.approx(251.43, abs=0.01)
+    assert report.total("Spot CPU") == pytest.approx(plain.total("Spot CPU"))  # not in the batch total
+    text = cost.format_report(report)
+    assert "INPUTS (your input bucket, not in the batch total)" in text and "input rule: saving a month" in text
+    assert f"{saving:,.2f}" in text and "-$0.019" in text
+
+    # A DICOM series of 300 slices: 300 transitions a scan; re-reads pay Glacier IR's retrieval.
+    dicom = cost.estimate(
+        m, dataclasses.replace(a, input_objects_per_scan=300, input_reread_fraction=0.1), prices
+    ).inputs
+    assert dicom[2].quantity == pytest.approx(10_000 * 300 / 1000) and dicom[2].monthly_usd == pytest.approx(60)
+    assert dicom[3].quantity == pytest.approx(10_000 * gb * 0.1) and dicom[3].unit_price == 0.03
+    # Objects at the rule's 128 KiB floor never move; inputs deleted before N days never move; the 90-day minimum.
+    tiny = cost.estimate(m, dataclasses.replace(a, input_mb=0.1), prices)
+    assert tiny.inputs[1].quantity == 0 and tiny.inputs[2].quantity == 0 and tiny.input_saving() == 0
+    short = cost.estimate(m, dataclasses.replace(a, input_retention_months=2), prices)
+    assert short.inputs[1].quantity == 0 and short.input_saving() == 0
+    brief = cost.estimate(m, dataclasses.replace(a, input_glacier_days=30, input_retention_months=3), prices)
+    assert brief.inputs[1].quantity == pytest.approx(10_000 * gb * 90 / (365 / 12))  # billed 90 days, kept 61
+    with pytest.raises(cost.CostInputError, match="--input-mb"):
+        cost.estimate(m, dataclasses.replace(a, input_mb=None), prices)
+    assert (
+        cli_main(
+            ["cost", "--summary", local_summary, "--scans-per-month", "100", "--input-glacier-days", "90", "--json"]
+        )
+        == 2
+    )
+
+
 def test_the_defaults_are_the_shape_cluster_yaml_launches():
     """The report's default worker, GPU and head types are the ones a job on cluster.yaml gets (tests/test_cluster.py
     checks with Ray's own scheduler which worker type that is), with the documented 2-thread actors."""

@@ -34,6 +34,9 @@ from ray_app.ops.cluster import CLUSTER_YAML
 
 PRICES_FILE = Path(__file__).resolve().parent / "prices.json"
 HOURS_PER_MONTH = 730  # AWS's own convention for monthly estimates
+DAYS_PER_MONTH = 365 / 12
+#: Glacier Instant Retrieval bills an object for at least 90 days, however early it is deleted.
+GLACIER_IR_MIN_DAYS = 90
 GB = 1024**3  # AWS bills storage and transfer per GiB ("GB")
 COMPARE_SCANS_PER_MONTH = 1_000_000  # the second column of the table
 
@@ -306,6 +309,12 @@ class Assumptions:
     mask_mb: float | None = None  # for a summary without bytes_written: the mask's size
     passport_kb: float | None = None  # ... and the passport's
     item_kb: float | None = None  # for a summary without store_item_bytes: the DynamoDB item's size
+    # The inputs' opt-in lifecycle rule (jobs/setup_aws.py --input-glacier-days): priced only when given.
+    input_glacier_days: int | None = None
+    input_mb: float | None = None  # one scan's input as stored (a NIfTI file, or a DICOM series' files together)
+    input_objects_per_scan: float = 1  # 1 for a NIfTI file; a DICOM series has one object per slice
+    input_retention_months: int | None = None  # None: as long as the results (retention_months)
+    input_reread_fraction: float = 0.0  # of the inputs read again after moving (a re-run): Glacier IR retrieval
     # The always-on endpoint, a deployment of its own.
     serve_head_instance: str = "m7i.large"
     serve_requests_per_month: int = 1000
@@ -340,6 +349,7 @@ class CostReport:
     shared: list[LineItem]  # paid whichever compute runs them
     serve: list[LineItem]  # the always-on endpoint: its own deployment, its own total
     plan: dict[str, dict] = field(default_factory=dict)  # per alternative: nodes per job, job hours, ...
+    inputs: list[LineItem] = field(default_factory=list)  # the input bucket's opt-in rule: its own section
 
     def per_1k(self, usd: float) -> float:
         return usd / self.assumptions.scans_per_month * 1000
@@ -352,6 +362,11 @@ class CostReport:
 
     def serve_total(self) -> float:
         return sum(s.monthly_usd for s in self.serve)
+
+    def input_saving(self) -> float | None:
+        """What the input rule saves a month (positive: a saving): minus the sum of its lines after the first,
+        which is the inputs' storage without the rule, for scale."""
+        return -sum(x.monthly_usd for x in self.inputs[1:]) if self.inputs else None
 
 
 def _node_hour_price(prices: dict, table: str, instance: str, a: Assumptions) -> float:
@@ -519,6 +534,66 @@ def _serve_lines(m: Measured, prices: dict, a: Assumptions) -> list[LineItem]:
     ]
 
 
+def _input_lines(prices: dict, a: Assumptions) -> list[LineItem]:
+    """The input bucket's opt-in Glacier IR rule in steady state: each month's inputs spend ``input_glacier_days`` in
+    Standard, then the rest of their retention in Glacier IR (at least its 90-day minimum). Lines: the inputs'
+    storage without the rule (for scale; in no total), then the rule's effect: storage moved (at Glacier IR's price
+    less Standard's: negative), transitions and retrievals. The inputs' storage is the user's own bucket, not the
+    batch bill, so the saving is reported beside the batch total, never subtracted from it."""
+    if a.input_glacier_days is None:
+        return []
+    if a.input_mb is None or a.input_mb <= 0 or a.input_glacier_days < 1 or a.input_objects_per_scan <= 0:
+        raise CostInputError(
+            "--input-glacier-days needs --input-mb (one scan's input as stored, > 0), at least 1 day and"
+            " --input-objects-per-scan > 0"
+        )
+    from ray_app.storage.sinks import LARGE_OBJECT_BYTES
+
+    n, days = a.scans_per_month, a.input_glacier_days
+    months = a.input_retention_months or a.retention_months
+    gb = a.input_mb * 1024**2 / GB
+    per_object = a.input_mb * 1024**2 / a.input_objects_per_scan
+    moved = per_object > LARGE_OBJECT_BYTES and days < months * DAYS_PER_MONTH  # the rule's size floor, and in time
+    glacier_months = max(months - days / DAYS_PER_MONTH, GLACIER_IR_MIN_DAYS / DAYS_PER_MONTH) if moved else 0.0
+    why = (
+        f"{a.input_mb:g} MB per scan in {a.input_objects_per_scan:g} object(s), kept {months} months"
+        if moved
+        else f"nothing moves: {'objects of at most 128 KiB' if per_object <= LARGE_OBJECT_BYTES else 'deleted first'}"
+    )
+    standard, glacier = prices["s3_standard_per_gb_month"], prices["s3_glacier_ir_per_gb_month"]
+    return [
+        LineItem(
+            "inputs without the rule: S3 Standard",
+            n * gb * months,
+            "GB-month",
+            standard,
+            f"for scale, in no total: {n:,} scans x {a.input_mb:g} MB kept {months} months",
+        ),
+        LineItem(
+            f"inputs to Glacier IR after {days} d: storage",
+            n * gb * glacier_months,
+            "GB-month",
+            glacier - standard,
+            f"{why}; {glacier_months:.2f} months each in Glacier IR instead of Standard"
+            f" (at least its {GLACIER_IR_MIN_DAYS}-day minimum)",
+        ),
+        LineItem(
+            f"inputs to Glacier IR after {days} d: transitions",
+            n * a.input_objects_per_scan / 1000 if moved else 0.0,
+            "1k requests",
+            prices["s3_glacier_ir_transition_per_1000"],
+            f"{a.input_objects_per_scan:g} object(s) per scan (a DICOM series: one per slice)",
+        ),
+        LineItem(
+            f"inputs to Glacier IR after {days} d: retrievals",
+            n * gb * a.input_reread_fraction if moved else 0.0,
+            "GB",
+            prices["s3_glacier_ir_retrieval_per_gb"],
+            f"{a.input_reread_fraction:g} of the inputs read again after moving (a re-run; assumed)",
+        ),
+    ]
+
+
 def _sizes(m: Measured, a: Assumptions) -> tuple[dict, str]:
     """Per scan: objects and bytes written (large ones apart) and the DynamoDB item sizes."""
     from ray_app.storage.sinks import LARGE_OBJECT_BYTES
@@ -672,7 +747,9 @@ def estimate(
             f"{retention} months kept",
         ),
     ]
-    return CostReport(a, measured, gpu_measured, prices, compute, head, shared, _serve_lines(measured, p, a), plan)
+    return CostReport(
+        a, measured, gpu_measured, prices, compute, head, shared, _serve_lines(measured, p, a), plan, _input_lines(p, a)
+    )
 
 
 def estimate_at(
@@ -735,7 +812,8 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
     def row(lines: list[LineItem | None]) -> str:
         line = next(x for x in lines if x is not None)
         cells = "".join(f" {x.quantity:>13,.2f} {x.unit:<13} {x.monthly_usd:>10,.2f}" for x in lines)
-        return f"{line.item[:44]:<44} {'$' + format(line.unit_price, '.4g'):>10}{cells}  {line.basis}"
+        price = ("-$" if line.unit_price < 0 else "$") + format(abs(line.unit_price), ".4g")
+        return f"{line.item[:44]:<44} {price:>10}{cells}  {line.basis}"
 
     def total_row(label: str, totals: list[float]) -> str:
         cells = "".join(
@@ -773,6 +851,21 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
     ]
     out += [row([r.serve[i] for r in reports]) for i in range(len(first.serve))]
     out.append(f"{'serve total':<44} {'':>10}" + "".join(f" {'':>27} {r.serve_total():>10,.2f}" for r in reports))
+    if first.inputs:
+        out += [
+            "",
+            (
+                "INPUTS (your input bucket, not in the batch total): the opt-in Glacier IR rule,"
+                f" jobs/setup_aws.py --input-glacier-days {a.input_glacier_days}"
+            ),
+            rule,
+        ]
+        out += [row([r.inputs[i] for r in reports]) for i in range(len(first.inputs))]
+        out.append(
+            f"{'input rule: saving a month':<44} {'':>10}"
+            + "".join(f" {'':>27} {r.input_saving():>10,.2f}" for r in reports)
+            + "  = -(storage moved + transitions + retrievals)"
+        )
     out.append(f"'per 1k': USD per 1,000 scans. Prices: {p.get('source', '')}")
     out += [f"Price assumed, not listed: {key}: {why}" for key, why in (p.get("assumed") or {}).items()]
     return "\n".join(out)
@@ -808,6 +901,7 @@ def report_dict(report: CostReport) -> dict:
             k: (None if t is None else report.per_1k(t)) for k, t in ((k, report.total(k)) for k in report.compute)
         },
         "serve": {"lines": [line(s, per_scan=False) for s in report.serve], "total": report.serve_total()},
+        "inputs": {"lines": [line(s) for s in report.inputs], "saving": report.input_saving()},
     }
 
 
@@ -851,6 +945,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
     for name in ("jobs_per_month", "retention_months", "serve_requests_per_month", "serve_scale_ups_per_month"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument(
+        "--input-glacier-days",
+        type=int,
+        metavar="N",
+        help="price the input bucket's opt-in rule (jobs/setup_aws.py --input-glacier-days N) in its own section;"
+        " needs --input-mb",
+    )
+    p.add_argument("--input-mb", type=float, help="one scan's input as stored, MB (a DICOM series: all its files)")
+    p.add_argument("--input-objects-per-scan", type=float, default=d.input_objects_per_scan)
+    p.add_argument("--input-retention-months", type=int, help="default: --retention-months")
+    p.add_argument("--input-reread-fraction", type=float, default=d.input_reread_fraction)
     p.add_argument(
         "--nodes-per-job",
         type=int,
