@@ -67,7 +67,6 @@ PARALLEL_EFFICIENCY_2 = 0.83
 #: Override with --vcpu-yield.
 VCPU_YIELD_SMT = 0.6
 VCPU_YIELD_CORE = 1.0
-VCPU_YIELD = VCPU_YIELD_SMT  # the hyperthread figure, the one with a discount
 #: A worker node's start-up per job: EC2 launch and boot of the Deep Learning AMI (1-2 min), pulling the
 #: prebuilt image from ECR (a few GB: about 1-2 min) and starting Ray. Assumed: not measurable here (no AWS).
 NODE_STARTUP_MINUTES = 5.0
