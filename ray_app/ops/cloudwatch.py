@@ -62,17 +62,28 @@ def publish_job(rows: list[dict], namespace: str | None = None) -> bool:
 
 
 PROVIDER_YAML = DEPLOY_DIR / "cloudwatch" / "provider.yaml"
+#: The Serve endpoint's cluster (deploy/serve-cluster.yaml) gets its own section: the Serve 5xx alarm only.
+SERVE_PROVIDER_YAML = DEPLOY_DIR / "cloudwatch" / "serve-provider.yaml"
+#: Ray Serve's request counter as Ray's Prometheus endpoint exposes it (``serve_num_http_requests``, a counter:
+#: ``ray_`` prefix and ``_total`` suffix), with its ``status_code`` label; the CloudWatch agent puts it in
+#: SERVE_NAMESPACE with that label as the dimension (deploy/cloudwatch/agent.json, prometheus.yaml), and the Serve
+#: 5xx alarm adds up these codes. 503 is left out: the endpoint's backpressure and model-loading answer.
+SERVE_REQUESTS = "ray_serve_num_http_requests_total"
+SERVE_STATUS = "status_code"
+SERVE_NAMESPACE = "ray-app-serve"
+SERVE_5XX_ALARMED = ("500", "501", "502", "504")
 
 
-def with_cloudwatch(cluster: dict) -> dict:
+def with_cloudwatch(cluster: dict, provider_yaml: Path = PROVIDER_YAML) -> dict:
     """``cluster`` with ``deploy/cloudwatch/provider.yaml`` as its ``provider.cloudwatch`` (``cluster run
-    --cloudwatch``): the dashboard and alarms through Ray's launcher."""
+    --cloudwatch``): the dashboard and alarms through Ray's launcher; the Serve cluster's with
+    SERVE_PROVIDER_YAML."""
     import copy
 
     import yaml
 
     out = copy.deepcopy(cluster)
-    out["provider"]["cloudwatch"] = yaml.safe_load(PROVIDER_YAML.read_text())["cloudwatch"]
+    out["provider"]["cloudwatch"] = yaml.safe_load(provider_yaml.read_text())["cloudwatch"]
     return out
 
 
