@@ -7,6 +7,7 @@ import fnmatch
 import json
 import os
 import re
+import subprocess
 
 import boto3
 import pytest
@@ -345,3 +346,89 @@ def test_serve_emits_the_counter_the_alarm_reads_on_rays_metrics_endpoint(ray_cl
             time.sleep(3)
     assert seen.get("501", 0) >= 1 and seen.get("401", 0) >= 1, seen
     assert "501" in cloudwatch.SERVE_5XX_ALARMED and "401" not in cloudwatch.SERVE_5XX_ALARMED
+
+
+# ------------------------------------------------------------------------------ the agent, switched on
+
+
+def _with_agent(moto_server) -> tuple[dict, str]:
+    """cluster.yaml with the CloudWatch section and the agent, its images pinned through moto's SSM. moto refuses to
+    create parameters under /aws/ (AWS's own namespace), so the resolve:ssm: path is moved under /ray-app-test/."""
+    ec2, ssm = boto3.client("ec2"), boto3.client("ssm")
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    ssm.put_parameter(Name="/ray-app-test/dlami/ami-id", Value=ami, Type="String", Overwrite=True)
+    config = cloudwatch.with_cloudwatch(load_cluster())
+    for node_type in config["available_node_types"].values():
+        image = node_type["node_config"]["ImageId"]
+        assert image.startswith("resolve:ssm:/aws/service/deeplearning/")
+        node_type["node_config"]["ImageId"] = "resolve:ssm:/ray-app-test/dlami/ami-id"
+    return cloudwatch.with_agent(config, ssm=ssm), ami
+
+
+def test_with_the_agent_the_images_are_pinned_and_rays_provider_launches_every_node_type(
+    moto_server, tmp_path, monkeypatch
+):
+    """The first precondition met in the config: every ImageId pinned to the AMI its SSM parameter names today, so
+    the DescribeImages that Ray's create_node makes once ``agent.config`` is set succeeds, and Ray's real AWS provider
+    launches each node type (against moto); the same config with resolve:ssm: ids fails there, as before."""
+    from ray.autoscaler._private.aws.config import bootstrap_aws
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
+
+    from ray_app.ops import aws_setup
+
+    agent, ami = _with_agent(moto_server)
+    assert {t["node_config"]["ImageId"] for t in agent["available_node_types"].values()} == {ami}
+    assert agent["provider"]["cloudwatch"]["agent"]["config"] == "deploy/cloudwatch/agent.json"
+    assert "-v /tmp/ray:/tmp/ray" in agent["docker"]["run_options"]
+    assert "cloudwatch" not in load_cluster()["provider"]  # the default path is unchanged
+    assert cloudwatch.with_agent(agent, ssm=boto3.client("ssm")) == agent  # idempotent
+    config = prepare_config(agent)
+    validate_config(config)
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # Ray saves the key pair it creates under ~/.ssh
+    aws_setup.ensure_iam(
+        aws_setup.IamParams(
+            input_bucket="scans",
+            output_bucket="results",
+            output_prefix="ct/",
+            table="passports",
+            region="us-east-1",
+            account_id=aws_setup.account_id(),
+        )
+    )
+    config["provider"]["aws_credentials"] = {
+        "endpoint_url": moto_server,
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+    }
+    config = bootstrap_aws(config)
+    provider = AWSNodeProvider(config["provider"], config["cluster_name"])
+    ec2 = boto3.client("ec2")
+    for name, node_type in config["available_node_types"].items():
+        kind = "head" if name == config["head_node_type"] else "worker"
+        (instance_id,) = provider.create_node(
+            node_type["node_config"], {TAG_RAY_NODE_KIND: kind, TAG_RAY_USER_NODE_TYPE: name}, 1
+        )
+        attribute = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        assert attribute["UserData"]["Value"], name  # the agent's install reaches every node
+    unpinned = dict(config["available_node_types"][config["head_node_type"]]["node_config"])
+    unpinned["ImageId"] = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/latest/ami-id"
+    with pytest.raises(ClientError, match="InvalidAMIID"):
+        provider.create_node(unpinned, {TAG_RAY_NODE_KIND: "head", TAG_RAY_USER_NODE_TYPE: "x"}, 1)
+
+
+def test_the_agents_user_data_is_a_valid_script_that_writes_the_scrape_configuration(tmp_path):
+    script = cloudwatch.agent_user_data()
+    assert script.startswith("#!/bin/bash\n") and cloudwatch.AGENT_DEB in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # syntax only: it installs a package
+    # The heredoc part, run against a temporary path: it writes prometheus.yaml byte for byte (less a final newline).
+    part = script[script.index("cat > ") : script.index("RAY_APP_EOF\n", script.index("<<'RAY_APP_EOF'") + 20) + 12]
+    target = tmp_path / "ray-app-prometheus.yaml"
+    subprocess.run(["bash", "-c", part.replace(cloudwatch.AGENT_PROMETHEUS_PATH, str(target), 1)], check=True)
+    assert target.read_text() == (CW_DIR / "prometheus.yaml").read_text()
+    prom = _load("agent.json")["logs"]["metrics_collected"]["prometheus"]
+    assert prom["prometheus_config_path"] == cloudwatch.AGENT_PROMETHEUS_PATH
+    # The container's Ray user must be able to write the host's /tmp/ray once it is bind-mounted.
+    assert "install -d -m 1777 /tmp/ray" in script
