@@ -557,3 +557,32 @@ def test_the_real_job_measured_with_1_and_2_cpu_actors_projects_to_the_same_node
         f"the actor's efficiency at 2 threads was {actor_efficiency:.2f} here (load {os.getloadavg()[0]:.1f}),"
         f" the report states {cost.PARALLEL_EFFICIENCY_2}"
     )
+
+
+def test_the_figures_the_docs_quote_are_what_the_report_makes_of_the_committed_job_summaries():
+    """README and bench/results quote `ray-app cost` with its defaults on the real job's summaries, which are
+    committed (bench/results/cost-job/): recomputed here, so a change of defaults or prices cannot leave them stale
+    (`python bench/cost_job.py --reproject` remakes cost.txt)."""
+    kept = REPO / "bench" / "results" / "cost-job"
+    clean = cost.measure([str(kept / "phantom-summary.parquet")])
+    a = cost.Assumptions(
+        scans_per_month=0,
+        mask_mb=round(clean.large_bytes_per_scan / 1024**2, 3),
+        passport_kb=round((clean.bytes_per_scan - clean.large_bytes_per_scan) / 1024, 1),
+    )
+    assert (a.mask_mb, a.passport_kb) == (0.323, 35.3)
+    m = cost.measure([str(kept / "realistic-summary.parquet")])
+    assert round(m.cpu_seconds_per_scan, 1) == 109.2
+    small, big = cost.estimate_at([10_000, 1_000_000], m, a, cost.load_prices())
+    figures = {
+        "total": f"${small.total('Spot CPU'):,.2f}",
+        "million": f"${big.total('Spot CPU'):,.2f}",
+        "compute": f"${small.compute['Spot CPU'].monthly_usd:,.2f}",
+        "head": f"${small.head['Spot CPU'].monthly_usd:,.2f}",
+    }
+    assert figures == {"total": "$14.77", "million": "$1,093.13", "compute": "$11.55", "head": "$2.10"}
+    readme = (REPO / "README.md").read_text()
+    assert all(f in readme for f in figures.values()), figures
+    text = (REPO / "bench" / "results" / "cost.txt").read_text()
+    default_run = text.split("$ ray-app cost")[1]  # the first projection: the defaults
+    assert f"{small.total('Spot CPU'):,.2f}" in default_run and f"{big.total('Spot CPU'):,.2f}" in default_run
