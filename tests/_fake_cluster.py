@@ -25,7 +25,7 @@ from tests._ray import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO / "cluster.yaml"
-LABELS = {"spot_cpu": ("c6i.", "c7i."), "spot_gpu": ("g4dn.", "g5.", "g6.")}
+LABELS = {"spot_cpu": ("m7a.", "m7i."), "spot_gpu": ("g4dn.", "g5.", "g6.")}
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 NODE_ID_ENV = b"RAY_OVERRIDE_NODE_ID_FOR_TESTING="
 

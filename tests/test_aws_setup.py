@@ -201,13 +201,21 @@ DATA_ACTIONS = {
     "ecr:GetAuthorizationToken": {"*"},  # ECR's login has no resource; it grants no pull by itself
     "ecr:BatchGetImage": {"arn:aws:ecr:us-east-1:123456789012:repository/ray-app"},
     "ecr:GetDownloadUrlForLayer": {"arn:aws:ecr:us-east-1:123456789012:repository/ray-app"},
-    # The CloudWatch agent (deploy/cloudwatch/agent.json): this cluster's log groups, its config as Ray stores it.
+    # The CloudWatch agent (deploy/cloudwatch/agent.json): the log groups of this cluster and of its Serve cluster
+    # (deploy/serve-cluster.yaml, named <cluster>-serve; its agent puts Serve's request counts there as EMF), the
+    # config as Ray stores it for each.
     **{
-        f"logs:{a}": {"arn:aws:logs:us-east-1:123456789012:log-group:/ray-app/ray-app/*"}
+        f"logs:{a}": {
+            "arn:aws:logs:us-east-1:123456789012:log-group:/ray-app/ray-app/*",
+            "arn:aws:logs:us-east-1:123456789012:log-group:/ray-app/ray-app-serve/*",
+        }
         for a in ("CreateLogGroup", "CreateLogStream", "PutLogEvents", "DescribeLogStreams", "PutRetentionPolicy")
     },
     "cloudwatch:PutMetricData": {"*"},  # no resource-level permission; limited to two namespaces by a condition
-    "ssm:GetParameter": {"arn:aws:ssm:us-east-1:123456789012:parameter/AmazonCloudWatch-ray_*_config_ray-app"},
+    "ssm:GetParameter": {
+        "arn:aws:ssm:us-east-1:123456789012:parameter/AmazonCloudWatch-ray_*_config_ray-app",
+        "arn:aws:ssm:us-east-1:123456789012:parameter/AmazonCloudWatch-ray_*_config_ray-app-serve",
+    },
     "ec2:DescribeTags": {"*"},
     # Managed by SSM, so Ray's launcher can run the agent's own document on the node.
     "ssm:UpdateInstanceInformation": {"arn:aws:ec2:us-east-1:123456789012:instance/*"},

@@ -7,6 +7,7 @@ import fnmatch
 import json
 import os
 import re
+import subprocess
 
 import boto3
 import pytest
@@ -203,3 +204,231 @@ def test_a_batch_job_puts_its_counts_to_cloudwatch_when_asked(ray_cluster, tmp_p
         sums[q["Id"]] = sum(p["Sum"] for p in stat["Datapoints"])
     assert sums == {"failed": 1.0, "succeeded": 1.0}
     assert sums["failed"] / (sums["failed"] + sums["succeeded"]) > alarm["Threshold"]
+
+
+# ------------------------------------------------------------------------------------------ Serve 5xx
+
+
+def _serve_alarm() -> dict:
+    (alarm,) = _load("serve-alarms.json")
+    return alarm
+
+
+def test_the_serve_clusters_5xx_alarm_goes_through_rays_launcher(moto_server, monkeypatch):
+    """deploy/serve-cluster.yaml with deploy/cloudwatch/serve-provider.yaml passes Ray's validator, and Ray's own
+    helper puts the one alarm, named for the cluster (the head policy's PutMetricAlarm covers <cluster>-*)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from ray_app.ops.cluster import serve_cluster_config
+
+    config = prepare_config(
+        cloudwatch.with_cloudwatch(serve_cluster_config(load_cluster()), cloudwatch.SERVE_PROVIDER_YAML)
+    )
+    validate_config(config)
+    section = config["provider"]["cloudwatch"]
+    assert "dashboard" not in section and section["alarm"]["config"] == "deploy/cloudwatch/serve-alarms.json"
+    assert section["agent"]["retryer"]["max_attempts"] * section["agent"]["retryer"]["delay_seconds"] <= 600
+    monkeypatch.chdir(REPO)
+    assert cloudwatch.check_cluster_files(config).startswith("CloudWatch files:")
+    helper = _helper(config, "i-0123456789abcdef0")
+    cw = boto3.client("cloudwatch")
+    for alarm in helper._replace_alarm_config_vars("alarm"):
+        helper._replace_all_config_variables(alarm, "i-0123456789abcdef0", config["cluster_name"], "us-east-1")
+        cw.put_metric_alarm(**alarm)
+    (put,) = cw.describe_alarms(AlarmNamePrefix="ray-app-serve-")["MetricAlarms"]
+    assert put["AlarmName"] == "ray-app-serve-5xx" and put["AlarmName"].startswith("ray-app-")
+    # Neither the batch cluster's alarms (a 13 h alarm on an always-on head) nor its dashboard.
+    assert not {a["AlarmName"] for a in _load("alarms.json")} & {a["AlarmName"] for a in _load("serve-alarms.json")}
+
+
+def test_the_serve_5xx_alarm_reads_the_metric_the_agent_makes_of_rays_counter(moto_server):
+    """Three files, one name: the Prometheus scrape keeps Ray Serve's request counter, the agent turns it into a
+    CloudWatch metric (namespace, name, the status_code dimension), and the alarm adds up the 5xx codes but 503.
+    Then the alarm's arithmetic over data put in that shape: 503s alone do not breach, one 502 does."""
+    import yaml
+
+    scrape = yaml.safe_load((CW_DIR / "prometheus.yaml").read_text())
+    (job,) = scrape["scrape_configs"]
+    (keep,) = job["metric_relabel_configs"]
+    assert keep["action"] == "keep" and re.fullmatch(keep["regex"], cloudwatch.SERVE_REQUESTS)
+    assert job["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+    from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
+
+    assert job["file_sd_configs"][0]["files"][0].endswith(PROMETHEUS_SERVICE_DISCOVERY_FILE)  # what Ray writes
+
+    prom = _load("agent.json")["logs"]["metrics_collected"]["prometheus"]
+    assert prom["prometheus_config_path"].endswith("ray-app-prometheus.yaml")
+    emf = prom["emf_processor"]
+    (declaration,) = emf["metric_declaration"]
+    assert emf["metric_namespace"] == cloudwatch.SERVE_NAMESPACE
+    assert re.fullmatch(declaration["label_matcher"], job["job_name"])  # the scrape job's label
+    assert any(re.search(s, cloudwatch.SERVE_REQUESTS) for s in declaration["metric_selectors"])
+    assert declaration["dimensions"] == [[cloudwatch.SERVE_STATUS]]
+
+    alarm = _serve_alarm()
+    stats = [q for q in alarm["Metrics"] if "MetricStat" in q]
+    assert {q["MetricStat"]["Metric"]["Namespace"] for q in stats} == {cloudwatch.SERVE_NAMESPACE}
+    assert {q["MetricStat"]["Metric"]["MetricName"] for q in stats} == {cloudwatch.SERVE_REQUESTS}
+    codes = [q["MetricStat"]["Metric"]["Dimensions"] for q in stats]
+    assert all(len(d) == 1 and d[0]["Name"] == cloudwatch.SERVE_STATUS for d in codes)
+    assert sorted(d[0]["Value"] for d in codes) == sorted(cloudwatch.SERVE_5XX_ALARMED)
+    assert "503" not in cloudwatch.SERVE_5XX_ALARMED
+    (expression,) = [q for q in alarm["Metrics"] if "Expression" in q]
+    assert sorted(re.findall(r"FILL\((\w+), 0\)", expression["Expression"])) == sorted(q["Id"] for q in stats)
+    assert expression["ReturnData"] and not any(q["ReturnData"] for q in stats)
+
+    cw = boto3.client("cloudwatch")
+    namespace = f"{cloudwatch.SERVE_NAMESPACE}-test-{os.getpid()}"
+
+    def five_minutes(counts: dict[str, float]) -> float:
+        """The alarm's expression over one period's sums, FILL(x, 0) for a code without data."""
+        cw.put_metric_data(
+            Namespace=namespace,
+            MetricData=[
+                {
+                    "MetricName": cloudwatch.SERVE_REQUESTS,
+                    "Dimensions": [{"Name": cloudwatch.SERVE_STATUS, "Value": code}],
+                    "Value": n,
+                    "Unit": "Count",
+                }
+                for code, n in counts.items()
+            ],
+        )
+        total = 0.0
+        for q in stats:
+            metric = q["MetricStat"]["Metric"]
+            got = cw.get_metric_statistics(
+                Namespace=namespace,
+                MetricName=metric["MetricName"],
+                Dimensions=metric["Dimensions"],
+                StartTime="2000-01-01T00:00:00Z",
+                EndTime="2100-01-01T00:00:00Z",
+                Period=q["MetricStat"]["Period"],
+                Statistics=[q["MetricStat"]["Stat"]],
+            )["Datapoints"]
+            total += sum(p["Sum"] for p in got)
+        return total
+
+    assert five_minutes({"200": 40.0, "503": 25.0}) < alarm["Threshold"]  # backpressure while scaling from zero
+    assert five_minutes({"502": 1.0}) >= alarm["Threshold"]  # S3 or the passport store failed
+
+
+@pytest.mark.timeout(400)
+def test_serve_emits_the_counter_the_alarm_reads_on_rays_metrics_endpoint(ray_cluster):
+    """The other side, for real: the app on the session's Ray answers a 501 (no passport store configured) and
+    a 401 (no token), and Ray's Prometheus endpoint on 127.0.0.1 then carries the counter the agent keeps, by
+    status code, with the label the alarm's dimension is made of."""
+    import time
+    import urllib.request
+
+    import ray
+
+    from tests._service import running_service
+
+    token = "t" * 40
+    with running_service(token, {}) as client:
+        assert client.get("/v1/passports/anything", headers={"Authorization": f"Bearer {token}"}).status_code == 501
+        assert client.get("/v1/passports/anything").status_code == 401
+        line = re.compile(r"^(\w+)\{(.*)\} (\S+)$")  # a route label can hold braces: /v1/passports/{scan_id}
+        deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
+        while True:
+            seen: dict[str, float] = {}
+            for node in (n for n in ray.nodes() if n["Alive"]):
+                url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+                for text in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+                    m = line.match(text)
+                    if m and m[1] == cloudwatch.SERVE_REQUESTS:
+                        labels = dict(re.findall(r'(\w+)="([^"]*)"', m[2]))
+                        code = labels.get(cloudwatch.SERVE_STATUS)
+                        seen[code] = seen.get(code, 0.0) + float(m[3])
+            if {"501", "401"} <= set(seen) or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+    assert seen.get("501", 0) >= 1 and seen.get("401", 0) >= 1, seen
+    assert "501" in cloudwatch.SERVE_5XX_ALARMED and "401" not in cloudwatch.SERVE_5XX_ALARMED
+
+
+# ------------------------------------------------------------------------------ the agent, switched on
+
+
+def _with_agent(moto_server) -> tuple[dict, str]:
+    """cluster.yaml with the CloudWatch section and the agent, its images pinned through moto's SSM. moto refuses to
+    create parameters under /aws/ (AWS's own namespace), so the resolve:ssm: path is moved under /ray-app-test/."""
+    ec2, ssm = boto3.client("ec2"), boto3.client("ssm")
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    ssm.put_parameter(Name="/ray-app-test/dlami/ami-id", Value=ami, Type="String", Overwrite=True)
+    config = cloudwatch.with_cloudwatch(load_cluster())
+    for node_type in config["available_node_types"].values():
+        image = node_type["node_config"]["ImageId"]
+        assert image.startswith("resolve:ssm:/aws/service/deeplearning/")
+        node_type["node_config"]["ImageId"] = "resolve:ssm:/ray-app-test/dlami/ami-id"
+    return cloudwatch.with_agent(config, ssm=ssm), ami
+
+
+def test_with_the_agent_the_images_are_pinned_and_rays_provider_launches_every_node_type(
+    moto_server, tmp_path, monkeypatch
+):
+    """The first precondition met in the config: every ImageId pinned to the AMI its SSM parameter names today, so
+    the DescribeImages that Ray's create_node makes once ``agent.config`` is set succeeds, and Ray's real AWS provider
+    launches each node type (against moto); the same config with resolve:ssm: ids fails there, as before."""
+    from ray.autoscaler._private.aws.config import bootstrap_aws
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
+
+    from ray_app.ops import aws_setup
+
+    agent, ami = _with_agent(moto_server)
+    assert {t["node_config"]["ImageId"] for t in agent["available_node_types"].values()} == {ami}
+    assert agent["provider"]["cloudwatch"]["agent"]["config"] == "deploy/cloudwatch/agent.json"
+    assert "-v /tmp/ray:/tmp/ray" in agent["docker"]["run_options"]
+    assert "cloudwatch" not in load_cluster()["provider"]  # the default path is unchanged
+    assert cloudwatch.with_agent(agent, ssm=boto3.client("ssm")) == agent  # idempotent
+    config = prepare_config(agent)
+    validate_config(config)
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # Ray saves the key pair it creates under ~/.ssh
+    aws_setup.ensure_iam(
+        aws_setup.IamParams(
+            input_bucket="scans",
+            output_bucket="results",
+            output_prefix="ct/",
+            table="passports",
+            region="us-east-1",
+            account_id=aws_setup.account_id(),
+        )
+    )
+    config["provider"]["aws_credentials"] = {
+        "endpoint_url": moto_server,
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+    }
+    config = bootstrap_aws(config)
+    provider = AWSNodeProvider(config["provider"], config["cluster_name"])
+    ec2 = boto3.client("ec2")
+    for name, node_type in config["available_node_types"].items():
+        kind = "head" if name == config["head_node_type"] else "worker"
+        (instance_id,) = provider.create_node(
+            node_type["node_config"], {TAG_RAY_NODE_KIND: kind, TAG_RAY_USER_NODE_TYPE: name}, 1
+        )
+        attribute = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        assert attribute["UserData"]["Value"], name  # the agent's install reaches every node
+    unpinned = dict(config["available_node_types"][config["head_node_type"]]["node_config"])
+    unpinned["ImageId"] = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/latest/ami-id"
+    with pytest.raises(ClientError, match="InvalidAMIID"):
+        provider.create_node(unpinned, {TAG_RAY_NODE_KIND: "head", TAG_RAY_USER_NODE_TYPE: "x"}, 1)
+
+
+def test_the_agents_user_data_is_a_valid_script_that_writes_the_scrape_configuration(tmp_path):
+    script = cloudwatch.agent_user_data()
+    assert script.startswith("#!/bin/bash\n") and cloudwatch.AGENT_DEB in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # syntax only: it installs a package
+    # The heredoc part, run against a temporary path: it writes prometheus.yaml byte for byte (less a final newline).
+    part = script[script.index("cat > ") : script.index("RAY_APP_EOF\n", script.index("<<'RAY_APP_EOF'") + 20) + 12]
+    target = tmp_path / "ray-app-prometheus.yaml"
+    subprocess.run(["bash", "-c", part.replace(cloudwatch.AGENT_PROMETHEUS_PATH, str(target), 1)], check=True)
+    assert target.read_text() == (CW_DIR / "prometheus.yaml").read_text()
+    prom = _load("agent.json")["logs"]["metrics_collected"]["prometheus"]
+    assert prom["prometheus_config_path"] == cloudwatch.AGENT_PROMETHEUS_PATH
+    # The container's Ray user must be able to write the host's /tmp/ray once it is bind-mounted.
+    assert "install -d -m 1777 /tmp/ray" in script

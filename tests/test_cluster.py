@@ -56,6 +56,55 @@ def test_cluster_yaml_passes_rays_schema_and_has_the_intended_shape():
     assert all("--disable-usage-stats" in c for c in starts if "ray start" in c)
 
 
+def test_rays_autoscaler_launches_the_worker_type_the_cost_report_prices():
+    """The CPU actors' request fits every spot_cpu type equally well (same vCPUs and memory), so Ray's autoscaler
+    falls back on the node type's name; cluster.yaml's fallback is named to lose that tie. Checked with Ray's own
+    scheduler, each type's CPU and memory filled in the way Ray's AWS provider does from EC2's instance data
+    (moto's copy of DescribeInstanceTypes), and against the type ``ray-app cost`` prices by default."""
+    import functools
+
+    from moto.ec2.models.instance_types import INSTANCE_TYPES
+    from ray._private import ray_constants
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+
+    from ray_app.ops import cost
+
+    config = load_cluster()
+    types = {}
+    for name, node_type in config["available_node_types"].items():
+        info = INSTANCE_TYPES[node_type["node_config"]["InstanceType"]]
+        filled = {"CPU": info["VCpuInfo"]["DefaultVCpus"]}
+        gpus = sum(g["Count"] for g in info.get("GpuInfo", {}).get("Gpus", []))
+        if gpus:
+            filled["GPU"] = gpus
+        if name != config["head_node_type"]:
+            memory = info["MemoryInfo"]["SizeInMiB"] * 1024 * 1024
+            filled["memory"] = int(memory * (1 - ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION))
+        types[name] = {**node_type, "resources": {**filled, **node_type["resources"]}}
+    scorer = functools.partial(
+        _default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary(node_availabilities={})
+    )
+    actors = [{"CPU": 2, "spot_cpu": 1}] * 16  # deploy/README.md's CPU job: --cpus-per-actor 2, --max-actors 16
+    added, left = get_nodes_for(types, {}, config["head_node_type"], 16, actors, scorer)
+    assert not left
+    (chosen,) = added
+    instance = types[chosen]["node_config"]["InstanceType"]
+    assert instance == cost.Assumptions(scans_per_month=1).cpu_instance == cost.cluster_instances()["cpu"]
+    assert instance == "m7a.4xlarge" and added[chosen] == 2, added  # 8 two-CPU actors per 16-vCPU node
+    # The other spot_cpu type fits the same actors (its vCPUs and memory are the same): a true fallback.
+    (fallback,) = [n for n in types if "spot_cpu" in types[n]["resources"] and n != chosen]
+    assert {k: types[fallback]["resources"][k] for k in ("CPU", "memory")} == {
+        k: types[chosen]["resources"][k] for k in ("CPU", "memory")
+    }
+    # With the preferred type at its max_workers the autoscaler takes the fallback.
+    more, _ = get_nodes_for(types, {chosen: types[chosen]["max_workers"]}, config["head_node_type"], 16, actors, scorer)
+    assert list(more) == [fallback]
+    # GPU actors get the GPU type the report prices.
+    gpu, _ = get_nodes_for(types, {}, config["head_node_type"], 4, [{"CPU": 2, "GPU": 1, "spot_gpu": 1}], scorer)
+    assert [types[n]["node_config"]["InstanceType"] for n in gpu] == [cost.cluster_instances()["gpu"]]
+
+
 def test_every_node_ends_by_itself_and_starts_from_the_prebuilt_image():
     """The head's dead-man's switch ends the cluster with Ray's own teardown; every host's own shutdown backs it up
     after the switch's maximum lifetime; nodes install nothing at boot (the Dockerfile's image has it all)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -112,16 +111,18 @@ def test_every_line_is_quantity_times_price_and_the_batch_lines_recomputed_by_ha
     for line in _lines(report):
         assert line.monthly_usd == pytest.approx(line.quantity * line.unit_price), line.item
 
-    # Spot CPU: per scan, the 1-thread actor's 57 s (segment + passport) become 57 / e(8) s of 8-thread actor
-    # time; the 3 s of fetch and write tasks stay single-threaded; a c7i.4xlarge does 16 vCPU x 0.6 of that per
-    # second.
-    e8 = 1 / (1 + 7 * (1 / cost.PARALLEL_EFFICIENCY_2 - 1))
-    assert cost.efficiency(8) == pytest.approx(e8)
-    node_s = (57.0 / e8 + 3.0) / (16 * cost.VCPU_YIELD)
+    # Spot CPU on the default worker (cluster.yaml's m7a.4xlarge, 2-thread actors): per scan, the 1-thread actor's
+    # 57 s (segment + passport) become 57 / e(2) s of 2-thread actor time; the 3 s of fetch and write tasks stay
+    # single-threaded; 16 vCPUs that are 16 cores (yield 1) do that per second, 8 actors of 6 GB fitting 64 GiB.
+    assert (a.cpu_instance, a.cpus_per_actor, a.head_instance) == ("m7a.4xlarge", 2, "m7i.large")
+    e2 = cost.PARALLEL_EFFICIENCY_2
+    assert cost.efficiency(2) == pytest.approx(e2)
+    node_s = (57.0 / e2 + 3.0) / (16 * 1.0)
     scan_node_h = 10_000 * node_s / 3600
     spot = report.compute["Spot CPU"]
     assert spot.quantity == pytest.approx(scan_node_h + 1 * 30 * 5 / 60)  # + 1 node x 30 jobs x 5 min start-up
-    hourly = prices["ec2_spot_per_hour"]["c7i.4xlarge"] + 150 * prices["ebs_gp3_per_gb_month"] / 730
+    assert report.plan["Spot CPU"]["actors_per_node"] == 8
+    hourly = prices["ec2_spot_per_hour"]["m7a.4xlarge"] + 150 * prices["ebs_gp3_per_gb_month"] / 730
     assert spot.unit_price == pytest.approx(hourly)
     assert report.compute["on-demand CPU"].unit_price > spot.unit_price
 
@@ -129,6 +130,9 @@ def test_every_line_is_quantity_times_price_and_the_batch_lines_recomputed_by_ha
     head = report.head["Spot CPU"]
     assert head.quantity == pytest.approx(30 * (scan_node_h / 30 + 13 / 60))
     assert head.quantity < 100
+    assert head.unit_price == pytest.approx(
+        prices["ec2_on_demand_per_hour"]["m7i.large"] + 150 * prices["ebs_gp3_per_gb_month"] / 730
+    )
 
     lines = {line.item: line for line in report.shared}
     large_gb, small_gb = 2.5 * MiB / 1024**3, 90_000 / 1024**3  # masks; passports + previews
@@ -173,11 +177,33 @@ def test_a_million_scans_is_the_per_scan_lines_times_a_hundred_plus_the_fixed_on
         sum(x.monthly_usd for x in (big.compute["Spot CPU"], big.head["Spot CPU"], *big.shared))
     )
     assert big.per_1k(big.total("Spot CPU")) < small.per_1k(small.total("Spot CPU"))  # fixed costs spread
-    # Without --nodes-per-job a job spreads over more nodes as it grows, at most cluster.yaml's max workers.
-    auto_small, auto_big = cost.estimate_at([10_000, 1_000_000], m, cost.Assumptions(scans_per_month=0), prices)
-    per_job = small.plan["Spot CPU"]["scan_node_hours_per_job"]  # about 1.3 node-h: 2 nodes of >= 1 h
-    assert auto_small.plan["Spot CPU"]["nodes_per_job"] == math.ceil(per_job / cost.MIN_NODE_HOURS_PER_JOB) < 16
-    assert auto_big.plan["Spot CPU"]["nodes_per_job"] == cost.cluster_max_workers("cpu")[0] == 16
+
+
+def test_without_nodes_per_job_a_job_runs_on_the_cheapest_number_of_nodes(local_summary):
+    """Each node adds its start-up; each node fewer lengthens the job, so the head's hours: the default count is
+    the cheapest of all counts cluster.yaml allows, grows with the job, and keeps the job within the switch."""
+    m, prices = cost.measure([local_summary]), cost.load_prices()
+    auto = cost.estimate_at([10_000, 1_000_000], m, cost.Assumptions(scans_per_month=0), prices)
+    max_workers = cost.cluster_max_workers("cpu")[0]
+    assert max_workers == 16
+    for report in auto:
+        chosen = report.plan["Spot CPU"]["nodes_per_job"]
+        batch = {
+            n: cost.estimate(m, dataclasses.replace(report.assumptions, nodes_per_job=n), prices)
+            for n in range(1, max_workers + 1)
+        }
+        bills = {n: r.compute["Spot CPU"].monthly_usd + r.head["Spot CPU"].monthly_usd for n, r in batch.items()}
+        assert bills[chosen] == pytest.approx(min(bills.values())), (chosen, bills)
+        assert report.plan["Spot CPU"]["job_hours"] <= cost.deadman_max_hours() == 12
+    small, big = (r.plan["Spot CPU"]["nodes_per_job"] for r in auto)
+    assert 1 <= small < big <= max_workers
+    # The report says which --max-actors gives that count: nodes x the actors that fit a node.
+    text = cost.format_report(auto)
+    assert f"{small} @10k (--max-actors {small * 8})" in text and f"{big} @1M (--max-actors {big * 8})" in text
+    # A job too long for the switch's lifetime at its cheapest count gets more nodes.
+    slow = dataclasses.replace(auto[1].assumptions, jobs_per_month=1)
+    plan = cost.estimate(m, slow, prices).plan["Spot CPU"]
+    assert plan["nodes_per_job"] == max_workers or plan["job_hours"] <= 12
 
 
 def test_actors_of_different_sizes_project_to_the_same_node_hours(tmp_path):
@@ -196,12 +222,14 @@ def test_actors_of_different_sizes_project_to_the_same_node_hours(tmp_path):
 
 def test_smaller_actors_help_only_as_far_as_their_memory_lets_them(local_summary):
     """More, smaller actors waste less on threading, but a c7i.4xlarge holds only 32 GiB x 0.8 / 6 GB = 4 actors:
-    16 one-thread actors would need 96 GB."""
+    16 one-thread actors would need 96 GB. (Why cluster.yaml's workers have 64 GiB for 16 vCPUs.)"""
     m, prices = cost.measure([local_summary]), cost.load_prices()
     hours = {
-        k: cost.estimate(m, cost.Assumptions(scans_per_month=10_000, nodes_per_job=1, cpus_per_actor=k), prices).plan[
-            "Spot CPU"
-        ]["scan_node_hours_per_job"]
+        k: cost.estimate(
+            m,
+            cost.Assumptions(scans_per_month=10_000, nodes_per_job=1, cpus_per_actor=k, cpu_instance="c7i.4xlarge"),
+            prices,
+        ).plan["Spot CPU"]["scan_node_hours_per_job"]
         for k in (1, 4, 8)
     }
     assert hours[4] < hours[8]  # 4 actors x 4 threads fit, and lose less to threading than 2 x 8
@@ -319,9 +347,9 @@ def test_cost_report_job_prints_the_table_and_exits_cleanly(local_summary):
         assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for text in (
-        "compute: Spot c7i.4xlarge",
-        "compute: on-demand c7i.4xlarge",
-        "batch head: on-demand m7i.xlarge",
+        "compute: Spot m7a.4xlarge",
+        "compute: on-demand m7a.4xlarge",
+        "batch head: on-demand m7i.large",
         "S3 Glacier IR",
         "DynamoDB writes",
         "egress",
@@ -336,6 +364,106 @@ def test_cost_report_job_prints_the_table_and_exits_cleanly(local_summary):
         "serve total",
     ):
         assert text in out, text
+
+
+def test_the_input_glacier_rule_is_priced_as_its_own_saving_line_by_line(local_summary):
+    """jobs/setup_aws.py --input-glacier-days N: each month's inputs spend N days in Standard, then the rest of their
+    retention in Glacier IR. The saving is (Standard - Glacier IR) x the GB-months moved, less the transitions; it is
+    reported beside the batch total (the inputs are the user's bucket), never in it."""
+    m, prices = cost.measure([local_summary]), cost.load_prices()
+    plain = cost.estimate(m, cost.Assumptions(scans_per_month=10_000), prices)
+    assert plain.inputs == [] and plain.input_saving() is None  # opt-in, like the rule
+    a = cost.Assumptions(scans_per_month=10_000, input_glacier_days=90, input_mb=150)
+    report = cost.estimate(m, a, prices)
+    without, storage, transitions, retrievals = report.inputs
+    for line in report.inputs:
+        assert line.monthly_usd == pytest.approx(line.quantity * line.unit_price), line.item
+    gb = 150 / 1024  # 150 MiB in GiB, as AWS bills
+    standard, glacier = prices["s3_standard_per_gb_month"], prices["s3_glacier_ir_per_gb_month"]
+    assert without.quantity == pytest.approx(10_000 * gb * 12) and without.unit_price == standard
+    months_moved = 12 - 90 / (365 / 12)  # 9.04 of the 12 months kept
+    assert storage.quantity == pytest.approx(10_000 * gb * months_moved)
+    assert storage.unit_price == pytest.approx(glacier - standard) and storage.unit_price < 0
+    assert transitions.quantity == pytest.approx(10) and transitions.unit_price == 0.02  # 10,000 objects
+    assert retrievals.quantity == 0
+    saving = 10_000 * gb * months_moved * (standard - glacier) - 10 * 0.02
+    assert report.input_saving() == pytest.approx(saving) == pytest.approx(251.43, abs=0.01)
+    assert report.total("Spot CPU") == pytest.approx(plain.total("Spot CPU"))  # not in the batch total
+    text = cost.format_report(report)
+    assert "INPUTS (your input bucket, not in the batch total)" in text and "input rule: saving a month" in text
+    assert f"{saving:,.2f}" in text and "-$0.019" in text
+
+    # A DICOM series of 300 slices: 300 transitions a scan; re-reads pay Glacier IR's retrieval.
+    dicom = cost.estimate(
+        m, dataclasses.replace(a, input_objects_per_scan=300, input_reread_fraction=0.1), prices
+    ).inputs
+    assert dicom[2].quantity == pytest.approx(10_000 * 300 / 1000) and dicom[2].monthly_usd == pytest.approx(60)
+    assert dicom[3].quantity == pytest.approx(10_000 * gb * 0.1) and dicom[3].unit_price == 0.03
+    # Objects at the rule's 128 KiB floor never move; inputs deleted before N days never move; the 90-day minimum.
+    tiny = cost.estimate(m, dataclasses.replace(a, input_mb=0.1), prices)
+    assert tiny.inputs[1].quantity == 0 and tiny.inputs[2].quantity == 0 and tiny.input_saving() == 0
+    short = cost.estimate(m, dataclasses.replace(a, input_retention_months=2), prices)
+    assert short.inputs[1].quantity == 0 and short.input_saving() == 0
+    brief = cost.estimate(m, dataclasses.replace(a, input_glacier_days=30, input_retention_months=3), prices)
+    assert brief.inputs[1].quantity == pytest.approx(10_000 * gb * 90 / (365 / 12))  # billed 90 days, kept 61
+    with pytest.raises(cost.CostInputError, match="--input-mb"):
+        cost.estimate(m, dataclasses.replace(a, input_mb=None), prices)
+    assert (
+        cli_main(
+            ["cost", "--summary", local_summary, "--scans-per-month", "100", "--input-glacier-days", "90", "--json"]
+        )
+        == 2
+    )
+
+
+def test_the_defaults_are_the_shape_cluster_yaml_launches():
+    """The report's default worker, GPU and head types are the ones a job on cluster.yaml gets (tests/test_cluster.py
+    checks with Ray's own scheduler which worker type that is), with the documented 2-thread actors."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    d = cost.Assumptions(scans_per_month=1)
+    head = config["available_node_types"][config["head_node_type"]]["node_config"]["InstanceType"]
+    assert cost.cluster_instances() == {"head": head, "cpu": "m7a.4xlarge", "gpu": "g6.xlarge"}
+    assert (
+        (d.cpu_instance, d.gpu_instance, d.head_instance)
+        == ("m7a.4xlarge", "g6.xlarge", "m7i.large")
+        == (
+            cost.cluster_instances()["cpu"],
+            cost.cluster_instances()["gpu"],
+            head,
+        )
+    )
+    assert d.cpus_per_actor == 2 and d.vcpu_yield is None
+    assert "--cpus-per-actor 2 --actor-resource spot_cpu=1" in (REPO / "deploy" / "README.md").read_text()
+    assert cost.cluster_instances(REPO / "no-such.yaml") == cost.DEFAULT_INSTANCES
+
+
+def test_vcpu_yield_follows_the_instances_threads_per_core(local_summary):
+    """A 7th-generation AMD vCPU is a core (yield 1); an Intel vCPU a hyperthread (0.6): the same scans take 1/0.6
+    times the node-seconds on a 16-vCPU m7i.4xlarge as on an m7a.4xlarge; --vcpu-yield overrides both."""
+    m, prices = cost.measure([local_summary]), cost.load_prices()
+    assert prices["instance_threads_per_core"]["m7a.4xlarge"] == 1
+    assert prices["instance_threads_per_core"]["m7i.4xlarge"] == 2
+    a = cost.Assumptions(scans_per_month=10_000, nodes_per_job=1)
+    hours = {
+        t: cost.estimate(m, dataclasses.replace(a, cpu_instance=t), prices).plan["Spot CPU"]["scan_node_hours_per_job"]
+        for t in ("m7a.4xlarge", "m7i.4xlarge")
+    }
+    assert hours["m7i.4xlarge"] == pytest.approx(hours["m7a.4xlarge"] / cost.VCPU_YIELD_SMT)
+    given = cost.estimate(m, dataclasses.replace(a, cpu_instance="m7i.4xlarge", vcpu_yield=1.0), prices)
+    assert given.plan["Spot CPU"]["scan_node_hours_per_job"] == pytest.approx(hours["m7a.4xlarge"])
+    assert "yield 1 (given)" in given.compute["Spot CPU"].basis
+    assert "yield 1 (a vCPU is a core)" in cost.estimate(m, a, prices).compute["Spot CPU"].basis
+
+
+def test_an_assumed_price_is_marked_in_its_line_and_explained_below(local_summary):
+    m, prices = cost.measure([local_summary]), cost.load_prices()
+    assert "ec2_spot_per_hour.m7a.4xlarge" in prices["assumed"]  # no Spot quote at hand for it
+    report = cost.estimate(m, cost.Assumptions(scans_per_month=10_000), prices)
+    assert "price (assumed)" in report.compute["Spot CPU"].basis
+    assert "(assumed)" not in report.compute["on-demand CPU"].basis  # a list price
+    assert "Price assumed, not listed: ec2_spot_per_hour.m7a.4xlarge" in cost.format_report(report)
 
 
 # ------------------------------------------------------------------------- the projection, measured for real
@@ -369,7 +497,7 @@ def realistic_weights(tmp_path_factory, phantom_weights) -> Path:
 @pytest.mark.slow
 def test_the_real_job_measured_with_1_and_2_cpu_actors_projects_to_the_same_node_hours(realistic_weights, tmp_path):
     """The real batch job, twice on the same scan: one 1-CPU actor, then one 2-CPU actor (2 torch threads).
-    Projected onto a c7i.4xlarge, both must give the node-hours the stated efficiency predicts."""
+    Projected onto the default worker, both must give the node-hours the stated efficiency predicts."""
     import nibabel as nib
 
     from ray_app.demo.phantom import make_phantom
@@ -429,3 +557,32 @@ def test_the_real_job_measured_with_1_and_2_cpu_actors_projects_to_the_same_node
         f"the actor's efficiency at 2 threads was {actor_efficiency:.2f} here (load {os.getloadavg()[0]:.1f}),"
         f" the report states {cost.PARALLEL_EFFICIENCY_2}"
     )
+
+
+def test_the_figures_the_docs_quote_are_what_the_report_makes_of_the_committed_job_summaries():
+    """README and bench/results quote `ray-app cost` with its defaults on the real job's summaries, which are
+    committed (bench/results/cost-job/): recomputed here, so a change of defaults or prices cannot leave them stale
+    (`python bench/cost_job.py --reproject` remakes cost.txt)."""
+    kept = REPO / "bench" / "results" / "cost-job"
+    clean = cost.measure([str(kept / "phantom-summary.parquet")])
+    a = cost.Assumptions(
+        scans_per_month=0,
+        mask_mb=round(clean.large_bytes_per_scan / 1024**2, 3),
+        passport_kb=round((clean.bytes_per_scan - clean.large_bytes_per_scan) / 1024, 1),
+    )
+    assert (a.mask_mb, a.passport_kb) == (0.323, 35.3)
+    m = cost.measure([str(kept / "realistic-summary.parquet")])
+    assert round(m.cpu_seconds_per_scan, 1) == 109.2
+    small, big = cost.estimate_at([10_000, 1_000_000], m, a, cost.load_prices())
+    figures = {
+        "total": f"${small.total('Spot CPU'):,.2f}",
+        "million": f"${big.total('Spot CPU'):,.2f}",
+        "compute": f"${small.compute['Spot CPU'].monthly_usd:,.2f}",
+        "head": f"${small.head['Spot CPU'].monthly_usd:,.2f}",
+    }
+    assert figures == {"total": "$14.77", "million": "$1,093.13", "compute": "$11.55", "head": "$2.10"}
+    readme = (REPO / "README.md").read_text()
+    assert all(f in readme for f in figures.values()), figures
+    text = (REPO / "bench" / "results" / "cost.txt").read_text()
+    default_run = text.split("$ ray-app cost")[1]  # the first projection: the defaults
+    assert f"{small.total('Spot CPU'):,.2f}" in default_run and f"{big.total('Spot CPU'):,.2f}" in default_run

@@ -34,6 +34,9 @@ from ray_app.ops.cluster import CLUSTER_YAML
 
 PRICES_FILE = Path(__file__).resolve().parent / "prices.json"
 HOURS_PER_MONTH = 730  # AWS's own convention for monthly estimates
+DAYS_PER_MONTH = 365 / 12
+#: Glacier Instant Retrieval bills an object for at least 90 days, however early it is deleted.
+GLACIER_IR_MIN_DAYS = 90
 GB = 1024**3  # AWS bills storage and transfer per GiB ("GB")
 COMPARE_SCANS_PER_MONTH = 1_000_000  # the second column of the table
 
@@ -55,11 +58,15 @@ COMPARE_SCANS_PER_MONTH = 1_000_000  # the second column of the table
 #: (:func:`efficiency`): 0.41 at 8 threads, 0.62 at 4, which is why the report takes --cpus-per-actor as an
 #: assumption. Override with --parallel-efficiency.
 PARALLEL_EFFICIENCY_2 = 0.83
-#: What a vCPU of the worker instance yields in the cores the CPU-seconds were measured on. c7i/c6i vCPUs are
-#: hyperthreads, two per physical core; on dense fp32 convolution a second thread on a core adds about 20 %,
-#: so 16 vCPUs do the work of about 8 x 1.2 = 9.6 cores: 0.6 per vCPU. Assumed: this machine has one thread
-#: per core, so it cannot be measured here.
-VCPU_YIELD = 0.6
+#: What a vCPU of the worker instance yields in the cores the CPU-seconds were measured on, by the instance's
+#: published threads per core (prices.json ``instance_threads_per_core``, EC2's DescribeInstanceTypes):
+#: - 2 (c7i, m7i, c6i, g6, ...: a vCPU is a hyperthread): on dense fp32 convolution a second thread on a core adds
+#:   about 20 %, so 16 vCPUs do the work of about 8 x 1.2 = 9.6 cores: 0.6 per vCPU;
+#: - 1 (m7a, c7a, r7a: 7th-generation AMD has no SMT, a vCPU is a core): 1.0, a core for a core.
+#: Both assumed: this machine has one thread per core and is not an AWS instance, so neither can be measured here.
+#: Override with --vcpu-yield.
+VCPU_YIELD_SMT = 0.6
+VCPU_YIELD_CORE = 1.0
 #: A worker node's start-up per job: EC2 launch and boot of the Deep Learning AMI (1-2 min), pulling the
 #: prebuilt image from ECR (a few GB: about 1-2 min) and starting Ray. Assumed: not measurable here (no AWS).
 NODE_STARTUP_MINUTES = 5.0
@@ -67,17 +74,22 @@ NODE_STARTUP_MINUTES = 5.0
 #: ``ray down``, instance termination). Assumed: not measurable here.
 HEAD_STARTUP_MINUTES = 6.0
 HEAD_TEARDOWN_MINUTES = 2.0
-#: Without --nodes-per-job, a job uses as many nodes as keep each one busy at least this long (so a node's
-#: start-up stays under a tenth of its time), at most cluster.yaml's max workers of the kind.
-MIN_NODE_HOURS_PER_JOB = 1.0
+#: Without --nodes-per-job, a job runs on the number of worker nodes that costs least: each node adds its
+#: start-up, each node fewer lengthens the job and so the head's hours; at most cluster.yaml's max workers of the
+#: kind, and enough that the job ends within the dead-man's switch's --max-hours (cluster.yaml).
+DEADMAN_MAX_HOURS = 12.0  # when cluster.yaml cannot be read
 #: Peak memory of one segmentation actor on a full-size CT: 5.2 GB RSS for a 512x512x300 CT with the warm
 #: segmenter (bench/results/latest.json, "ours"), 5.5 GB for 512x512x200 through vanilla TotalSegmentator
 #: (ENVIRONMENT.md); 6 GB with headroom. A node runs no more actors than fit in MEMORY_USABLE of its memory
 #: (the rest: the OS, Ray's raylet and object store, the fetch and write tasks).
 ACTOR_MEMORY_GB = 6.0
 MEMORY_USABLE = 0.8
-#: When cluster.yaml cannot be read: its max workers per kind as committed.
+#: When cluster.yaml cannot be read: its max workers per kind and its instance types as committed.
 DEFAULT_MAX_WORKERS = {"cpu": 16, "gpu": 8}
+DEFAULT_INSTANCES = {"cpu": "m7a.4xlarge", "gpu": "g6.xlarge", "head": "m7i.large"}
+#: The production job's --cpus-per-actor: 2 threads keep the measured efficiency (0.83), and 8 such actors fit
+#: a 16-vCPU, 64 GiB worker (cluster.yaml, deploy/README.md).
+CPUS_PER_ACTOR = 2
 
 
 class CostInputError(ValueError):
@@ -109,6 +121,12 @@ def _price(prices: dict, table: str, instance: str) -> float:
         raise CostInputError(f"no {table} entry for {instance!r}; add it with --prices FILE") from None
 
 
+def _assumed_note(prices: dict, table: str, instance: str) -> str:
+    """' (assumed)' when prices.json marks this price as an assumption rather than a list price (the report's
+    footer says why)."""
+    return " (assumed)" if f"{table}.{instance}" in (prices.get("assumed") or {}) else ""
+
+
 def efficiency(threads: float, at_2: float = PARALLEL_EFFICIENCY_2) -> float:
     """Parallel efficiency at ``threads`` torch threads by Amdahl's law, its serial share fitted to the
     efficiency measured at 2: s = 1/e(2) - 1, e(k) = 1 / (1 + (k - 1) s); 1.0 at one thread."""
@@ -118,13 +136,45 @@ def efficiency(threads: float, at_2: float = PARALLEL_EFFICIENCY_2) -> float:
     return 1 / (1 + (max(1.0, threads) - 1) * serial)
 
 
+def _load_cluster(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def cluster_instances(path: Path = CLUSTER_YAML) -> dict[str, str]:
+    """The instance types a job on cluster.yaml gets: the head's, and per worker kind (cpu/gpu) the type Ray's
+    autoscaler launches when every type of the kind fits the request equally well. It ranks them by a
+    utilization score and, on a tie (same vCPUs and memory), takes the node type whose name sorts last
+    (``resource_demand_scheduler.get_nodes_for``); cluster.yaml names its fallbacks so they sort first."""
+    try:
+        config = _load_cluster(path)
+        types = config["available_node_types"]
+        out = {"head": types[config["head_node_type"]]["node_config"]["InstanceType"]}
+        for kind in ("cpu", "gpu"):
+            names = sorted(n for n, t in types.items() if f"spot_{kind}" in (t.get("resources") or {}))
+            out[kind] = types[names[-1]]["node_config"]["InstanceType"]
+        return out
+    except (OSError, KeyError, IndexError, TypeError, ValueError, ImportError):
+        return dict(DEFAULT_INSTANCES)
+
+
+def deadman_max_hours(path: Path = CLUSTER_YAML) -> float:
+    """The dead-man's switch's --max-hours in cluster.yaml's head start commands: no job may run longer."""
+    import re
+
+    try:
+        commands = " ".join(_load_cluster(path)["head_start_ray_commands"])
+        return float(re.search(r"ray_app\.ops\.deadman\b.*?--max-hours\s+([0-9.]+)", commands).group(1))
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, ImportError):
+        return DEADMAN_MAX_HOURS
+
+
 def cluster_max_workers(kind: str, path: Path = CLUSTER_YAML) -> tuple[int, str]:
     """The most worker nodes of ``kind`` (cpu/gpu: node types labelled spot_cpu/spot_gpu) cluster.yaml allows,
     and where the figure comes from."""
     try:
-        import yaml
-
-        config = yaml.safe_load(path.read_text())
+        config = _load_cluster(path)
         types = config["available_node_types"].values()
         per_type = sum(int(t.get("max_workers", 0)) for t in types if f"spot_{kind}" in (t.get("resources") or {}))
         total = min(per_type, int(config.get("max_workers", per_type)))
@@ -235,18 +285,19 @@ def measure(summary_uris: list[str], actor_cpus: float | None = None) -> Measure
 
 @dataclass(frozen=True)
 class Assumptions:
-    """The figures a summary cannot measure. Defaults follow ``cluster.yaml`` and the constants above."""
+    """The figures a summary cannot measure. Defaults follow ``cluster.yaml`` (instance types: what a job on it
+    gets) and the constants above."""
 
     scans_per_month: int
-    cpu_instance: str = "c7i.4xlarge"
-    gpu_instance: str = "g6.xlarge"
-    head_instance: str = "m7i.xlarge"
-    cpus_per_actor: float = 8  # the production job's --cpus-per-actor (cluster.yaml: 2 actors per 16 vCPU)
+    cpu_instance: str = field(default_factory=lambda: cluster_instances()["cpu"])
+    gpu_instance: str = field(default_factory=lambda: cluster_instances()["gpu"])
+    head_instance: str = field(default_factory=lambda: cluster_instances()["head"])
+    cpus_per_actor: float = CPUS_PER_ACTOR  # the production job's --cpus-per-actor (deploy/README.md)
     actor_memory_gb: float = ACTOR_MEMORY_GB  # a node runs no more actors than fit in its memory
     parallel_efficiency: float = PARALLEL_EFFICIENCY_2  # at 2 threads; Amdahl beyond
-    vcpu_yield: float = VCPU_YIELD
+    vcpu_yield: float | None = None  # None: by the instance's threads per core (VCPU_YIELD_SMT / _CORE)
     jobs_per_month: int = 30
-    nodes_per_job: int | None = None  # None: enough for MIN_NODE_HOURS_PER_JOB each, within cluster.yaml
+    nodes_per_job: int | None = None  # None: the cheapest count within cluster.yaml (see _plan)
     node_startup_minutes: float = NODE_STARTUP_MINUTES
     head_startup_minutes: float = HEAD_STARTUP_MINUTES
     head_teardown_minutes: float = HEAD_TEARDOWN_MINUTES
@@ -257,6 +308,12 @@ class Assumptions:
     mask_mb: float | None = None  # for a summary without bytes_written: the mask's size
     passport_kb: float | None = None  # ... and the passport's
     item_kb: float | None = None  # for a summary without store_item_bytes: the DynamoDB item's size
+    # The inputs' opt-in lifecycle rule (jobs/setup_aws.py --input-glacier-days): priced only when given.
+    input_glacier_days: int | None = None
+    input_mb: float | None = None  # one scan's input as stored (a NIfTI file, or a DICOM series' files together)
+    input_objects_per_scan: float = 1  # 1 for a NIfTI file; a DICOM series has one object per slice
+    input_retention_months: int | None = None  # None: as long as the results (retention_months)
+    input_reread_fraction: float = 0.0  # of the inputs read again after moving (a re-run): Glacier IR retrieval
     # The always-on endpoint, a deployment of its own.
     serve_head_instance: str = "m7i.large"
     serve_requests_per_month: int = 1000
@@ -291,6 +348,7 @@ class CostReport:
     shared: list[LineItem]  # paid whichever compute runs them
     serve: list[LineItem]  # the always-on endpoint: its own deployment, its own total
     plan: dict[str, dict] = field(default_factory=dict)  # per alternative: nodes per job, job hours, ...
+    inputs: list[LineItem] = field(default_factory=list)  # the input bucket's opt-in rule: its own section
 
     def per_1k(self, usd: float) -> float:
         return usd / self.assumptions.scans_per_month * 1000
@@ -304,29 +362,61 @@ class CostReport:
     def serve_total(self) -> float:
         return sum(s.monthly_usd for s in self.serve)
 
+    def input_saving(self) -> float | None:
+        """What the input rule saves a month (positive: a saving): minus the sum of its lines after the first,
+        which is the inputs' storage without the rule, for scale."""
+        return -sum(x.monthly_usd for x in self.inputs[1:]) if self.inputs else None
+
 
 def _node_hour_price(prices: dict, table: str, instance: str, a: Assumptions) -> float:
     """Instance price plus its root volume's, per hour."""
     return _price(prices, table, instance) + a.ebs_gb_per_node * prices["ebs_gp3_per_gb_month"] / HOURS_PER_MONTH
 
 
-def _plan(kind: str, scan_node_hours: float, a: Assumptions) -> dict:
-    """Nodes per job and the job's hours, from the month's node-hours of scan work."""
+def vcpu_yield(prices: dict, instance: str, a: Assumptions) -> float:
+    """What one vCPU of ``instance`` yields in measured cores: given, or by its threads per core."""
+    if a.vcpu_yield is not None:
+        return a.vcpu_yield
+    per_core = _price(prices, "instance_threads_per_core", instance)
+    return VCPU_YIELD_CORE if per_core == 1 else VCPU_YIELD_SMT
+
+
+def _yield_basis(prices: dict, instance: str, a: Assumptions) -> str:
+    if a.vcpu_yield is not None:
+        return f"yield {a.vcpu_yield:g} (given)"
+    per_core = _price(prices, "instance_threads_per_core", instance)
+    what = "a vCPU is a core" if per_core == 1 else f"{per_core:g} vCPUs per core"
+    return f"yield {vcpu_yield(prices, instance, a):g} ({what})"
+
+
+def _plan(kind: str, scan_node_hours: float, a: Assumptions, node_hourly: float, head_hourly: float) -> dict:
+    """Nodes per job and the job's hours, from the month's node-hours of scan work: the given number, or the one
+    that costs least (each node's start-up against the head's hours while the job runs), at most cluster.yaml's
+    max workers, and enough for the job to end within the dead-man's switch's maximum lifetime."""
     per_job = scan_node_hours / a.jobs_per_month
+    overhead = (a.head_startup_minutes + a.node_startup_minutes + a.head_teardown_minutes) / 60
     max_workers, source = cluster_max_workers(kind)
     if a.nodes_per_job is not None:
         nodes, why = a.nodes_per_job, "given"
     else:
-        nodes = min(max_workers, max(1, math.ceil(per_job / MIN_NODE_HOURS_PER_JOB)))
-        why = f"each busy >= {MIN_NODE_HOURS_PER_JOB:g} h, at most {max_workers} ({source})"
+        limit = deadman_max_hours()
+
+        def monthly(n: int) -> float:
+            return head_hourly * (overhead + per_job / n) + n * node_hourly * a.node_startup_minutes / 60
+
+        fits = [n for n in range(1, max_workers + 1) if overhead + per_job / n <= limit] or [max_workers]
+        nodes = min(fits, key=monthly)  # on a tie, fewer nodes
+        why = (
+            f"the cheapest count: {a.node_startup_minutes:g} min start-up per node against the head's hours;"
+            f" at most {max_workers} ({source}), the job within the switch's {limit:g} h"
+        )
     scan_hours = per_job / nodes
-    job_hours = (a.head_startup_minutes + a.node_startup_minutes + a.head_teardown_minutes) / 60 + scan_hours
     return {
         "nodes_per_job": nodes,
         "nodes_basis": why,
         "scan_node_hours_per_job": per_job,
         "scan_hours_per_job": scan_hours,
-        "job_hours": job_hours,
+        "job_hours": overhead + scan_hours,
     }
 
 
@@ -337,11 +427,12 @@ def _nodes(plan: dict) -> str:
 
 def _cpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions) -> tuple[LineItem, dict]:
     vcpus = _price(prices, "instance_vcpus", a.cpu_instance)
+    yield_ = vcpu_yield(prices, a.cpu_instance, a)
     e_target = efficiency(a.cpus_per_actor, a.parallel_efficiency)
     work = m.work_seconds(a.parallel_efficiency)
     actor_work = work - m.task_seconds
     # Per scan on the target node: the actor's work at the target's thread count, the tasks single-threaded...
-    node_seconds = (actor_work / e_target + m.task_seconds) / (vcpus * a.vcpu_yield)
+    node_seconds = (actor_work / e_target + m.task_seconds) / (vcpus * yield_)
     # ... unless the actors that fill its vCPUs do not fit in its memory: then fewer actors run, and each
     # scan takes its actor's wall time over the actors that fit.
     memory = _price(prices, "instance_memory_gib", a.cpu_instance)
@@ -352,21 +443,25 @@ def _cpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions
     memory_note = ""
     if fit < wanted:
         threads = min(a.cpus_per_actor, vcpus)
-        node_seconds = max(node_seconds, actor_work / (threads * e_target * a.vcpu_yield) / fit)
+        node_seconds = max(node_seconds, actor_work / (threads * e_target * yield_) / fit)
         memory_note = f" (memory: {fit} of {wanted} actors fit at {a.actor_memory_gb:g} GB)"
     scan_node_hours = a.scans_per_month * node_seconds / 3600
-    plan = _plan("cpu", scan_node_hours, a)
+    hourly = _node_hour_price(prices, table, a.cpu_instance, a)
+    head_hourly = _node_hour_price(prices, "ec2_on_demand_per_hour", a.head_instance, a)
+    plan = _plan("cpu", scan_node_hours, a, hourly, head_hourly)
+    plan["actors_per_node"] = min(fit, wanted)
     startup = plan["nodes_per_job"] * a.jobs_per_month * a.node_startup_minutes / 60
     measured_at = ", ".join(f"{k} thread{'s' if k != '1' else ''} x {t:.1f} s" for k, (t, _) in m.threads.items())
     line = LineItem(
         f"compute: {label} {a.cpu_instance}",
         scan_node_hours + startup,
         "node-h",
-        _node_hour_price(prices, table, a.cpu_instance, a),
+        hourly,
         f"{m.cpu_seconds_per_scan:.1f} CPU-s/scan measured (actor {measured_at}, tasks {m.task_seconds:.1f} s)"
-        f" = {work:.1f} 1-thread-s; on {vcpus:g} vCPU x {a.vcpu_yield:g} yield, {a.cpus_per_actor:g}-thread actors"
-        f" at {e_target:.2f} efficiency{memory_note}: {node_seconds:.2f} node-s/scan; + {_nodes(plan)} x"
-        f" {a.jobs_per_month} jobs x {a.node_startup_minutes:g} min start-up; price incl. {a.ebs_gb_per_node:g} GB gp3",
+        f" = {work:.1f} 1-thread-s; on {vcpus:g} vCPU x {_yield_basis(prices, a.cpu_instance, a)},"
+        f" {plan['actors_per_node']} x {a.cpus_per_actor:g}-thread actors at {e_target:.2f} efficiency{memory_note}:"
+        f" {node_seconds:.2f} node-s/scan; + {_nodes(plan)} x {a.jobs_per_month} jobs x {a.node_startup_minutes:g}"
+        f" min start-up; price{_assumed_note(prices, table, a.cpu_instance)} incl. {a.ebs_gb_per_node:g} GB gp3",
     )
     return line, plan
 
@@ -377,16 +472,19 @@ def _gpu_lines(label: str, table: str, m: Measured, prices: dict, a: Assumptions
     if m.gpu_seconds_per_scan <= 0:
         raise CostInputError("the GPU summary's actors had no GPU (actor_gpus 0): is it a CPU run?")
     gpu_bound = m.gpu_seconds_per_scan / gpus
-    cpu_bound = m.task_seconds / (vcpus * a.vcpu_yield)  # the fetch and write tasks beside, on its vCPUs
+    cpu_bound = m.task_seconds / (vcpus * vcpu_yield(prices, a.gpu_instance, a))  # fetch and write beside it
     node_seconds = max(gpu_bound, cpu_bound)
     scan_node_hours = a.scans_per_month * node_seconds / 3600
-    plan = _plan("gpu", scan_node_hours, a)
+    hourly = _node_hour_price(prices, table, a.gpu_instance, a)
+    head_hourly = _node_hour_price(prices, "ec2_on_demand_per_hour", a.head_instance, a)
+    plan = _plan("gpu", scan_node_hours, a, hourly, head_hourly)
+    plan["actors_per_node"] = max(1, math.floor(gpus / max(m.actor_gpus, 1e-9)))
     startup = plan["nodes_per_job"] * a.jobs_per_month * a.node_startup_minutes / 60
     line = LineItem(
         f"compute: {label} {a.gpu_instance}",
         scan_node_hours + startup,
         "node-h",
-        _node_hour_price(prices, table, a.gpu_instance, a),
+        hourly,
         f"{m.gpu_seconds_per_scan:.1f} GPU-s/scan measured ({m.actor_gpus:g} GPU x {m.actor_seconds:.1f} s) on"
         f" {gpus:g} GPU/node; tasks {m.task_seconds:.1f} CPU-s beside it on {vcpus:g} vCPU"
         f"{' (the bound)' if cpu_bound > gpu_bound else ''}; + {_nodes(plan)} x {a.jobs_per_month}"
@@ -413,7 +511,7 @@ def _serve_lines(m: Measured, prices: dict, a: Assumptions) -> list[LineItem]:
     e_target = efficiency(a.cpus_per_actor, a.parallel_efficiency)
     actor_work = m.work_seconds(a.parallel_efficiency) - m.task_seconds
     # A request is fetched, segmented and answered inside the replica: all of it at the replica's threads.
-    node_seconds = (actor_work + m.task_seconds) / e_target / (vcpus * a.vcpu_yield)
+    node_seconds = (actor_work + m.task_seconds) / e_target / (vcpus * vcpu_yield(prices, a.cpu_instance, a))
     idle_hours = a.serve_scale_ups_per_month * (a.node_startup_minutes + a.serve_idle_minutes) / 60
     return [
         LineItem(
@@ -431,6 +529,66 @@ def _serve_lines(m: Measured, prices: dict, a: Assumptions) -> list[LineItem]:
             f"{a.serve_requests_per_month:,} requests (assumed) x {node_seconds:.2f} node-s (the batch job's"
             f" per-scan work at {a.cpus_per_actor:g} threads) + {a.serve_scale_ups_per_month} scale-ups from zero"
             f" x ({a.node_startup_minutes:g} min start-up + {a.serve_idle_minutes:g} min idle)",
+        ),
+    ]
+
+
+def _input_lines(prices: dict, a: Assumptions) -> list[LineItem]:
+    """The input bucket's opt-in Glacier IR rule in steady state: each month's inputs spend ``input_glacier_days`` in
+    Standard, then the rest of their retention in Glacier IR (at least its 90-day minimum). Lines: the inputs'
+    storage without the rule (for scale; in no total), then the rule's effect: storage moved (at Glacier IR's price
+    less Standard's: negative), transitions and retrievals. The inputs' storage is the user's own bucket, not the
+    batch bill, so the saving is reported beside the batch total, never subtracted from it."""
+    if a.input_glacier_days is None:
+        return []
+    if a.input_mb is None or a.input_mb <= 0 or a.input_glacier_days < 1 or a.input_objects_per_scan <= 0:
+        raise CostInputError(
+            "--input-glacier-days needs --input-mb (one scan's input as stored, > 0), at least 1 day and"
+            " --input-objects-per-scan > 0"
+        )
+    from ray_app.storage.sinks import LARGE_OBJECT_BYTES
+
+    n, days = a.scans_per_month, a.input_glacier_days
+    months = a.input_retention_months or a.retention_months
+    gb = a.input_mb * 1024**2 / GB
+    per_object = a.input_mb * 1024**2 / a.input_objects_per_scan
+    moved = per_object > LARGE_OBJECT_BYTES and days < months * DAYS_PER_MONTH  # the rule's size floor, and in time
+    glacier_months = max(months - days / DAYS_PER_MONTH, GLACIER_IR_MIN_DAYS / DAYS_PER_MONTH) if moved else 0.0
+    why = (
+        f"{a.input_mb:g} MB per scan in {a.input_objects_per_scan:g} object(s), kept {months} months"
+        if moved
+        else f"nothing moves: {'objects of at most 128 KiB' if per_object <= LARGE_OBJECT_BYTES else 'deleted first'}"
+    )
+    standard, glacier = prices["s3_standard_per_gb_month"], prices["s3_glacier_ir_per_gb_month"]
+    return [
+        LineItem(
+            "inputs without the rule: S3 Standard",
+            n * gb * months,
+            "GB-month",
+            standard,
+            f"for scale, in no total: {n:,} scans x {a.input_mb:g} MB kept {months} months",
+        ),
+        LineItem(
+            f"inputs to Glacier IR after {days} d: storage",
+            n * gb * glacier_months,
+            "GB-month",
+            glacier - standard,
+            f"{why}; {glacier_months:.2f} months each in Glacier IR instead of Standard"
+            f" (at least its {GLACIER_IR_MIN_DAYS}-day minimum)",
+        ),
+        LineItem(
+            f"inputs to Glacier IR after {days} d: transitions",
+            n * a.input_objects_per_scan / 1000 if moved else 0.0,
+            "1k requests",
+            prices["s3_glacier_ir_transition_per_1000"],
+            f"{a.input_objects_per_scan:g} object(s) per scan (a DICOM series: one per slice)",
+        ),
+        LineItem(
+            f"inputs to Glacier IR after {days} d: retrievals",
+            n * gb * a.input_reread_fraction if moved else 0.0,
+            "GB",
+            prices["s3_glacier_ir_retrieval_per_gb"],
+            f"{a.input_reread_fraction:g} of the inputs read again after moving (a re-run; assumed)",
         ),
     ]
 
@@ -485,7 +643,7 @@ def estimate(
         or a.jobs_per_month <= 0
         or a.retention_months < 1
         or a.cpus_per_actor <= 0
-        or not 0 < a.vcpu_yield <= 1
+        or (a.vcpu_yield is not None and not 0 < a.vcpu_yield <= 1)
         or (a.nodes_per_job is not None and a.nodes_per_job <= 0)
     ):
         raise CostInputError(
@@ -588,7 +746,9 @@ def estimate(
             f"{retention} months kept",
         ),
     ]
-    return CostReport(a, measured, gpu_measured, prices, compute, head, shared, _serve_lines(measured, p, a), plan)
+    return CostReport(
+        a, measured, gpu_measured, prices, compute, head, shared, _serve_lines(measured, p, a), plan, _input_lines(p, a)
+    )
 
 
 def estimate_at(
@@ -634,9 +794,10 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
         (
             f"assumed: parallel efficiency {a.parallel_efficiency:g} at 2 threads (measured: a whole CT 0.82-0.84),"
             " Amdahl beyond:"
-            f" {efficiency(a.cpus_per_actor, a.parallel_efficiency):.2f} at {a.cpus_per_actor:g}; vCPU yield"
-            f" {a.vcpu_yield:g}; {a.jobs_per_month} jobs/month; start-up: head {a.head_startup_minutes:g} min, node"
-            f" {a.node_startup_minutes:g} min; teardown {a.head_teardown_minutes:g} min (not measurable here);"
+            f" {efficiency(a.cpus_per_actor, a.parallel_efficiency):.2f} at {a.cpus_per_actor:g}; {a.cpu_instance} vCPU"
+            f" {_yield_basis(p, a.cpu_instance, a)}; {a.jobs_per_month} jobs/month;"
+            f" start-up: head {a.head_startup_minutes:g} min, node {a.node_startup_minutes:g} min;"
+            f" teardown {a.head_teardown_minutes:g} min (not measurable here);"
             f" {a.actor_memory_gb:g} GB per actor"
         ),
     ]
@@ -650,7 +811,8 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
     def row(lines: list[LineItem | None]) -> str:
         line = next(x for x in lines if x is not None)
         cells = "".join(f" {x.quantity:>13,.2f} {x.unit:<13} {x.monthly_usd:>10,.2f}" for x in lines)
-        return f"{line.item[:44]:<44} {'$' + format(line.unit_price, '.4g'):>10}{cells}  {line.basis}"
+        price = ("-$" if line.unit_price < 0 else "$") + format(abs(line.unit_price), ".4g")
+        return f"{line.item[:44]:<44} {price:>10}{cells}  {line.basis}"
 
     def total_row(label: str, totals: list[float]) -> str:
         cells = "".join(
@@ -666,7 +828,9 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
         out.append(row([r.compute[option] for r in reports]))
         out.append(row([r.head[option] for r in reports]))
         nodes = ", ".join(
-            f"{r.plan[option]['nodes_per_job']} @{_volume(r.assumptions.scans_per_month)}" for r in reports
+            f"{r.plan[option]['nodes_per_job']} @{_volume(r.assumptions.scans_per_month)}"
+            f" (--max-actors {r.plan[option]['nodes_per_job'] * r.plan[option]['actors_per_node']})"
+            for r in reports
         )
         out.append(f"{'':<44} {'':>10}  nodes per job: {nodes} ({first.plan[option]['nodes_basis']})")
     out.append(rule)
@@ -686,7 +850,23 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
     ]
     out += [row([r.serve[i] for r in reports]) for i in range(len(first.serve))]
     out.append(f"{'serve total':<44} {'':>10}" + "".join(f" {'':>27} {r.serve_total():>10,.2f}" for r in reports))
+    if first.inputs:
+        out += [
+            "",
+            (
+                "INPUTS (your input bucket, not in the batch total): the opt-in Glacier IR rule,"
+                f" jobs/setup_aws.py --input-glacier-days {a.input_glacier_days}"
+            ),
+            rule,
+        ]
+        out += [row([r.inputs[i] for r in reports]) for i in range(len(first.inputs))]
+        out.append(
+            f"{'input rule: saving a month':<44} {'':>10}"
+            + "".join(f" {'':>27} {r.input_saving():>10,.2f}" for r in reports)
+            + "  = -(storage moved + transitions + retrievals)"
+        )
     out.append(f"'per 1k': USD per 1,000 scans. Prices: {p.get('source', '')}")
+    out += [f"Price assumed, not listed: {key}: {why}" for key, why in (p.get("assumed") or {}).items()]
     return "\n".join(out)
 
 
@@ -720,6 +900,7 @@ def report_dict(report: CostReport) -> dict:
             k: (None if t is None else report.per_1k(t)) for k, t in ((k, report.total(k)) for k in report.compute)
         },
         "serve": {"lines": [line(s, per_scan=False) for s in report.serve], "total": report.serve_total()},
+        "inputs": {"lines": [line(s) for s in report.inputs], "saving": report.input_saving()},
     }
 
 
@@ -764,17 +945,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in ("jobs_per_month", "retention_months", "serve_requests_per_month", "serve_scale_ups_per_month"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument(
+        "--input-glacier-days",
+        type=int,
+        metavar="N",
+        help="price the input bucket's opt-in rule (jobs/setup_aws.py --input-glacier-days N) in its own section;"
+        " needs --input-mb",
+    )
+    p.add_argument("--input-mb", type=float, help="one scan's input as stored, MB (a DICOM series: all its files)")
+    p.add_argument("--input-objects-per-scan", type=float, default=d.input_objects_per_scan)
+    p.add_argument("--input-retention-months", type=int, help="default: --retention-months")
+    p.add_argument("--input-reread-fraction", type=float, default=d.input_reread_fraction)
+    p.add_argument(
         "--nodes-per-job",
         type=int,
         default=None,
-        help=f"worker nodes a job runs on (default: each busy >= {MIN_NODE_HOURS_PER_JOB:g} h, at most"
-        " cluster.yaml's max workers)",
+        help="worker nodes a job runs on (default: the cheapest count, at most cluster.yaml's max workers; the"
+        " report prints the --max-actors that gives it)",
     )
     for name in (
         "cpus_per_actor",
         "actor_memory_gb",
         "parallel_efficiency",
-        "vcpu_yield",
         "node_startup_minutes",
         "head_startup_minutes",
         "head_teardown_minutes",
@@ -784,6 +975,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "serve_idle_minutes",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument(
+        "--vcpu-yield",
+        type=float,
+        default=None,
+        help=f"what a worker vCPU does in measured cores (default: {VCPU_YIELD_CORE:g} where a vCPU is a core,"
+        f" {VCPU_YIELD_SMT:g} where it is a hyperthread)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
