@@ -6,10 +6,10 @@
 
 Every (variant, scan) runs in a fresh child process, so peak RSS is that run's own: its process alone, and plus
 its largest child process (vanilla's preprocessing and export workers), the same way for every variant.
-"forward share" is the network forward's share of the worker's seconds (segmentation and passport: what a batch actor or Serve replica spends per scan; decoding and writing
-run in other tasks). Then the Ray Data batch job runs N copies of one scan on a local Ray with k one-CPU
-actors, against k times the rate of one warm one-thread segmenter. Figures go to ``bench/results/latest.json``
-and a table.
+"forward share" is the network forward's share of the worker's seconds (segmentation and passport: what a batch
+actor or Serve replica spends per scan; decoding and writing run in other tasks). Then the Ray Data batch job runs N
+copies of one scan on a local Ray with k one-CPU actors, against k times the rate of one warm one-thread segmenter.
+Figures go to ``bench/results/latest.json`` and a table.
 """
 
 from __future__ import annotations
