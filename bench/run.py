@@ -6,9 +6,10 @@
 
 Every (variant, scan) runs in a fresh child process, so peak RSS is that run's own: its process alone, and plus
 its largest child process (vanilla's preprocessing and export workers), the same way for every variant.
-"forward share" is the network forward's share of the worker's seconds (segmentation and passport: what a batch actor or Serve replica spends per scan; decoding and writing
-run in other tasks). Then the Ray Data batch job runs N copies of one scan on a local Ray with k one-CPU
-actors, against k times the rate of one warm one-thread segmenter. Figures go to ``bench/results/latest.json``
+"forward share" is the network forward's share of the worker's seconds (segmentation and passport: what a batch
+actor or Serve replica spends per scan; decoding and writing run in other tasks). Then the Ray Data batch job runs
+N copies of one scan on a local Ray with k one-CPU actors, against k times the rate of one warm one-thread
+segmenter. Figures go to ``bench/results/latest.json``
 and a table.
 """
 
@@ -149,14 +150,15 @@ def child(variant: str, scan: str, device: str, repeats: int, out_mask: str) -> 
         from ray_app.core import outputs, pipeline
         from ray_app.core.scan import scan_from_image
         from ray_app.core.segmenter import Segmenter
+        from ray_app.settings import Settings
 
         t = time.perf_counter()
-        seg = Segmenter(fast=True, device=device, **VARIANTS[variant])
+        seg = Segmenter(fast=True, device=device, **VARIANTS[variant], settings=Settings())
         stages["load_model_s"] = time.perf_counter() - t
         for _ in range(repeats):
             clock.seconds = clock.calls = 0
             t, c = time.perf_counter(), _cpu()
-            s = scan_from_image(img, "bench")
+            s = scan_from_image(img, "bench", Settings())
             read = time.perf_counter() - t
             t_worker = time.perf_counter()
             result = pipeline.segment_scan(seg, s)  # what a batch actor or a Serve replica does per scan

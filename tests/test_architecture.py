@@ -99,7 +99,8 @@ def test_the_public_surface_is_what_a_notebook_needs_and_imports_nothing_heavy()
 
     code = (
         "import sys, ray_app; "
-        "assert not {'ray', 'torch', 'boto3'} & set(sys.modules), sorted({'ray', 'torch', 'boto3'} & set(sys.modules)); "
+        "heavy = {'ray', 'torch', 'boto3'} & set(sys.modules); "
+        "assert not heavy, sorted(heavy); "
         "print(' '.join(ray_app.__all__)); "
         "[getattr(ray_app, n) for n in ray_app.__all__]"
     )

@@ -28,7 +28,7 @@ import yaml
 
 from ray_app.adapters import serve as serve_app
 from ray_app.adapters.serve import ApiError, check_uri_allowed, load_token
-from ray_app.core import pipeline
+from ray_app.core import errors, pipeline
 from ray_app.demo.phantom import make_phantom
 from ray_app.settings import Settings
 from ray_app.storage.sinks import create_table, open_passport_store
@@ -104,10 +104,11 @@ def reference(phantom_weights, scans) -> dict[str, dict]:
     from ray_app.core.scan import load_bytes
     from ray_app.core.segmenter import Segmenter
 
-    segmenter = Segmenter(fast=True, num_threads=1)  # the replica's thread count (num_cpus=1): same float sums
+    # num_threads: the replica's thread count (num_cpus=1): same float sums
+    segmenter = Segmenter(fast=True, num_threads=1, settings=Settings())
     out = {}
     for name, kind in (("phantom", "nifti-gz"), ("dicom", "dicom-zip")):
-        result = pipeline.segment_scan(segmenter, load_bytes(scans[name], name, kind=kind))
+        result = pipeline.segment_scan(segmenter, load_bytes(scans[name], name, kind=kind, settings=Settings()))
         assert result.ok, result.passport
         out[name] = result.passport
     return out
@@ -225,7 +226,8 @@ _SERVICE = serve_app.SegmentService.func_or_class  # the class behind the Serve 
 
 def _raised_statuses(fn, seen: set | None = None) -> set[int]:
     """Statuses ``fn`` can answer: ``ApiError(<status>, ...)`` in its body and, through the module's functions and
-    methods it calls (``self._x``, ``_x``), in theirs; ``_status_for``'s return values count as raised."""
+    methods it calls (``self._x``, ``_x``), in theirs; ``ApiError(info.http_status, ...)`` counts as every status
+    of the error model (``ray_app.core.errors``: each class's ``http_status``)."""
     seen = set() if seen is None else seen
     if fn.__name__ in seen:
         return set()
@@ -238,14 +240,12 @@ def _raised_statuses(fn, seen: set | None = None) -> set[int]:
             if name == "ApiError":
                 if isinstance(node.args[0], ast.Constant):
                     out.add(node.args[0].value)
-                else:  # ApiError(self._status_for(code), ...)
-                    out |= _raised_statuses(_SERVICE._status_for, seen)
+                else:  # ApiError(errors.describe(exc).http_status, ...)
+                    out |= {cls.http_status for cls in errors.error_classes()}
             elif name:
                 target = getattr(_SERVICE, name, None) or getattr(serve_app, name, None)
                 if inspect.isfunction(target) and target.__module__ == serve_app.__name__:
                     out |= _raised_statuses(target, seen)
-        elif isinstance(node, ast.Return) and fn.__name__ == "_status_for" and isinstance(node.value, ast.Constant):
-            out.add(node.value.value)
     return out
 
 

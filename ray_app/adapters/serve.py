@@ -25,6 +25,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -61,19 +62,6 @@ MASK_TYPE = "application/gzip"
 PNG_TYPE = "image/png"
 ZIP_TYPE = "application/zip"
 SERVE_JOB_PREFIX = "serve-"
-
-
-def _scan_error_codes() -> frozenset[str]:
-    """Codes that mean "this input is unusable" (422), from the error classes themselves."""
-    codes, todo = set(), [errors.ScanError]
-    while todo:
-        cls = todo.pop()
-        codes.add(cls.code)
-        todo.extend(cls.__subclasses__())
-    return frozenset(codes | {InvalidId.code, storage.ObjectNotFound.code, "invalid_roi_subset"})
-
-
-SCAN_ERROR_CODES = _scan_error_codes()
 
 
 # ---------------------------------------------------------------------------------------------- API models
@@ -352,7 +340,7 @@ class SegmentService:
         from ray_app.core.segmenter import Segmenter
 
         t = time.perf_counter()
-        seg = Segmenter(fast=self.settings.fast, settings=self.settings)
+        seg = Segmenter.from_settings(self.settings)
         logger.info("model %s loaded in %.1f s", seg.spec.key, time.perf_counter() - t)
         return seg
 
@@ -364,7 +352,7 @@ class SegmentService:
         seg = self._extra.pop(spec.key, None)
         if seg is None:
             t = time.perf_counter()
-            seg = Segmenter(fast=spec.fast, roi_subset=list(spec.roi_subset or ()) or None, settings=self.settings)
+            seg = Segmenter.from_settings(self.settings, spec)
             logger.info("model %s loaded in %.1f s", spec.key, time.perf_counter() - t)
         self._extra[spec.key] = seg
         while len(self._extra) > self.settings.serve_extra_models:
@@ -380,7 +368,7 @@ class SegmentService:
     def check_health(self):
         """Serve replaces a replica whose default model failed to load."""
         if self._default.done() and self._default.exception() is not None:
-            raise RuntimeError(f"model load failed: {pipeline.error_fields(self._default.exception())[0]}")
+            raise RuntimeError(f"model load failed: {errors.describe(self._default.exception()).code}")
 
     @api.get("/healthz", summary="Liveness: the replica answers (no model needed)")
     async def healthz(self) -> dict:
@@ -402,7 +390,7 @@ class SegmentService:
                 headers={"Retry-After": str(self.settings.serve_retry_after_s)},
             )
         if self._default.exception() is not None:
-            code = pipeline.error_fields(self._default.exception())[0]
+            code = errors.describe(self._default.exception()).code
             return JSONResponse(Readiness(ready=False, models=models, error=code).model_dump(), status_code=503)
         return Readiness(ready=True, models=models)
 
@@ -467,6 +455,13 @@ class SegmentService:
             raise ApiError(
                 501, "persist_not_configured", "this deployment has no output_prefix/passport_store to persist to"
             )
+        sid, load = await self._scan_source(request, scan_id)
+        result, seg = await self._run(sid, spec, load, persist, start)
+        self._record(sid, spec, result.passport, start)
+        return await self._answer(want, sid, spec, result, seg)
+
+    async def _scan_source(self, request: Request, scan_id: str | None) -> tuple[str, Callable[[], Any]]:
+        """The scan's id and how to load it: from a JSON ``{"uri": ...}`` body or from the body's bytes."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/json":
             body = await read_body(request, JSON_BODY_LIMIT)
@@ -482,18 +477,19 @@ class SegmentService:
                 raise ApiError(422, "invalid_request", "scan_id differs between the query and the body")
             uri = check_uri_allowed(req.uri, self.settings.allowed_uri_prefixes)
             sid = self._scan_id(req.scan_id or scan_id)
-            load = self._load_uri(uri, sid)
-        elif content_type in BODY_KINDS:
+            return sid, self._load_uri(uri, sid)
+        if content_type in BODY_KINDS:
             sid = self._scan_id(scan_id)
             data = await read_body(request, self.settings.max_body_bytes)
-            load = self._load_bytes(data, sid, BODY_KINDS[content_type])
-        else:
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                f"Content-Type must be application/json or one of: {', '.join(BODY_KINDS)}",
-            )
+            return sid, self._load_bytes(data, sid, BODY_KINDS[content_type])
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json or one of: {', '.join(BODY_KINDS)}",
+        )
 
+    async def _run(self, sid: str, spec, load: Callable[[], Any], persist: bool, start: float):
+        """Load, segment and (``persist``) store the scan; every failure becomes an :class:`ApiError`."""
         loop = asyncio.get_running_loop()
         try:
             scan = await loop.run_in_executor(self._io, load)
@@ -502,9 +498,10 @@ class SegmentService:
             result, seg = await loop.run_in_executor(self._compute, self._segment, spec, scan, {"read_s": read_s})
             if result.passport["status"] == "failed":
                 err = result.passport["error"]
-                raise ApiError(self._status_for(err["code"]), err["code"], err["message"])
+                raise errors.from_code(err["code"], err["message"], scan_id=sid)
             if persist:
                 await loop.run_in_executor(self._io, self._persist, result, seg)
+            return result, seg
         except ApiError as exc:
             self.failures.inc(tags={"code": exc.code})
             logger.warning(
@@ -515,18 +512,23 @@ class SegmentService:
                 time.perf_counter() - start,
             )
             raise
-        except errors.RayAppError as exc:
-            self.failures.inc(tags={"code": exc.code})
-            logger.warning("segment scan_id=%s model=%s failed code=%s", sid, spec.key, exc.code)
-            raise ApiError(self._status_for(exc.code), exc.code, exc.message) from exc
         except Exception as exc:
-            self.failures.inc(tags={"code": "internal_error"})
-            logger.exception("segment scan_id=%s model=%s internal error", sid, spec.key)
-            raise ApiError(
-                500, "internal_error", f"internal error ({type(exc).__name__}); see the replica log"
-            ) from exc
+            raise self._failure(exc, sid, spec) from exc
 
-        doc = result.passport
+    def _failure(self, exc: BaseException, sid: str, spec) -> ApiError:
+        """The answer to a failed scan, from the error model (:func:`ray_app.core.errors.describe`). Call it in an
+        ``except`` block: an unexpected error is logged with its traceback and answered without its text."""
+        info = errors.describe(exc)
+        self.failures.inc(tags={"code": info.code})
+        if info.code == errors.InternalError.code:
+            logger.exception("segment scan_id=%s model=%s internal error", sid, spec.key)
+            return ApiError(500, "internal_error", f"internal error ({type(exc).__name__}); see the replica log")
+        logger.warning("segment scan_id=%s model=%s failed code=%s", sid, spec.key, info.code)
+        retry = {"Retry-After": str(self.settings.serve_retry_after_s)} if info.http_status == 503 else None
+        return ApiError(info.http_status, info.code, info.message, retry)
+
+    def _record(self, sid: str, spec, doc: dict[str, Any], start: float) -> None:
+        """Metrics and the log line of a scan answered with its passport."""
         timings = doc["timings"]
         self.scans.inc(tags={"model_key": spec.key, "status": doc["status"]})
         self.seconds.observe(timings.get("segment_s", 0.0), tags={"model_key": spec.key})
@@ -539,6 +541,11 @@ class SegmentService:
             timings.get("segment_s", 0.0),
             time.perf_counter() - start,
         )
+
+    async def _answer(self, want: str, sid: str, spec, result, seg) -> Response:
+        """The passport as JSON, or the mask / per-structure zip / preview it asked for."""
+        loop = asyncio.get_running_loop()
+        doc = result.passport
         headers = {"X-Scan-Id": sid, "X-Model-Key": spec.key, "X-Passport-Status": doc["status"]}
         if result.locations.get("passport"):
             headers["X-Passport-Uri"] = result.locations["passport"]
@@ -634,22 +641,8 @@ class SegmentService:
             ) from exc
         except Exception as exc:
             raise ApiError(
-                503, "model_unavailable", f"the model could not be loaded ({pipeline.error_fields(exc)[0]})"
+                503, "model_unavailable", f"the model could not be loaded ({errors.describe(exc).code})"
             ) from exc
-
-    @staticmethod
-    def _status_for(code: str) -> int:
-        if code in (storage.ObjectTooLarge.code, errors.InputTooLarge.code):
-            return 413
-        if code in SCAN_ERROR_CODES:
-            return 422
-        if code == storage.UnsupportedUri.code:
-            return 403
-        if code == storage.StorageError.code:
-            return 502
-        if code in (errors.WeightsMissing.code, pipeline.OUT_OF_MEMORY):
-            return 503  # out of memory: this replica, now; another one (or a retry) may have room
-        return 500
 
     def _passports(self):
         from ray_app.storage.sinks import open_passport_store

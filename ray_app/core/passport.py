@@ -20,9 +20,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ray_app.core.errors import RayAppError
+from ray_app.core.errors import describe
 from ray_app.core.scan import Scan
-from ray_app.settings import Settings, get_settings
+from ray_app.settings import Settings
 
 SCHEMA_VERSION = "1.0"
 #: TotalSegmentator's ``touches_border`` looks at the first and last 3 voxels of every axis.
@@ -38,8 +38,7 @@ def build_passport(
     label_map: Mapping[int, str],
     model: Mapping[str, Any],
     timings: Mapping[str, float],
-    settings: Settings | None = None,
-    status: str = "ok",
+    settings: Settings,
     warnings: list[str] | None = None,
 ) -> dict:
     """The passport of a segmented scan. ``mask`` holds label ids on the scan's grid.
@@ -47,7 +46,6 @@ def build_passport(
     The scan's warnings (e.g. a modality let through by ``modality_policy="flag"``) and ``warnings`` are copied
     into the document's ``warnings``.
     """
-    settings = settings or get_settings()
     labels = np.asanyarray(mask.dataobj) if isinstance(mask, nib.Nifti1Image) else np.asanyarray(mask)
     if labels.shape != scan.shape:
         raise ValueError(f"mask shape {labels.shape} differs from the scan's {scan.shape}")
@@ -62,7 +60,7 @@ def build_passport(
     return {
         "schema_version": SCHEMA_VERSION,
         "scan_id": scan.scan_id,
-        "status": status,
+        "status": "ok",
         "created_at": _now(),
         "scan": {
             "scan_id": scan.scan_id,
@@ -95,15 +93,14 @@ def failure_passport(
 ) -> dict:
     """The passport of a scan that could not be processed: error code and message, no structures.
 
-    Pass the exception, or ``code`` and ``message`` directly. A :class:`RayAppError` contributes its stable
-    ``code`` and its message (which names no patient data); any other exception becomes ``internal_error``
-    with its type and text.
+    Pass the exception, or ``code`` and ``message`` directly. The exception is read through
+    :func:`ray_app.core.errors.describe`: a :class:`RayAppError` contributes its stable ``code`` and its message
+    (which names no patient data), memory exhaustion becomes ``out_of_memory`` and any other exception
+    ``internal_error`` with its type and text.
     """
     if error is not None:
-        if isinstance(error, RayAppError):
-            code, message = error.code, error.message
-        else:
-            code, message = "internal_error", f"{type(error).__name__}: {error}"[:1000]
+        info = describe(error)
+        code, message = info.code, info.message
     if not code or message is None:
         raise ValueError("failure_passport needs an error, or a code and a message")
     return {
@@ -234,9 +231,3 @@ def _geometry(box: tuple[slice, ...], centroid_vox: np.ndarray, shape: tuple[int
         },
         "centroid_mm": [round(float(v), 3) for v in nib.affines.apply_affine(affine, centroid_vox)],
     }
-
-
-def present_structures(doc: Mapping[str, Any]) -> list[str]:
-    """Names of the structures a passport marks present, largest first."""
-    items = [(name, s["volume_ml"]) for name, s in doc.get("structures", {}).items() if s["present"]]
-    return [name for name, _ in sorted(items, key=lambda item: -item[1])]

@@ -51,7 +51,7 @@ from ray_app.core.errors import (
     UnsafeArchivePath,
     UnsupportedDtype,
 )
-from ray_app.settings import Settings, get_settings
+from ray_app.settings import Settings
 
 Source = str | os.PathLike | bytes | nib.Nifti1Image | Sequence[str | os.PathLike | bytes]
 
@@ -111,10 +111,9 @@ class Scan:
         return np.asarray(self.image.affine, dtype=float)
 
 
-def load_scan(source: Source, scan_id: str, settings: Settings | None = None, *, kind: str | None = None) -> Scan:
+def load_scan(source: Source, scan_id: str, settings: Settings, *, kind: str | None = None) -> Scan:
     """Read and validate a scan from a local path (a file, or a folder of DICOM files), bytes, a list of DICOM
     files (paths or bytes) or an in-memory NIfTI image. Object-store URIs: :func:`ray_app.storage.scans.load_scan`."""
-    settings = settings or get_settings()
     if isinstance(source, nib.Nifti1Image):
         return scan_from_image(source, scan_id, settings)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -135,8 +134,8 @@ def load_bytes(
     data: bytes,
     scan_id: str,
     *,
+    settings: Settings,
     kind: str | None = None,
-    settings: Settings | None = None,
     source_uri: str | None = None,
 ) -> Scan:
     """Read a scan held in memory, without temp files.
@@ -144,7 +143,6 @@ def load_bytes(
     ``kind`` is a hint: "nifti", "nifti-gz", "dicom-zip", "dicom", a MIME type or a file name. When it is given
     the bytes must match it (a clear error beats a confusing one further on); without it the magic bytes decide.
     """
-    settings = settings or get_settings()
     if not data:
         raise EmptyScan("the input is empty (0 bytes)", scan_id=scan_id)
     _check_total_bytes(len(data), scan_id, settings)
@@ -168,7 +166,7 @@ def load_bytes(
 def scan_from_image(
     img: nib.Nifti1Image,
     scan_id: str,
-    settings: Settings | None = None,
+    settings: Settings,
     *,
     source_uri: str | None = None,
     modality: str | None = None,
@@ -179,7 +177,6 @@ def scan_from_image(
     Voxels are materialised once; a scaled integer file becomes float32 (not nibabel's float64) and the header's
     scaling is cleared, so the image holds HU exactly as TotalSegmentator will read them.
     """
-    settings = settings or get_settings()
     if not _checked_header:
         _check_header(img.header, scan_id, settings)
     shape = _spatial_shape(img.header.get_data_shape(), scan_id)
@@ -196,13 +193,12 @@ def scan_from_image(
 
 
 def load_dicom_series(
-    blobs: Sequence[bytes], scan_id: str, settings: Settings | None = None, *, source_uri: str | None = None
+    blobs: Sequence[bytes], scan_id: str, settings: Settings, *, source_uri: str | None = None
 ) -> Scan:
     """Read one DICOM CT series from file contents: validate the series from its headers, then decode."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    settings = settings or get_settings()
     datasets = []
     for blob in blobs:
         if not blob:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from ray_app.core.errors import RayAppError, WeightsMissing
+from ray_app.core.errors import InvalidRoiSubset, UnsupportedTask, WeightsMissing
 
 PLANS = "nnUNetPlans"
 CONFIGURATION = "3d_fullres"
@@ -135,14 +135,14 @@ def task_spec(
     from totalsegmentator.python_api import get_task_config
 
     if task != "total":
-        raise RayAppError(f"task {task!r} is not supported; supported: 'total'")
+        raise UnsupportedTask(f"task {task!r} is not supported; supported: 'total'")
     cfg = get_task_config(task, fast=fast, quiet=True)
     label_map = dict(class_map[task])
     ids = cfg["task_id"] if isinstance(cfg["task_id"], list) else [cfg["task_id"]]
     if roi_subset:
         unknown = sorted(set(roi_subset) - set(label_map.values()))
         if unknown:
-            raise RayAppError(f"roi_subset names unknown structures: {', '.join(unknown)}")
+            raise InvalidRoiSubset(f"roi_subset names unknown structures: {', '.join(unknown)}")
         if len(ids) > 1:
             # Like TotalSegmentator: run only the part models that contain a requested structure.
             wanted = {name for name in roi_subset}

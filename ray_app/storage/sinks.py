@@ -26,7 +26,7 @@ from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from ray_app import storage
-from ray_app.core.errors import RayAppError
+from ray_app.core.errors import InvalidPassport, PassportTooLarge
 from ray_app.storage.keys import result_uri, scan_file_uri, validate_id
 
 CONTENT_TYPES = {
@@ -42,14 +42,6 @@ CONTENT_TYPES = {
 #: (``ray_app.ops.aws_setup.lifecycle_rule``): Glacier IR bills every object as at least 128 KiB, so small
 #: passports and previews stay in Standard. The job summary counts the bytes written above and below it.
 LARGE_OBJECT_BYTES = 128 * 1024
-
-
-class InvalidPassport(RayAppError):
-    code = "invalid_passport"
-
-
-class PassportTooLarge(RayAppError):
-    code = "passport_too_large"
 
 
 # --------------------------------------------------------------------------------------------- artifacts
