@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from ray_app.adapters import serve as serve_app
 from ray_app.adapters.serve import ApiError, check_uri_allowed, load_token
@@ -219,6 +220,28 @@ def test_uris_outside_the_allowed_prefixes_are_refused(uri):
     with pytest.raises(ApiError) as info:
         check_uri_allowed(uri, ["s3://scans/in/", "s3://scans-other", "/etc"])
     assert info.value.status == 403
+
+
+def test_the_response_model_is_the_passport_schema_field_by_field():
+    """One contract: Serve's ``Passport`` has exactly the schema's fields, the same required ones and the same
+    status values (no ``flagged``, which nothing produces), and takes the documents the core writes."""
+    import typing
+
+    from ray_app.core.passport import failure_passport, passport_schema
+
+    schema = passport_schema()
+    fields = serve_app.Passport.model_fields
+    assert set(fields) == set(schema["properties"])
+    assert {n for n, f in fields.items() if f.is_required()} == set(schema["required"])
+    assert set(typing.get_args(fields["status"].annotation)) == set(schema["properties"]["status"]["enum"])
+    assert typing.get_args(fields["schema_version"].annotation) == (schema["properties"]["schema_version"]["const"],)
+    assert serve_app.Passport.model_config["extra"] == "forbid" and schema["additionalProperties"] is False
+    doc = failure_passport("s-1", code="truncated_file", message="the file ends early", model={"task": "total"})
+    assert serve_app.Passport.model_validate(doc).status == "failed"
+    with pytest.raises(ValidationError):
+        serve_app.Passport.model_validate({**doc, "status": "flagged"})
+    with pytest.raises(ValidationError):
+        serve_app.Passport.model_validate({**doc, "surprise": 1})
 
 
 _SERVICE = serve_app.SegmentService.func_or_class  # the class behind the Serve deployment

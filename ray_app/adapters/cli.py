@@ -190,6 +190,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     (contradictory options, an unusable manifest, a failed preflight)."""
     from ray_app.adapters.batch import format_report, run_batch
     from ray_app.core.errors import PreflightError
+    from ray_app.settings import get_settings
     from ray_app.storage.manifest import ManifestError
 
     try:
@@ -198,7 +199,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        report = run_batch(cfg)
+        report = run_batch(cfg, get_settings())
     except (ManifestError, PreflightError) as exc:  # an unusable manifest or destination: nothing ran
         _print_error(exc)
         return 2

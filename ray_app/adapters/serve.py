@@ -35,12 +35,12 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app import storage
-from ray_app.core import errors, outputs, pipeline
+from ray_app.core import errors, outputs, passport, pipeline
 from ray_app.settings import Settings, get_settings
 from ray_app.storage import results
 from ray_app.storage.keys import InvalidId, validate_scan_id
@@ -86,20 +86,44 @@ class UriRequest(BaseModel):
     scan_id: str | None = Field(default=None, description="Defaults to a random id (never derived from the key).")
 
 
-class Passport(BaseModel):
-    """The anatomical passport (``ray_app/core/passport.schema.json``); documented here, returned verbatim."""
+def _json_type(prop: dict[str, Any], schema: dict[str, Any]) -> Any:
+    """The Python type of a JSON Schema property, as precise as a response document needs (for OpenAPI)."""
+    if "$ref" in prop:
+        return _json_type(schema["$defs"][prop["$ref"].rsplit("/", 1)[1]], schema)
+    if "const" in prop:
+        return Literal[prop["const"]]
+    if "enum" in prop:
+        return Literal[tuple(prop["enum"])]
+    kind = prop.get("type")
+    if kind == "object":
+        extra = prop.get("additionalProperties")
+        return dict[str, _json_type(extra, schema) if isinstance(extra, dict) and extra else Any]
+    if kind == "array":
+        return list[_json_type(prop.get("items", {}), schema)]
+    return {"string": str, "number": float, "integer": int, "boolean": bool}.get(kind, Any)
 
-    model_config = ConfigDict(extra="allow")
-    schema_version: str
-    scan_id: str
-    status: Literal["ok", "flagged", "failed"]
-    created_at: str
-    scan: dict[str, Any]
-    model: dict[str, Any]
-    timings: dict[str, float]
-    structures: dict[str, dict[str, Any]]
-    warnings: list[str]
-    outputs: dict[str, str] | None = Field(default=None, description="Stored locations, with persist=true.")
+
+def passport_model() -> type[BaseModel]:
+    """Serve's response model generated from the passport's JSON Schema (``ray_app/core/passport.schema.json``),
+    the one source of the contract: same fields, same required ones, same status values."""
+    schema = passport.passport_schema()
+    required = set(schema["required"])
+    fields: dict[str, Any] = {}
+    for name, prop in schema["properties"].items():
+        annotation, description = _json_type(prop, schema), prop.get("description")
+        if name in required:
+            fields[name] = (annotation, Field(description=description))
+        else:
+            fields[name] = (annotation | None, Field(default=None, description=description))
+    return create_model(
+        "Passport",
+        __doc__="The anatomical passport (generated from ``ray_app/core/passport.schema.json``); returned verbatim.",
+        __config__=ConfigDict(extra="forbid"),
+        **fields,
+    )
+
+
+Passport = passport_model()
 
 
 class Readiness(BaseModel):

@@ -45,10 +45,6 @@ class ManifestResult:
     problems: list[ManifestProblem]
     columns: list[str] = field(default_factory=list)
 
-    def table(self) -> pa.Table:
-        """The runnable rows as a pyarrow Table (for ``ray.data.from_arrow``)."""
-        return pa.Table.from_pylist(self.rows)
-
 
 class _RowProblem(Exception):
     def __init__(self, code: str, message: str, scan_id: str | None = None):
