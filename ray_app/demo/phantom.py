@@ -12,7 +12,9 @@ y). The patient lies supine on a table (posterior, -y).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -127,7 +129,7 @@ def default_affine(spacing=(3.0, 3.0, 3.0), axcodes: str = "RAS") -> tuple[np.nd
     affine = ras @ ornt.inv_ornt_aff(transform, tuple(shape))
     new_shape = np.empty(3, dtype=int)
     new_shape[transform[:, 0].astype(int)] = shape
-    return affine, tuple(int(s) for s in new_shape)
+    return affine, _grid_shape(tuple(new_shape))
 
 
 def _ellipsoid(x, y, z, c, r):
@@ -183,7 +185,7 @@ def _lung(x, y, z, side, k):
 
 def make_phantom(
     seed: int,
-    spacing=(3.0, 3.0, 3.0),
+    spacing: float | tuple[float, float, float] = (3.0, 3.0, 3.0),
     shape: tuple[int, int, int] | None = None,
     affine: np.ndarray | None = None,
     axcodes: str = "RAS",
@@ -199,31 +201,71 @@ def make_phantom(
     else:
         affine = np.asarray(affine, dtype=float)
         default_shape = default_affine(nib.affines.voxel_sizes(affine))[1]
-    shape = tuple(int(s) for s in (shape or default_shape))
+    grid = _grid_shape(shape or default_shape)
     p = PhantomParams.from_seed(seed)
     rng = np.random.default_rng([seed, 1])
+    canvas = _Canvas.start(p, affine, grid)
+    _draw_soft_tissue(canvas)
+    _draw_organs(canvas)
+    _draw_muscles_and_vessels(canvas)
+    _draw_skeleton(canvas)
+    canvas.x = canvas.y = canvas.z = np.empty(0, np.float32)  # the coordinates' memory goes before the blur
 
-    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    world = (affine[:3, :3].astype(np.float32) @ ijk + affine[:3, 3:].astype(np.float32)).reshape(3, *shape)
-    # World -> template coordinates: undo shift, rotation about z, and body scale.
-    d = world - p.shift_mm.astype(np.float32).reshape(3, 1, 1, 1)
-    cos, sin = np.cos(p.rotation_rad), np.sin(p.rotation_rad)
-    x = (cos * d[0] + sin * d[1]) / p.scale
-    y = (-sin * d[0] + cos * d[1]) / p.scale
-    z = d[2] / p.scale
-    del ijk, d
+    sigma_vox = PSF_SD_MM / nib.affines.voxel_sizes(affine)
+    hu = ndimage.gaussian_filter(canvas.hu, sigma_vox, mode="nearest")
+    hu += rng.normal(0.0, NOISE_SD_HU, size=grid).astype(np.float32)
+    ct = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
-    ids = {name: i for i, name in phantom_labels().items()}
-    hu = np.full(shape, HU["air"], dtype=np.float32)
-    labels = np.zeros(shape, dtype=np.uint8)
+    ct_img = nib.Nifti1Image(ct, affine)
+    ct_img.header.set_xyzt_units("mm", "sec")
+    ct_img.set_qform(affine, code=1)
+    ct_img.set_sform(affine, code=1)
+    lab_img = nib.Nifti1Image(canvas.labels, affine)
+    lab_img.set_qform(affine, code=1)
+    lab_img.set_sform(affine, code=1)
+    return ct_img, lab_img
 
-    def tissue(name):
-        return HU[name] + p.hu_offset.get(name, 0.0)
 
-    inv_affine = np.linalg.inv(affine)
+def _grid_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    a, b, c = (int(s) for s in shape)
+    return a, b, c
 
-    def block(lo, hi) -> tuple[slice, slice, slice]:
+
+class _Canvas:
+    """The grid being drawn: every voxel's template coordinates (mm), the HU and label volumes, and the pose."""
+
+    def __init__(self, p: PhantomParams, affine: np.ndarray, shape: tuple[int, int, int], world: np.ndarray):
+        self.p, self.affine, self.shape = p, affine, shape
+        self.cos, self.sin = np.cos(p.rotation_rad), np.sin(p.rotation_rad)
+        # World -> template coordinates: undo shift, rotation about z, and body scale.
+        d = world - p.shift_mm.astype(np.float32).reshape(3, 1, 1, 1)
+        self.x = (self.cos * d[0] + self.sin * d[1]) / p.scale
+        self.y = (-self.sin * d[0] + self.cos * d[1]) / p.scale
+        self.z = d[2] / p.scale
+        self.ids = {name: i for i, name in phantom_labels().items()}
+        self.hu = np.full(shape, HU["air"], dtype=np.float32)
+        self.labels = np.zeros(shape, dtype=np.uint8)
+        self.inv_affine = np.linalg.inv(affine)
+
+    @classmethod
+    def start(cls, p: PhantomParams, affine: np.ndarray, shape: tuple[int, int, int]) -> _Canvas:
+        """A canvas of air with the table drawn (a world-fixed slab just below the rotated, scaled body)."""
+        ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
+        world = (affine[:3, :3].astype(np.float32) @ ijk + affine[:3, 3:].astype(np.float32)).reshape(3, *shape)
+        del ijk
+        canvas = cls(p, affine, shape, world)
+        half_height = p.scale * np.hypot(BODY_A_MM * canvas.sin, BODY_B_MM * canvas.cos)
+        table_top = p.shift_mm[1] - half_height - 1.0
+        table = (world[1] <= table_top) & (world[1] >= table_top - 15.0) & (np.abs(world[0]) <= 230.0)
+        canvas.hu[table] = canvas.tissue("table")
+        return canvas
+
+    def tissue(self, name: str) -> float:
+        return float(HU[name] + self.p.hu_offset.get(name, 0.0))
+
+    def block(self, lo: Any, hi: Any) -> tuple[slice, ...]:
         """Voxel slices that hold the template-space box [lo, hi]: structures are drawn only there (speed)."""
+        p, cos, sin = self.p, self.cos, self.sin
         corners = np.array(list(itertools.product(*zip(lo, hi))), dtype=float)
         world_corners = (
             np.stack(
@@ -236,39 +278,40 @@ def make_phantom(
             )
             + p.shift_mm
         )
-        ijk = nib.affines.apply_affine(inv_affine, world_corners)
-        start = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 1, 0, shape)
-        stop = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, 0, shape)
+        ijk = nib.affines.apply_affine(self.inv_affine, world_corners)
+        start = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 1, 0, self.shape)
+        stop = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, 0, self.shape)
         return tuple(slice(a, b) for a, b in zip(start, stop))
 
-    def put(hu_name, label, mask_fn, box=None):
+    def put(self, hu_name: str, label: str | None, mask_fn: Callable[..., np.ndarray], box: Any = None) -> None:
         """Draw ``mask_fn(x, y, z)`` (template mm) with a tissue's HU and, if given, a label; later wins."""
-        b = block(*box) if box is not None else (slice(None),) * 3
-        mask = mask_fn(x[b], y[b], z[b])  # noqa: F821 (the coordinates are freed only after the last put)
-        hu[b][mask] = tissue(hu_name)
+        b = self.block(*box) if box is not None else (slice(None),) * 3
+        mask = mask_fn(self.x[b], self.y[b], self.z[b])
+        self.hu[b][mask] = self.tissue(hu_name)
         if label is not None:
-            labels[b][mask] = ids[label]
+            self.labels[b][mask] = self.ids[label]
 
-    def ellipsoid(c, r):
-        c, r = np.asarray(c, dtype=float), np.asarray(r, dtype=float)
-        return (lambda x, y, z: _ellipsoid(x, y, z, c, r)), (c - r, c + r)
 
-    # Table: world-fixed slab just below the (rotated, scaled) body.
-    half_height = p.scale * np.hypot(BODY_A_MM * sin, BODY_B_MM * cos)
-    table_top = p.shift_mm[1] - half_height - 1.0
-    table = (world[1] <= table_top) & (world[1] >= table_top - 15.0) & (np.abs(world[0]) <= 230.0)
-    hu[table] = tissue("table")
-    del world, table
+def _ellipsoid_shape(c: Any, r: Any) -> tuple[Callable[..., np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    c, r = np.asarray(c, dtype=float), np.asarray(r, dtype=float)
+    return (lambda x, y, z: _ellipsoid(x, y, z, c, r)), (c - r, c + r)
 
+
+def _draw_soft_tissue(canvas: _Canvas) -> None:
+    """Subcutaneous fat, the abdominal wall, visceral fat and three loops of bowel."""
+    put = canvas.put
     put("fat", None, lambda x, y, z: (x / BODY_A_MM) ** 2 + (y / BODY_B_MM) ** 2 <= 1.0)
     wall_a, wall_b = BODY_A_MM - 20.0, BODY_B_MM - 20.0  # anterolateral abdominal wall muscle
     put("muscle", None, lambda x, y, z: ((x / wall_a) ** 2 + (y / wall_b) ** 2 <= 1.0) & (y > -40.0))
     vis_a, vis_b = BODY_A_MM - 30.0, BODY_B_MM - 30.0
     put("visceral_fat", None, lambda x, y, z: (x / vis_a) ** 2 + (y / vis_b) ** 2 <= 1.0)
     for c, r in (((-20, 55, -60), (30, 22, 25)), ((35, 50, -20), (28, 20, 22)), ((5, 60, -105), (32, 20, 18))):
-        put("bowel", None, *ellipsoid(c, r))
+        put("bowel", None, *_ellipsoid_shape(c, r))
 
-    k = p.organ_scale
+
+def _draw_organs(canvas: _Canvas) -> None:
+    """Lungs (two lobes each), liver, spleen, kidneys and bladder."""
+    put, k = canvas.put, canvas.p.organ_scale
     for side, name in SIDES:
         c, r = np.array([side * 78.0, -5.0, 140.0]), np.array([58.0, 72.0, 95.0]) * k["lungs"]
         put(
@@ -277,12 +320,18 @@ def make_phantom(
         put(
             "lung_lower", f"lung_lower_lobe_{name}", lambda x, y, z: _lung(x, y, z, side, k["lungs"])[1], (c - r, c + r)
         )
-    put("liver", "liver", *ellipsoid((RIGHT * 62, 5, 40), np.array([82, 72, 62]) * k["liver"]))
-    put("spleen", "spleen", *ellipsoid((LEFT * 88, -30, 50), np.array([32, 26, 48]) * k["spleen"]))
+    put("liver", "liver", *_ellipsoid_shape((RIGHT * 62, 5, 40), np.array([82, 72, 62]) * k["liver"]))
+    put("spleen", "spleen", *_ellipsoid_shape((LEFT * 88, -30, 50), np.array([32, 26, 48]) * k["spleen"]))
     kid = np.array([26, 24, 48]) * k["kidneys"]
-    put("kidney", "kidney_right", *ellipsoid((RIGHT * 66, -42, -12), kid))
-    put("kidney", "kidney_left", *ellipsoid((LEFT * 66, -42, -2), kid))
-    put("urinary_bladder", "urinary_bladder", *ellipsoid((0, 35, -162), np.array([45, 34, 30]) * k["urinary_bladder"]))
+    put("kidney", "kidney_right", *_ellipsoid_shape((RIGHT * 66, -42, -12), kid))
+    put("kidney", "kidney_left", *_ellipsoid_shape((LEFT * 66, -42, -2), kid))
+    bladder = np.array([45, 34, 30]) * k["urinary_bladder"]
+    put("urinary_bladder", "urinary_bladder", *_ellipsoid_shape((0, 35, -162), bladder))
+
+
+def _draw_muscles_and_vessels(canvas: _Canvas) -> None:
+    """Iliopsoas and autochthonous muscles, the heart and the aorta."""
+    put, k = canvas.put, canvas.p.organ_scale
     pr = k["iliopsoas"]
     for side, name in SIDES:
         cx, cy, rr, z0, z1 = (side * 36.0, side * 68.0), (-40.0, -18.0), (11.0 * pr, 24.0 * pr), -185.0, 30.0
@@ -299,10 +348,14 @@ def make_phantom(
             lambda x, y, z: _tube_z(x, y, z, cx, cy, rr, z0, z1),
             _tube_box(cx, cy, rr, z0, z1),
         )
-    put("heart", "heart", *ellipsoid((LEFT * 18, 22, 125), np.array([58, 48, 48]) * k["heart"]))
+    put("heart", "heart", *_ellipsoid_shape((LEFT * 18, 22, 125), np.array([58, 48, 48]) * k["heart"]))
     cx, cy, rr, z0, z1 = (LEFT * 14.0, LEFT * 14.0), (-20.0, -22.0), (12.0 * k["aorta"],) * 2, -80.0, 400.0
     put("aorta", "aorta", lambda x, y, z: _tube_z(x, y, z, cx, cy, rr, z0, z1), _tube_box(cx, cy, rr, z0, z1))
 
+
+def _draw_skeleton(canvas: _Canvas) -> None:
+    """Intervertebral discs, the vertebrae and the lowest two pairs of ribs."""
+    put = canvas.put
     put(
         "disc",
         None,
@@ -320,18 +373,3 @@ def make_phantom(
                 (max(0.0, side * BODY_A_MM), BODY_B_MM, z_root + 10.0),
             )
             put("rib", f"rib_{name}_{number}", lambda x, y, z: _rib(x, y, z, side, z_root, length), box)
-    del x, y, z
-
-    sigma_vox = PSF_SD_MM / nib.affines.voxel_sizes(affine)
-    hu = ndimage.gaussian_filter(hu, sigma_vox, mode="nearest")
-    hu += rng.normal(0.0, NOISE_SD_HU, size=shape).astype(np.float32)
-    ct = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-
-    ct_img = nib.Nifti1Image(ct, affine)
-    ct_img.header.set_xyzt_units("mm", "sec")
-    ct_img.set_qform(affine, code=1)
-    ct_img.set_sform(affine, code=1)
-    lab_img = nib.Nifti1Image(labels, affine)
-    lab_img.set_qform(affine, code=1)
-    lab_img.set_sform(affine, code=1)
-    return ct_img, lab_img
