@@ -362,6 +362,7 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
         except RayAppError as exc:
             _print_error(exc)
             return 2
+    launcher: cluster.LocalLauncher | cluster.AwsLauncher
     if args.local:
         launcher = cluster.LocalLauncher(
             args.config, head_cpus=args.head_cpus, idle_s=args.idle_minutes * 60, max_lifetime_s=args.max_hours * 3600

@@ -97,10 +97,12 @@ def _json_type(prop: dict[str, Any], schema: dict[str, Any]) -> Any:
     kind = prop.get("type")
     if kind == "object":
         extra = prop.get("additionalProperties")
-        return dict[str, _json_type(extra, schema) if isinstance(extra, dict) and extra else Any]
+        value = _json_type(extra, schema) if isinstance(extra, dict) and extra else Any
+        return dict[str, value]  # type: ignore[valid-type]  # a type built at run time
     if kind == "array":
-        return list[_json_type(prop.get("items", {}), schema)]
-    return {"string": str, "number": float, "integer": int, "boolean": bool}.get(kind, Any)
+        item = _json_type(prop.get("items", {}), schema)
+        return list[item]  # type: ignore[valid-type]  # a type built at run time
+    return {"string": str, "number": float, "integer": int, "boolean": bool}.get(str(kind), Any)
 
 
 def passport_model() -> type[BaseModel]:
@@ -167,8 +169,8 @@ PASSPORT_ERRORS = (401, 404, 422, 500, 501, 502)
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 
 
-def _errors(statuses: tuple[int, ...]) -> dict[int, dict[str, Any]]:
-    out: dict[int, dict[str, Any]] = {s: {"model": ErrorBody, "description": ERROR_STATUSES[s]} for s in statuses}
+def _errors(statuses: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody, "description": ERROR_STATUSES[s]} for s in statuses}
     if 503 in out:  # Serve's proxy answers overload itself, in plain text
         out[503].update(content={"text/plain": {"schema": {"type": "string"}}}, headers=_RETRY_AFTER)
     if 401 in out:
@@ -343,7 +345,7 @@ class SegmentService:
         self._io = ThreadPoolExecutor(2, thread_name_prefix="scan-io")
         self._default_key = task_spec("total", fast=self.settings.fast).key
         self._extra: OrderedDict[str, Any] = OrderedDict()
-        self._store = None
+        self._store: Any = None  # a PassportStore, opened on first use
         self._default: Future = self._compute.submit(self._load_default)
         self.scans = metrics.Counter(
             "ray_app_serve_scans", "Scans segmented by the Serve endpoint.", tag_keys=("model_key", "status")
@@ -391,8 +393,9 @@ class SegmentService:
 
     def check_health(self):
         """Serve replaces a replica whose default model failed to load."""
-        if self._default.done() and self._default.exception() is not None:
-            raise RuntimeError(f"model load failed: {errors.describe(self._default.exception()).code}")
+        failed = self._default.exception() if self._default.done() else None
+        if failed is not None:
+            raise RuntimeError(f"model load failed: {errors.describe(failed).code}")
 
     @api.get("/healthz", summary="Liveness: the replica answers (no model needed)")
     async def healthz(self) -> dict:
@@ -413,8 +416,9 @@ class SegmentService:
                 status_code=503,
                 headers={"Retry-After": str(self.settings.serve_retry_after_s)},
             )
-        if self._default.exception() is not None:
-            code = errors.describe(self._default.exception()).code
+        failed = self._default.exception()
+        if failed is not None:
+            code = errors.describe(failed).code
             return JSONResponse(Readiness(ready=False, models=models, error=code).model_dump(), status_code=503)
         return Readiness(ready=True, models=models)
 
@@ -681,7 +685,7 @@ class SegmentService:
         job_id = SERVE_JOB_PREFIX + time.strftime("%Y%m%d", time.gmtime())
         results.write_result(
             result,
-            ArtifactSink(self.settings.output_prefix),
+            ArtifactSink(str(self.settings.output_prefix)),  # persist is refused without one
             self._passports(),
             job_id,
             label_map=seg.spec.output_labels,
@@ -738,7 +742,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application
         raise ValueError(
             "device cuda needs a GPU per replica: leave num_gpus unset (default 1 with cuda) or give a share"
         )
-    return SegmentService.options(
+    return SegmentService.options(  # type: ignore[attr-defined]  # added by @serve.deployment
         autoscaling_config={
             "min_replicas": min_r,
             "max_replicas": max_r,

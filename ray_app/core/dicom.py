@@ -159,8 +159,13 @@ def _sort_slices(datasets: list[Any], scan_id: str) -> tuple[list[Any], float]:
     """Sort by position along the slice normal (highdicom) and refuse gaps, duplicates and irregular spacing."""
     from highdicom.spatial import get_series_volume_positions
 
-    def positions(**kw: bool) -> tuple[Any, Any]:
-        return get_series_volume_positions(datasets, orientation_tol=1e-3, **kw)
+    def positions(allow_missing_positions: bool = False, allow_duplicate_positions: bool = False) -> tuple[Any, Any]:
+        return get_series_volume_positions(
+            datasets,
+            orientation_tol=1e-3,
+            allow_missing_positions=allow_missing_positions,
+            allow_duplicate_positions=allow_duplicate_positions,
+        )
 
     spacing, index = positions()
     if spacing is None:

@@ -40,7 +40,7 @@ def build_passport(
     timings: Mapping[str, float],
     settings: Settings,
     warnings: list[str] | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The passport of a segmented scan. ``mask`` holds label ids on the scan's grid.
 
     The scan's warnings (e.g. a modality let through by ``modality_policy="flag"``) and ``warnings`` are copied
@@ -90,7 +90,7 @@ def failure_passport(
     message: str | None = None,
     timings: Mapping[str, float] | None = None,
     source_uri: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The passport of a scan that could not be processed: error code and message, no structures.
 
     Pass the exception, or ``code`` and ``message`` directly. The exception is read through
@@ -123,13 +123,14 @@ def validate_passport(doc: Mapping[str, Any]) -> None:
     _validator().validate(doc)
 
 
-def passport_schema() -> dict:
+def passport_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) shipped in ``ray_app/core/passport.schema.json``."""
-    return json.loads(resources.files("ray_app.core").joinpath("passport.schema.json").read_text())
+    schema: dict[str, Any] = json.loads(resources.files("ray_app.core").joinpath("passport.schema.json").read_text())
+    return schema
 
 
 @lru_cache(maxsize=1)
-def _validator():
+def _validator() -> Any:
     from jsonschema import Draft202012Validator
 
     schema = passport_schema()
@@ -153,7 +154,7 @@ def _structures(
     voxel_ml: float,
     label_map: Mapping[int, str],
     settings: Settings,
-) -> tuple[dict, list[int]]:
+) -> tuple[dict[str, Any], list[int]]:
     n = int(max(max(label_map, default=0), int(labels.max(initial=0)))) + 1
     counts, sums, squares, index_sums = _label_sums(ct, labels, n)
     safe = np.maximum(counts, 1)
@@ -212,7 +213,9 @@ def _label_sums(ct: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray,
     return counts, sums, squares, index_sums
 
 
-def _geometry(box: tuple[slice, ...], centroid_vox: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> dict:
+def _geometry(
+    box: tuple[slice, ...], centroid_vox: np.ndarray, shape: tuple[int, ...], affine: np.ndarray
+) -> dict[str, Any]:
     """Bounding box, border contact (TotalSegmentator's touches_border) and centroid in world mm."""
     start = np.array([s.start for s in box])
     stop = np.array([s.stop for s in box])

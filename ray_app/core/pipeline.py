@@ -25,14 +25,14 @@ class ScanResult:
     """The outcome for one scan: a passport always, a mask only when segmentation succeeded."""
 
     scan_id: str
-    passport: dict
+    passport: dict[str, Any]
     mask: np.ndarray | None = None
     scan: Scan | None = None
     locations: dict[str, str] = field(default_factory=dict)
     #: What producing and storing it used, for the job summary (``sinks.SUMMARY_SCHEMA``'s last columns): set by
     #: the batch job's segmentation actor (``actor_cpus``, ``actor_gpus``, ``node_cpus``) and by
     #: :func:`write_result` (objects and bytes written, store item size).
-    usage: dict = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -53,7 +53,7 @@ def failure(
 
 
 def segment_scan(
-    segmenter: Segmenter, scan: Scan, *, settings: Settings | None = None, timings: dict | None = None
+    segmenter: Segmenter, scan: Scan, *, settings: Settings | None = None, timings: dict[str, float] | None = None
 ) -> ScanResult:
     """Segment a validated scan and compute its passport; any failure becomes a failure passport.
 

@@ -26,7 +26,7 @@ from ray_app.core.errors import EmptyScan, InputTooLarge, ScanNotFound, Unreadab
 from ray_app.core.hounsfield import check_voxels
 from ray_app.settings import Settings
 
-Source = str | os.PathLike | bytes | nib.Nifti1Image | Sequence[str | os.PathLike | bytes]
+Source = str | os.PathLike[str] | bytes | nib.Nifti1Image | Sequence[str | os.PathLike[str] | bytes]
 
 _KIND_ALIASES = {
     "nifti": "nifti",
@@ -89,7 +89,7 @@ def load_scan(source: Source, scan_id: str, settings: Settings, *, kind: str | N
             raise TypeError("s3:// sources are read by ray_app.storage.scans.load_scan (ray_app.load_scan)")
         return _load_path(Path(uri), scan_id, settings, kind)
     if isinstance(source, Sequence):
-        blobs = [_read_blob(s, scan_id, settings) for s in source]
+        blobs = [_read_blob(s, scan_id, settings) for s in source]  # type: ignore[arg-type]  # a str is handled above
         _check_total_bytes(sum(len(b) for b in blobs), scan_id, settings)
         return load_dicom_series(blobs, scan_id, settings, source_uri=None)
     raise TypeError(f"unsupported scan source type {type(source).__name__}")
@@ -189,7 +189,7 @@ def _load_path(path: Path, scan_id: str, settings: Settings, kind: str | None) -
     return load_bytes(data, scan_id, kind=kind, settings=settings, source_uri=str(path))
 
 
-def _read_blob(source: str | os.PathLike | bytes, scan_id: str, settings: Settings) -> bytes:
+def _read_blob(source: str | os.PathLike[str] | bytes, scan_id: str, settings: Settings) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     path = Path(source)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -167,7 +168,7 @@ class Segmenter:
     @property
     def model_info(self) -> dict:
         """Identity of the weights and code that made a mask, for the passport."""
-        datasets = []
+        datasets: list[dict[str, Any]] = []
         for stage in self.spec.all_stages:
             ckpt = self._model_dirs[stage.task_id] / f"fold_{stage.folds[0]}" / "checkpoint_final.pth"
             datasets.append(
@@ -207,7 +208,7 @@ class Segmenter:
                 # TotalSegmentator: a rough 6 mm segmentation, the ROIs' union as crop mask, 20 voxels margin.
                 rough = self._predict(img_orig, (spec.crop_stage,), timings, "crop_")
                 inv = {v: k for k, v in spec.label_map.items()}
-                crop_mask = np.isin(rough, [inv[r] for r in spec.roi_subset]).astype(np.uint8)
+                crop_mask = np.isin(rough, [inv[r] for r in spec.roi_subset or ()]).astype(np.uint8)
                 if crop_mask.sum() == 0:
                     return SegmentationResult(
                         self._as_mask_image(np.zeros(img_orig.shape, np.uint8), img_orig), timings

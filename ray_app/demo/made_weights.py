@@ -149,7 +149,7 @@ def make_plans(
     """A complete nnU-Net v2 plans file with only the ``3d_fullres`` configuration TotalSegmentator runs."""
     n = len(spec.features)
     spacing = [TARGET_SPACING_MM[task_id]] * 3
-    median_shape = list(median_shape or spec.patch_size)
+    median = list(median_shape or spec.patch_size)
     arch_kwargs = {
         "n_stages": n,
         "features_per_stage": list(spec.features),
@@ -173,7 +173,7 @@ def make_plans(
         "dataset_name": folder_name(task_id),
         "plans_name": PLANS_NAME,
         "original_median_spacing_after_transp": spacing,
-        "original_median_shape_after_transp": median_shape,
+        "original_median_shape_after_transp": median,
         "image_reader_writer": "SimpleITKIO",
         "transpose_forward": [0, 1, 2],
         "transpose_backward": [0, 1, 2],
@@ -183,7 +183,7 @@ def make_plans(
                 "preprocessor_name": "DefaultPreprocessor",
                 "batch_size": spec.batch_size,
                 "patch_size": list(spec.patch_size),
-                "median_image_size_in_voxels": median_shape,
+                "median_image_size_in_voxels": median,
                 "spacing": spacing,
                 "normalization_schemes": ["CTNormalization"],
                 "use_mask_for_norm": [False],

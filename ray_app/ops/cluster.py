@@ -351,7 +351,7 @@ class LocalLauncher(Launcher):
     def _wait_for_dashboard(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            if self.head.poll() is not None:
+            if self.head is None or self.head.poll() is not None:
                 raise RuntimeError(f"the local head exited; see {self.temp_dir}/head.log")
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2):

@@ -179,6 +179,14 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _mean_of(values: list) -> float:
+    """The mean of values that are there by construction (the successful scans' timings)."""
+    mean = _mean(values)
+    if mean is None:
+        raise CostInputError("no values to average")
+    return mean
+
+
 def measure(summary_uris: list[str], actor_cpus: float | None = None) -> Measured:
     """Read job summaries (Parquet, local or s3://). ``actor_cpus`` stands in for a summary written before the
     batch job recorded what its actors had (then the machine's CPUs are taken to be at least that)."""
@@ -211,16 +219,16 @@ def measure(summary_uris: list[str], actor_cpus: float | None = None) -> Measure
     return Measured(
         summaries=tuple(summary_uris),
         scans_ok=len(ok),
-        seconds_per_scan=_mean([r["total_s"] for r in ok]),
-        segment_seconds=_mean([r["segment_s"] for r in ok]),
-        actor_seconds=_mean(actor_s),
-        task_seconds=_mean(task_s),
-        actor_cpus=_mean([r.get("actor_cpus") if r.get("actor_cpus") is not None else actor_cpus for r in ok]),
-        actor_gpus=_mean([r.get("actor_gpus") or 0.0 for r in ok]),
+        seconds_per_scan=_mean_of([r["total_s"] for r in ok]),
+        segment_seconds=_mean_of([r["segment_s"] for r in ok]),
+        actor_seconds=_mean_of(actor_s),
+        task_seconds=_mean_of(task_s),
+        actor_cpus=_mean_of([r.get("actor_cpus") if r.get("actor_cpus") is not None else actor_cpus for r in ok]),
+        actor_gpus=_mean_of([r.get("actor_gpus") or 0.0 for r in ok]),
         node_cpus=min((r["node_cpus"] for r in ok if r.get("node_cpus")), default=None),
         threads={k: (sum(v) / len(v), len(v)) for k, v in sorted(threads.items())},
-        cpu_seconds_per_scan=_mean(cpu_s),
-        gpu_seconds_per_scan=_mean(gpu_s),
+        cpu_seconds_per_scan=_mean_of(cpu_s),
+        gpu_seconds_per_scan=_mean_of(gpu_s),
         objects_per_scan=_mean([r.get("objects_written") for r in ok]),
         bytes_per_scan=_mean([r.get("bytes_written") for r in ok]),
         large_objects_per_scan=_mean([r.get("large_objects_written") for r in ok]),
@@ -297,7 +305,7 @@ class CostReport:
 
     def total(self, option: str) -> float | None:
         line, head = self.compute[option], self.head[option]
-        if line is None:
+        if line is None or head is None:
             return None
         return line.monthly_usd + head.monthly_usd + sum(s.monthly_usd for s in self.shared)
 
@@ -444,7 +452,12 @@ def _sizes(m: Measured, a: Assumptions) -> tuple[dict, str]:
             raise CostInputError("give both --mask-mb and --passport-kb, or neither")
         mask, passport = a.mask_mb * 1024**2, a.passport_kb * 1024
         large = [x for x in (mask, passport) if x > LARGE_OBJECT_BYTES]
-        s = {"objects": 2, "bytes": mask + passport, "large_objects": len(large), "large_bytes": sum(large)}
+        s: dict[str, float | None] = {
+            "objects": 2,
+            "bytes": mask + passport,
+            "large_objects": len(large),
+            "large_bytes": sum(large),
+        }
         basis = f"given: mask {a.mask_mb:g} MB + passport {a.passport_kb:g} KB"
     elif m.bytes_per_scan is None:
         raise CostInputError(
@@ -460,7 +473,7 @@ def _sizes(m: Measured, a: Assumptions) -> tuple[dict, str]:
         }
         basis = (
             f"measured {m.objects_per_scan:.2f} objects, {m.bytes_per_scan / 1024**2:.2f} MB per scan"
-            f" ({m.large_bytes_per_scan / 1024**2:.2f} MB in {m.large_objects_per_scan:.2f} objects over"
+            f" ({(m.large_bytes_per_scan or 0) / 1024**2:.2f} MB in {m.large_objects_per_scan or 0:.2f} objects over"
             f" {LARGE_OBJECT_BYTES // 1024} KiB)"
         )
     if a.item_kb is not None:
@@ -649,12 +662,16 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
 
     def row(lines: list[LineItem | None]) -> str:
         line = next(x for x in lines if x is not None)
-        cells = "".join(f" {x.quantity:>13,.2f} {x.unit:<13} {x.monthly_usd:>10,.2f}" for x in lines)
+        cells = "".join(
+            f" {x.quantity:>13,.2f} {x.unit:<13} {x.monthly_usd:>10,.2f}" if x else f" {'':>13} {'':<13} {'-':>10}"
+            for x in lines
+        )
         return f"{line.item[:44]:<44} {'$' + format(line.unit_price, '.4g'):>10}{cells}  {line.basis}"
 
-    def total_row(label: str, totals: list[float]) -> str:
+    def total_row(label: str, totals: list[float | None]) -> str:
         cells = "".join(
-            f" {'per 1k scans ' + format(r.per_1k(t), ',.3f'):>27} {t:>10,.2f}" for r, t in zip(reports, totals)
+            f" {'per 1k scans ' + format(r.per_1k(t), ',.3f'):>27} {t:>10,.2f}" if t is not None else f" {'-':>38}"
+            for r, t in zip(reports, totals)
         )
         return f"{label:<44} {'':>10}{cells}"
 

@@ -109,7 +109,9 @@ def dynamodb_item(passport: dict, job_id: str, passport_uri: str | None = None) 
         "created_at": {"S": rec.created_at},
         "order_key": {"S": rec.order_key},
     }
-    error = passport.get("error") if isinstance(passport.get("error"), dict) else {}
+    error = passport.get("error")
+    if not isinstance(error, dict):
+        error = {}
     for attr, value in (("error_code", error.get("code")), ("error_message", error.get("message"))):
         if isinstance(value, str) and value:
             item[attr] = {"S": value}
@@ -118,7 +120,9 @@ def dynamodb_item(passport: dict, job_id: str, passport_uri: str | None = None) 
         model = _json_to_dynamo(passport["model"])
         if model is not None:
             item["model"] = model
-        structures = passport.get("structures") if isinstance(passport.get("structures"), dict) else {}
+        structures = passport.get("structures")
+        if not isinstance(structures, dict):
+            structures = {}
         volumes = {
             name: s.get("volume_ml")
             for name, s in structures.items()
