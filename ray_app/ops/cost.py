@@ -29,6 +29,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ray_app.ops.cluster import CLUSTER_YAML
 
@@ -492,25 +493,9 @@ def estimate(
     measured: Measured, assumptions: Assumptions, prices: dict, gpu_measured: Measured | None = None
 ) -> CostReport:
     """All line items for ``assumptions.scans_per_month``."""
-    a, p, n = assumptions, prices, assumptions.scans_per_month
-    if (
-        n <= 0
-        or a.jobs_per_month <= 0
-        or a.retention_months < 1
-        or a.cpus_per_actor <= 0
-        or not 0 < a.vcpu_yield <= 1
-        or (a.nodes_per_job is not None and a.nodes_per_job <= 0)
-    ):
-        raise CostInputError(
-            "scans and jobs per month, CPUs per actor and nodes per job must be positive, retention "
-            "at least 1 month, vCPU yield in (0, 1]"
-        )
+    a, p = assumptions, prices
+    _check_assumptions(a)
     sizes, size_basis = _sizes(measured, a)
-    large_gb, small_gb = sizes["large_bytes"] / GB, (sizes["bytes"] - sizes["large_bytes"]) / GB
-    item_kb = math.ceil(sizes["item"] / 1024)  # DynamoDB bills writes per started KB, reads per started 4 KB
-    index_kb = math.ceil(sizes["index_item"] / 1024)
-    retention = a.retention_months
-
     compute: dict[str, LineItem | None] = {}
     head: dict[str, LineItem | None] = {}
     plan: dict[str, dict] = {}
@@ -526,8 +511,30 @@ def estimate(
             continue
         compute[option], plan[option] = lines(label, table, m, p, a)
         head[option] = _head_line(plan[option], p, a)
+    shared = _s3_lines(sizes, size_basis, p, a) + _store_and_log_lines(sizes, p, a)
+    return CostReport(a, measured, gpu_measured, prices, compute, head, shared, _serve_lines(measured, p, a), plan)
 
-    shared = [
+
+def _check_assumptions(a: Assumptions) -> None:
+    if (
+        a.scans_per_month <= 0
+        or a.jobs_per_month <= 0
+        or a.retention_months < 1
+        or a.cpus_per_actor <= 0
+        or not 0 < a.vcpu_yield <= 1
+        or (a.nodes_per_job is not None and a.nodes_per_job <= 0)
+    ):
+        raise CostInputError(
+            "scans and jobs per month, CPUs per actor and nodes per job must be positive, retention "
+            "at least 1 month, vCPU yield in (0, 1]"
+        )
+
+
+def _s3_lines(sizes: dict[str, Any], size_basis: str, p: dict, a: Assumptions) -> list[LineItem]:
+    """Results in S3 (Standard, then Glacier IR for the large objects), their requests and transitions."""
+    n, retention = a.scans_per_month, a.retention_months
+    large_gb, small_gb = sizes["large_bytes"] / GB, (sizes["bytes"] - sizes["large_bytes"]) / GB
+    return [
         LineItem(
             "S3 Standard: new large + all small objects",
             n * (large_gb + retention * small_gb),
@@ -557,6 +564,16 @@ def estimate(
             p["s3_glacier_ir_transition_per_1000"],
             f"{sizes['large_objects']:.2f} large objects per scan",
         ),
+    ]
+
+
+def _store_and_log_lines(sizes: dict[str, Any], p: dict, a: Assumptions) -> list[LineItem]:
+    """The passport table (writes, resume reads, storage), egress of the results and CloudWatch Logs."""
+    n, retention = a.scans_per_month, a.retention_months
+    large_gb, small_gb = sizes["large_bytes"] / GB, (sizes["bytes"] - sizes["large_bytes"]) / GB
+    item_kb = math.ceil(sizes["item"] / 1024)  # DynamoDB bills writes per started KB, reads per started 4 KB
+    index_kb = math.ceil(sizes["index_item"] / 1024)
+    return [
         LineItem(
             "DynamoDB writes (table + job index)",
             n * (item_kb + index_kb) / 1e6,
@@ -601,7 +618,6 @@ def estimate(
             f"{retention} months kept",
         ),
     ]
-    return CostReport(a, measured, gpu_measured, prices, compute, head, shared, _serve_lines(measured, p, a), plan)
 
 
 def estimate_at(
@@ -625,7 +641,7 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
     with the batch head their job hours need, the shared lines, the batch totals, then the Serve endpoint."""
     reports = [reports] if isinstance(reports, CostReport) else reports
     first = reports[0]
-    a, m, p = first.assumptions, first.measured, first.prices
+    a, p = first.assumptions, first.prices
     cols = "".join(
         f" {'quantity @' + _volume(r.assumptions.scans_per_month):>27} "
         f"{'USD @' + _volume(r.assumptions.scans_per_month):>10}"
@@ -633,6 +649,27 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
     )
     head = f"{'line item':<44} {'price':>10}{cols}  basis (at {_volume(a.scans_per_month)}/month)"
     rule = "-" * len(head)
+    out = _report_preamble(reports)
+    out += ["", "BATCH (job-scoped cluster: head and workers exist only while a job runs)", head, rule]
+    out += _batch_rows(reports, rule)
+    out += [
+        "",
+        (
+            "SERVE (always-on endpoint: small head 730 h + replicas from zero; its own deployment, not in"
+            " the batch total)"
+        ),
+        rule,
+    ]
+    out += [_row([r.serve[i] for r in reports]) for i in range(len(first.serve))]
+    out.append(f"{'serve total':<44} {'':>10}" + "".join(f" {'':>27} {r.serve_total():>10,.2f}" for r in reports))
+    out.append(f"'per 1k': USD per 1,000 scans. Prices: {p.get('source', '')}")
+    return "\n".join(out)
+
+
+def _report_preamble(reports: list[CostReport]) -> list[str]:
+    """What was measured and what was assumed, above the table."""
+    first = reports[0]
+    a, m, p = first.assumptions, first.measured, first.prices
     threads = ", ".join(f"{k} thread{'s' if k != '1' else ''}: {t:.1f} s x {n}" for k, (t, n) in m.threads.items())
     out = [
         (
@@ -660,51 +697,44 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
             f" GPU-s/scan"
         )
 
-    def row(lines: list[LineItem | None]) -> str:
-        line = next(x for x in lines if x is not None)
-        cells = "".join(
-            f" {x.quantity:>13,.2f} {x.unit:<13} {x.monthly_usd:>10,.2f}" if x else f" {'':>13} {'':<13} {'-':>10}"
-            for x in lines
-        )
-        return f"{line.item[:44]:<44} {'$' + format(line.unit_price, '.4g'):>10}{cells}  {line.basis}"
+    return out
 
-    def total_row(label: str, totals: list[float | None]) -> str:
-        cells = "".join(
-            f" {'per 1k scans ' + format(r.per_1k(t), ',.3f'):>27} {t:>10,.2f}" if t is not None else f" {'-':>38}"
-            for r, t in zip(reports, totals)
-        )
-        return f"{label:<44} {'':>10}{cells}"
 
-    out += ["", "BATCH (job-scoped cluster: head and workers exist only while a job runs)", head, rule]
+def _row(lines: list[LineItem | None]) -> str:
+    line = next(x for x in lines if x is not None)
+    cells = "".join(
+        f" {x.quantity:>13,.2f} {x.unit:<13} {x.monthly_usd:>10,.2f}" if x else f" {'':>13} {'':<13} {'-':>10}"
+        for x in lines
+    )
+    return f"{line.item[:44]:<44} {'$' + format(line.unit_price, '.4g'):>10}{cells}  {line.basis}"
+
+
+def _batch_rows(reports: list[CostReport], rule: str) -> list[str]:
+    """Each compute alternative with its head, the shared lines, then the batch totals."""
+    first, out = reports[0], []
     for option in first.compute:
         if first.compute[option] is None:
             out.append(f"compute: {option:<35} not measured (pass a summary of such a run)")
             continue
-        out.append(row([r.compute[option] for r in reports]))
-        out.append(row([r.head[option] for r in reports]))
+        out.append(_row([r.compute[option] for r in reports]))
+        out.append(_row([r.head[option] for r in reports]))
         nodes = ", ".join(
             f"{r.plan[option]['nodes_per_job']} @{_volume(r.assumptions.scans_per_month)}" for r in reports
         )
         out.append(f"{'':<44} {'':>10}  nodes per job: {nodes} ({first.plan[option]['nodes_basis']})")
     out.append(rule)
     for i in range(len(first.shared)):
-        out.append(row([r.shared[i] for r in reports]))
+        out.append(_row([r.shared[i] for r in reports]))
     out.append(rule)
     for option in first.compute:
         if first.total(option) is not None:
-            out.append(total_row(f"batch total with {option}", [r.total(option) for r in reports]))
-    out += [
-        "",
-        (
-            "SERVE (always-on endpoint: small head 730 h + replicas from zero; its own deployment, not in"
-            " the batch total)"
-        ),
-        rule,
-    ]
-    out += [row([r.serve[i] for r in reports]) for i in range(len(first.serve))]
-    out.append(f"{'serve total':<44} {'':>10}" + "".join(f" {'':>27} {r.serve_total():>10,.2f}" for r in reports))
-    out.append(f"'per 1k': USD per 1,000 scans. Prices: {p.get('source', '')}")
-    return "\n".join(out)
+            totals = [r.total(option) for r in reports]
+            cells = "".join(
+                f" {'per 1k scans ' + format(r.per_1k(t), ',.3f'):>27} {t:>10,.2f}" if t is not None else f" {'-':>38}"
+                for r, t in zip(reports, totals)
+            )
+            out.append(f"{'batch total with ' + option:<44} {'':>10}{cells}")
+    return out
 
 
 def report_dict(report: CostReport) -> dict:
