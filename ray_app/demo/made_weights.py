@@ -140,17 +140,10 @@ def make_dataset_json(task_id: int, num_training: int) -> dict:
     }
 
 
-def make_plans(
-    task_id: int,
-    spec: NetSpec,
-    intensity: IntensityProperties,
-    median_shape: tuple[int, int, int] | None = None,
-) -> dict:
-    """A complete nnU-Net v2 plans file with only the ``3d_fullres`` configuration TotalSegmentator runs."""
+def _arch_kwargs(spec: NetSpec) -> dict:
+    """PlainConvUNet's arguments as a plans file spells them (classes as import paths)."""
     n = len(spec.features)
-    spacing = [TARGET_SPACING_MM[task_id]] * 3
-    median = list(median_shape or spec.patch_size)
-    arch_kwargs = {
+    return {
         "n_stages": n,
         "features_per_stage": list(spec.features),
         "conv_op": _ARCH_IMPORTS["conv_op"],
@@ -166,6 +159,18 @@ def make_plans(
         "nonlin": _ARCH_IMPORTS["nonlin"],
         "nonlin_kwargs": {"inplace": True},
     }
+
+
+def make_plans(
+    task_id: int,
+    spec: NetSpec,
+    intensity: IntensityProperties,
+    median_shape: tuple[int, int, int] | None = None,
+) -> dict:
+    """A complete nnU-Net v2 plans file with only the ``3d_fullres`` configuration TotalSegmentator runs."""
+    spacing = [TARGET_SPACING_MM[task_id]] * 3
+    median = list(median_shape or spec.patch_size)
+    arch_kwargs = _arch_kwargs(spec)
     resample_data = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
     resample_seg = {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None}
     resample_prob = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
