@@ -248,9 +248,9 @@ _SERVICE = serve_app.SegmentService.func_or_class  # the class behind the Serve 
 
 
 def _raised_statuses(fn, seen: set | None = None) -> set[int]:
-    """Statuses ``fn`` can answer: ``ApiError(<status>, ...)`` in its body and, through the module's functions and
-    methods it calls (``self._x``, ``_x``), in theirs; ``ApiError(info.http_status, ...)`` counts as every status
-    of the error model (``ray_app.core.errors``: each class's ``http_status``)."""
+    """Statuses ``fn`` can answer: ``ApiError(<status>, ...)`` in its body and, through the serve package's
+    functions and methods it calls (``self._x``, ``x``), in theirs; ``ApiError(info.http_status, ...)`` counts
+    as every status of the error model (``ray_app.core.errors``: each class's ``http_status``)."""
     seen = set() if seen is None else seen
     if fn.__name__ in seen:
         return set()
@@ -266,8 +266,8 @@ def _raised_statuses(fn, seen: set | None = None) -> set[int]:
                 else:  # ApiError(errors.describe(exc).http_status, ...)
                     out |= {cls.http_status for cls in errors.error_classes()}
             elif name:
-                target = getattr(_SERVICE, name, None) or getattr(serve_app, name, None)
-                if inspect.isfunction(target) and target.__module__ == serve_app.__name__:
+                target = getattr(_SERVICE, name, None) or fn.__globals__.get(name)
+                if inspect.isfunction(target) and target.__module__.startswith(serve_app.__name__ + "."):
                     out |= _raised_statuses(target, seen)
     return out
 
