@@ -41,6 +41,7 @@ class RayAppError(Exception):
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if "code" in cls.__dict__:
+            # One class per code; the same class defined again (a module reload) replaces itself.
             if cls.code in _BY_CODE and _BY_CODE[cls.code].__qualname__ != cls.__qualname__:
                 raise TypeError(f"error code {cls.code!r} is already used by {_BY_CODE[cls.code].__name__}")
             _BY_CODE[cls.code] = cls
