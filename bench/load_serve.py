@@ -78,9 +78,10 @@ def in_process_seconds(data: bytes, kind: str | None, threads: int, repeats: int
     from ray_app.core import pipeline
     from ray_app.core.scan import load_bytes
     from ray_app.core.segmenter import Segmenter
+    from ray_app.settings import Settings
 
-    segmenter = Segmenter(fast=True, num_threads=threads)
-    scan = load_bytes(data, "bench", kind=kind)
+    segmenter = Segmenter(fast=True, num_threads=threads, settings=Settings())
+    scan = load_bytes(data, "bench", kind=kind, settings=Settings())
     times = []
     for _ in range(repeats):
         t = time.perf_counter()

@@ -111,11 +111,12 @@ def whole_scan(args) -> None:
     import torch
 
     from ray_app.core.segmenter import Segmenter
+    from ray_app.settings import Settings
 
     load_at_start = os.getloadavg()[0]
     img = nib.load(synthetic_ct())
     img = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine)
-    seg = Segmenter(fast=True, device="cpu", num_threads=max(args.threads))
+    seg = Segmenter(fast=True, device="cpu", num_threads=max(args.threads), settings=Settings())
     times: dict[int, list[float]] = {k: [] for k in args.threads}
     cpu: dict[int, list[float]] = {k: [] for k in args.threads}
     stages: dict[int, list[dict]] = {k: [] for k in args.threads}

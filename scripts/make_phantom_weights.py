@@ -41,9 +41,9 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ray_app.phantom import make_phantom, phantom_labels
 
-from ray_app import made_weights as mw
+from ray_app.demo import made_weights as mw
+from ray_app.demo.phantom import make_phantom, phantom_labels
 
 OUT_ROOT = Path(__file__).resolve().parents[1] / "ray_app" / "demo" / "phantom_weights"
 HELD_OUT_SEEDS = (900001, 900002, 900003)

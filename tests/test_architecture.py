@@ -106,3 +106,27 @@ def test_the_public_surface_is_what_a_notebook_needs_and_imports_nothing_heavy()
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert {"load_scan", "Segmenter", "build_passport", "run_batch", "BatchConfig", "Settings"} <= set(out)
+
+
+def test_the_core_takes_its_settings_as_arguments_and_never_reads_them_itself():
+    """Configuration is passed explicitly (one ``Settings`` from the adapter that was started): no core module
+    calls ``get_settings()``, so a notebook, a Ray worker and a test configure it the same way."""
+    readers = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in sorted((PACKAGE / "core").rglob("*.py"))
+        if "get_settings" in _names(path)
+    ]
+    assert readers == []
+
+
+def _names(path: Path) -> set[str]:
+    """Every name ``path`` uses, imports or reads as an attribute."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            out.add(node.attr)
+        elif isinstance(node, ast.alias):
+            out.add(node.name.rsplit(".", 1)[-1])
+    return out

@@ -12,6 +12,7 @@ from ray_app.core.passport import build_passport, failure_passport
 from ray_app.core.scan import scan_from_image
 from ray_app.demo.phantom import make_phantom, phantom_labels
 from ray_app.ops.export import passport_row
+from ray_app.settings import Settings
 from ray_app.storage.sinks import open_passport_store
 
 MODEL = {"key": "total-fast-test", "checksum": "0" * 64}
@@ -23,8 +24,12 @@ def passports() -> list[dict]:
     docs = []
     for seed in (1, 2):
         ct, labels = make_phantom(seed, spacing=(6.0, 6.0, 6.0))
-        scan = scan_from_image(ct, f"ph-{seed}")
-        docs.append(build_passport(scan, labels, label_map=phantom_labels(), model=MODEL, timings={"read_s": 0.1}))
+        scan = scan_from_image(ct, f"ph-{seed}", Settings())
+        docs.append(
+            build_passport(
+                scan, labels, label_map=phantom_labels(), model=MODEL, timings={"read_s": 0.1}, settings=Settings()
+            )
+        )
     docs.append(failure_passport("cut", code="truncated_file", message="the file ends early", model=MODEL))
     return docs
 

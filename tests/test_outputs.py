@@ -26,6 +26,7 @@ from ray_app.core.outputs import (
     preview_png,
 )
 from ray_app.core.scan import load_scan
+from ray_app.settings import Settings
 from tests import _scan_factory as f
 
 LABELS = class_map["total"]
@@ -34,12 +35,12 @@ INV = {name: label for label, name in LABELS.items()}
 
 @pytest.fixture(scope="module")
 def nifti_example():
-    return load_scan(f.CT_SM, "ct-sm"), np.asanyarray(nib.load(f.SEG_FAST).dataobj)
+    return load_scan(f.CT_SM, "ct-sm", Settings()), np.asanyarray(nib.load(f.SEG_FAST).dataobj)
 
 
 @pytest.fixture(scope="module")
 def dicom_example():
-    scan = load_scan(f.DICOM_DIR, "dicom-1")
+    scan = load_scan(f.DICOM_DIR, "dicom-1", Settings())
     mask = np.zeros(scan.shape, np.uint8)
     mask[100:200, 150:300, 2:10] = INV["liver"]
     mask[300:350, 300:400, 5] = INV["kidney_right"]
@@ -115,7 +116,7 @@ def test_dicom_seg_needs_dicom_input_with_uids(dicom_example, nifti_example):
     nifti_scan, nifti_mask = nifti_example
     with pytest.raises(errors.DicomSegUnavailable, match="not read from DICOM"):
         dicom_seg_bytes(nifti_scan, nifti_mask, LABELS)
-    blank = load_scan(f.DICOM_DIR, "blank-uids")  # the example as anonymised: no Study/Series UIDs
+    blank = load_scan(f.DICOM_DIR, "blank-uids", Settings())  # the example as anonymised: no Study/Series UIDs
     with pytest.raises(errors.DicomSegUnavailable, match="StudyInstanceUID") as excinfo:
         dicom_seg_bytes(blank, dicom_example[1], LABELS)
     assert excinfo.value.code == "dicom_seg_unavailable" and "blank-uids" in str(excinfo.value)

@@ -31,9 +31,9 @@ MODEL = {"task": "total", "mode": "fast", "versions": {"totalsegmentator": "2.18
 
 @pytest.fixture(scope="module")
 def example():
-    scan = load_scan(f.CT_SM, "example-sm")
+    scan = load_scan(f.CT_SM, "example-sm", Settings())
     mask = np.asanyarray(nib.load(f.SEG_FAST).dataobj)
-    doc = build_passport(scan, mask, label_map=LABELS, model=MODEL, timings={"segment": 1.5})
+    doc = build_passport(scan, mask, label_map=LABELS, model=MODEL, timings={"segment": 1.5}, settings=Settings())
     return scan, mask, doc
 
 
@@ -114,7 +114,7 @@ def test_presence_threshold_and_world_geometry():
     shape = (40, 30, 20)
     affine = np.array([[-2.0, 0, 0, 100], [0, -2.0, 0, 50], [0, 0, 3.0, -30], [0, 0, 0, 1]])
     ct = f.ct_like(shape)
-    scan = scan_from_image(nib.Nifti1Image(ct, affine), "geom")
+    scan = scan_from_image(nib.Nifti1Image(ct, affine), "geom", Settings())
     mask = np.zeros(shape, np.uint8)
     mask[10:20, 5:15, 4:10] = 5  # liver: 600 voxels x 12 mm3 = 7.2 ml
     mask[30, 20, 12] = 1  # spleen: one voxel, 0.012 ml
@@ -141,10 +141,10 @@ def test_presence_threshold_and_world_geometry():
 
 def test_structure_at_the_border_is_incomplete_but_measured():
     shape = (20, 20, 20)
-    scan = scan_from_image(nib.Nifti1Image(f.ct_like(shape), np.eye(4)), "border")
+    scan = scan_from_image(nib.Nifti1Image(f.ct_like(shape), np.eye(4)), "border", Settings())
     mask = np.zeros(shape, np.uint8)
     mask[5:10, 5:10, 17:20] = 5  # reaches within 3 voxels of the last slice
-    doc = build_passport(scan, mask, label_map=LABELS, model=MODEL, timings={})
+    doc = build_passport(scan, mask, label_map=LABELS, model=MODEL, timings={}, settings=Settings())
     liver = doc["structures"]["liver"]
     assert liver["incomplete"] and liver["voxel_count"] == 75 and liver["volume_ml"] == pytest.approx(0.075)
 
@@ -154,7 +154,7 @@ def test_scan_warnings_and_unknown_labels_are_reported():
     scan = scan_from_image(nib.Nifti1Image(data, np.eye(4)), "flagged", Settings(modality_policy="flag"))
     mask = np.zeros(data.shape, np.uint8)
     mask[4:8, 4:8, 4:8] = 200
-    doc = build_passport(scan, mask, label_map=LABELS, model=MODEL, timings={})
+    doc = build_passport(scan, mask, label_map=LABELS, model=MODEL, timings={}, settings=Settings())
     validate_passport(doc)
     assert doc["status"] == "ok"
     assert any(w.startswith("not_hounsfield") for w in doc["warnings"])
@@ -162,9 +162,11 @@ def test_scan_warnings_and_unknown_labels_are_reported():
 
 
 def test_mask_on_another_grid_is_refused():
-    scan = scan_from_image(nib.Nifti1Image(f.ct_like((10, 10, 10)), np.eye(4)), "grid")
+    scan = scan_from_image(nib.Nifti1Image(f.ct_like((10, 10, 10)), np.eye(4)), "grid", Settings())
     with pytest.raises(ValueError, match="shape"):
-        build_passport(scan, np.zeros((10, 10, 9), np.uint8), label_map=LABELS, model=MODEL, timings={})
+        build_passport(
+            scan, np.zeros((10, 10, 9), np.uint8), label_map=LABELS, model=MODEL, timings={}, settings=Settings()
+        )
 
 
 def test_failure_passport_carries_the_error_code():
@@ -194,9 +196,9 @@ def test_large_volume_is_fast():
     ct[0, 0, 0] = -1000
     coarse = rng.integers(0, 118, size=(16, 16, 10), dtype=np.uint8)
     mask = np.repeat(np.repeat(np.repeat(coarse, 32, 0), 32, 1), 30, 2)
-    scan = scan_from_image(nib.Nifti1Image(ct, np.diag([0.8, 0.8, 1.5, 1])), "big")
+    scan = scan_from_image(nib.Nifti1Image(ct, np.diag([0.8, 0.8, 1.5, 1])), "big", Settings())
     start = time.perf_counter()
-    doc = build_passport(scan, mask, label_map=LABELS, model=MODEL, timings={})
+    doc = build_passport(scan, mask, label_map=LABELS, model=MODEL, timings={}, settings=Settings())
     elapsed = time.perf_counter() - start
     assert sum(s["present"] for s in doc["structures"].values()) == 117
     assert elapsed < 20, f"passport took {elapsed:.1f} s"

@@ -120,3 +120,23 @@ def test_ray_is_pinned_to_the_minor_version_the_code_and_tests_rely_on():
     assert not ray.specifier.contains("2.61.0") and not ray.specifier.contains("2.59.0"), ray
     torch = _declared()["torch"]
     assert not any(s.operator in ("==", "<", "<=", "~=") for s in torch.specifier), "do not pin an older torch"
+
+
+def test_ci_runs_lint_format_and_type_checks_before_the_tests_and_stops_on_failure():
+    """``.ci/run`` fails on a lint, format or type error: the checks run under ``set -e`` before pytest, with the
+    tools the ``test`` extra installs and mypy strict on the core."""
+    script = (REPO / ".ci" / "run").read_text()
+    assert "set -euo pipefail" in script
+    steps = [line.strip() for line in script.splitlines() if line.strip().startswith(".venv/bin/")]
+    checks = [
+        ".venv/bin/ruff check ray_app tests bench jobs scripts",
+        ".venv/bin/ruff format --check ray_app tests bench jobs scripts",
+        ".venv/bin/mypy",
+    ]
+    pytest_at = steps.index(".venv/bin/python -m pytest -q")
+    assert all(c in steps and steps.index(c) < pytest_at for c in checks), steps
+    assert not any(c + " ||" in script or c + " || true" in script for c in checks)
+    test_extra = " ".join(PYPROJECT["project"]["optional-dependencies"]["test"])
+    assert "ruff" in test_extra and "mypy" in test_extra
+    strict = [o for o in PYPROJECT["tool"]["mypy"]["overrides"] if "ray_app.core.*" in o["module"]]
+    assert strict and strict[0]["disallow_untyped_defs"] and strict[0]["disallow_any_generics"]

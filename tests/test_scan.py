@@ -19,7 +19,7 @@ from tests.guards import audit
 
 @pytest.fixture(scope="module")
 def dicom_scan():
-    return load_scan(f.DICOM_DIR, "dicom-1")
+    return load_scan(f.DICOM_DIR, "dicom-1", Settings())
 
 
 # ------------------------------------------------------------------------------------------------ good inputs
@@ -27,7 +27,7 @@ def dicom_scan():
 
 def test_nifti_gz_keeps_original_grid_and_values():
     ref = nib.load(f.CT_SM)
-    scan = load_scan(f.CT_SM, "ct-sm")
+    scan = load_scan(f.CT_SM, "ct-sm", Settings())
     assert scan.shape == ref.shape
     np.testing.assert_array_equal(scan.affine, ref.affine)
     np.testing.assert_array_equal(np.asanyarray(scan.image.dataobj), np.asanyarray(ref.dataobj))
@@ -39,8 +39,8 @@ def test_nifti_gz_keeps_original_grid_and_values():
 def test_nifti_from_bytes_writes_no_temp_files():
     gz = f.CT_SM.read_bytes()
     with audit() as events:
-        from_gz = load_bytes(gz, "b1", kind="application/gzip")
-        plain = load_bytes(gzip.decompress(gz), "b2", kind="nifti")
+        from_gz = load_bytes(gz, "b1", kind="application/gzip", settings=Settings())
+        plain = load_bytes(gzip.decompress(gz), "b2", kind="nifti", settings=Settings())
     assert events.writes() == []
     np.testing.assert_array_equal(np.asanyarray(from_gz.image.dataobj), np.asanyarray(plain.image.dataobj))
     np.testing.assert_array_equal(from_gz.affine, plain.affine)
@@ -50,14 +50,14 @@ def test_scaled_integer_nifti_becomes_float32_hu():
     data = f.ct_like()
     img = nib.Nifti1Image(data, np.eye(4))
     img.header.set_slope_inter(0.5, -10.0)  # stored ints, real values = 0.5 * stored - 10
-    scan = load_bytes(gzip.compress(img.to_bytes()), "scaled")
+    scan = load_bytes(gzip.compress(img.to_bytes()), "scaled", settings=Settings())
     values = np.asanyarray(scan.image.dataobj)
     assert values.dtype == np.float32
     np.testing.assert_allclose(values, data * 0.5 - 10.0)
 
 
 def test_trailing_singleton_dimension_is_accepted():
-    scan = load_bytes(f.nifti_bytes(f.ct_like()[..., None]), "x-y-z-1")
+    scan = load_bytes(f.nifti_bytes(f.ct_like()[..., None]), "x-y-z-1", settings=Settings())
     assert scan.shape == (24, 20, 16)
 
 
@@ -85,8 +85,8 @@ def test_dicom_datasets_follow_the_slice_axis(dicom_scan):
 def test_dicom_zip_and_file_list_read_like_the_folder(dicom_scan, tmp_path):
     blobs = f.example_dicom_bytes()
     zipped = f.zip_bytes({f"series/IM{i:04d}": b for i, b in enumerate(blobs[::-1])} | {"README.txt": b"hi"})
-    from_zip = load_bytes(zipped, "zip-1", kind="dicom-zip")
-    from_list = load_scan(sorted(f.DICOM_DIR.iterdir())[::-1], "list-1")
+    from_zip = load_bytes(zipped, "zip-1", kind="dicom-zip", settings=Settings())
+    from_list = load_scan(sorted(f.DICOM_DIR.iterdir())[::-1], "list-1", Settings())
     for scan in (from_zip, from_list):
         np.testing.assert_array_equal(scan.affine, dicom_scan.affine)
         np.testing.assert_array_equal(np.asanyarray(scan.image.dataobj), np.asanyarray(dicom_scan.image.dataobj))
@@ -101,12 +101,12 @@ def test_s3_uris_are_read_through_storage(s3_bucket):
     storage.write_bytes(f"s3://{s3_bucket}/ct.nii.gz", f.CT_SM.read_bytes())
     for i, blob in enumerate(f.example_dicom_bytes()):
         storage.write_bytes(f"s3://{s3_bucket}/dcm/{i}", blob)
-    nifti = load_any(f"s3://{s3_bucket}/ct.nii.gz", "s3-nii")
-    series = load_any(f"s3://{s3_bucket}/dcm/", "s3-dcm")
+    nifti = load_any(f"s3://{s3_bucket}/ct.nii.gz", "s3-nii", Settings())
+    series = load_any(f"s3://{s3_bucket}/dcm/", "s3-dcm", Settings())
     assert nifti.source_uri == f"s3://{s3_bucket}/ct.nii.gz" and nifti.shape == (122, 101, 30)
     assert series.source_uri == f"s3://{s3_bucket}/dcm/" and series.shape == (512, 512, 20)
     with pytest.raises(TypeError, match="storage"):
-        load_scan(f"s3://{s3_bucket}/ct.nii.gz", "core-has-no-cloud")
+        load_scan(f"s3://{s3_bucket}/ct.nii.gz", "core-has-no-cloud", Settings())
 
 
 # ------------------------------------------------------------------------------------------------ bad NIfTI
@@ -165,7 +165,7 @@ def test_bad_nifti_is_refused_with_its_code(case):
     make, error = BAD_NIFTI[case]
     data = make()
     with audit() as events, pytest.raises(error) as excinfo:
-        load_bytes(data, "scan-42")
+        load_bytes(data, "scan-42", settings=Settings())
     assert events.writes() == []
     assert excinfo.value.code == error.code
     assert excinfo.value.scan_id == "scan-42" and "scan-42" in str(excinfo.value)
@@ -176,7 +176,7 @@ def test_header_claiming_a_trillion_voxels_is_refused_before_allocating():
     tracemalloc.start()
     try:
         with pytest.raises(errors.TooManyVoxels, match="1000000000000 voxels"):
-            load_bytes(claim, "huge")
+            load_bytes(claim, "huge", settings=Settings())
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -189,7 +189,7 @@ def test_gzip_bomb_is_refused_without_inflating_it():
     tracemalloc.start()
     try:
         with pytest.raises(errors.DecompressionBomb):
-            load_bytes(bomb, "bomb")
+            load_bytes(bomb, "bomb", settings=Settings())
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -206,12 +206,12 @@ def test_voxel_cap_and_byte_cap_come_from_settings():
 
 def test_declared_kind_must_match_the_content():
     with pytest.raises(errors.UnreadableScan, match="declared as dicom-zip"):
-        load_bytes(f.CT_SM.read_bytes(), "kind", kind="application/zip")
+        load_bytes(f.CT_SM.read_bytes(), "kind", kind="application/zip", settings=Settings())
 
 
 def test_missing_path_is_not_found(tmp_path):
     with pytest.raises(errors.ScanNotFound):
-        load_scan(tmp_path / "nope.nii.gz", "missing")
+        load_scan(tmp_path / "nope.nii.gz", "missing", Settings())
 
 
 def test_flag_policy_lets_non_hu_data_through_with_a_warning():
@@ -223,7 +223,7 @@ def test_flag_policy_lets_non_hu_data_through_with_a_warning():
 def test_in_memory_image_is_validated_too():
     img = nib.Nifti1Image(np.full((8, 8, 8), np.inf, np.float32), np.eye(4))
     with pytest.raises(errors.NonFiniteVoxels):
-        scan_from_image(img, "mem")
+        scan_from_image(img, "mem", Settings())
 
 
 # ------------------------------------------------------------------------------------------------ bad DICOM
@@ -282,7 +282,7 @@ def test_bad_dicom_series_is_refused_before_decoding(case, monkeypatch):
 
     monkeypatch.setattr(highdicom, "get_volume_from_series", no_decoding)
     with pytest.raises(error) as excinfo:
-        load_dicom_series(blobs, "dcm-7")
+        load_dicom_series(blobs, "dcm-7", Settings())
     assert excinfo.value.code == error.code and excinfo.value.scan_id == "dcm-7"
 
 
@@ -293,7 +293,7 @@ def test_errors_and_scan_repr_never_name_the_patient():
 
     blobs = _series(identify)
     with pytest.raises(errors.NotCT) as excinfo:
-        load_dicom_series(blobs, "anon-1")
+        load_dicom_series(blobs, "anon-1", Settings())
     scan = load_dicom_series(blobs, "anon-1", Settings(modality_policy="flag"))
     shown = " ".join([str(excinfo.value), repr(excinfo.value), repr(scan), *scan.warnings])
     assert "anon-1" in str(excinfo.value)
@@ -307,12 +307,12 @@ def test_truncated_dicom_file_is_unreadable_not_a_missing_slice(keep_bytes):
     blobs = f.example_dicom_bytes()
     blobs[3] = blobs[3][:keep_bytes]
     with pytest.raises(errors.UnreadableScan, match="truncated"):
-        load_dicom_series(blobs, "cut-1")
+        load_dicom_series(blobs, "cut-1", Settings())
 
 
 def test_zip_without_dicom_images_is_unreadable():
     with pytest.raises(errors.UnreadableScan, match="no DICOM images"):
-        load_bytes(f.zip_bytes({"notes.txt": b"not dicom"}), "zip-2")
+        load_bytes(f.zip_bytes({"notes.txt": b"not dicom"}), "zip-2", settings=Settings())
 
 
 # ------------------------------------------------------------------------------------------------ hostile zips
@@ -322,7 +322,7 @@ def test_zip_with_parent_path_is_refused():
     blobs = f.example_dicom_bytes()
     for name in ("../../etc/evil.dcm", "/abs/evil.dcm", "ok/../../evil.dcm", "C:\\evil.dcm"):
         with pytest.raises(errors.UnsafeArchivePath):
-            load_bytes(f.zip_bytes({"a/1.dcm": blobs[0], name: blobs[1]}), "zip-3")
+            load_bytes(f.zip_bytes({"a/1.dcm": blobs[0], name: blobs[1]}), "zip-3", settings=Settings())
 
 
 def test_zip_bomb_is_refused_from_declared_sizes(monkeypatch):
@@ -335,7 +335,7 @@ def test_zip_bomb_is_refused_from_declared_sizes(monkeypatch):
     size_bomb = f.zip_bytes({"a.dcm": b"\0" * 1_000_000})
     monkeypatch.setattr(zipfile.ZipFile, "open", no_extraction)
     with pytest.raises(errors.DecompressionBomb, match="fold"):
-        load_bytes(ratio_bomb, "zip-4")
+        load_bytes(ratio_bomb, "zip-4", settings=Settings())
     with pytest.raises(errors.DecompressionBomb, match="declares"):
         load_bytes(size_bomb, "zip-5", settings=Settings(max_input_bytes=100_000))
 
@@ -343,4 +343,4 @@ def test_zip_bomb_is_refused_from_declared_sizes(monkeypatch):
 def test_truncated_zip_is_unreadable():
     data = f.zip_bytes({f"{i}.dcm": b for i, b in enumerate(f.example_dicom_bytes())})
     with pytest.raises(errors.UnreadableScan):
-        load_bytes(data[: len(data) // 2], "zip-6")
+        load_bytes(data[: len(data) // 2], "zip-6", settings=Settings())

@@ -24,6 +24,7 @@ import pytest
 
 from ray_app.adapters import cli
 from ray_app.demo.phantom import make_phantom
+from ray_app.settings import Settings
 from ray_app.storage.sinks import create_table, open_passport_store
 from tests import _scan_factory as f
 from tests._service import log_hits, running_service
@@ -338,12 +339,12 @@ def test_segmentation_opens_no_network_connection_even_if_usage_statistics_were_
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     affine[:3, 3] = (-96.0, -96.0, -72.0)
     ct = make_phantom(5, affine=affine, shape=(64, 64, 48))[0]
-    scan = scan_from_image(nib.Nifti1Image(np.asanyarray(ct.dataobj).astype(np.int16), ct.affine), "net-1")
+    scan = scan_from_image(nib.Nifti1Image(np.asanyarray(ct.dataobj).astype(np.int16), ct.affine), "net-1", Settings())
     sys.addaudithook(_net_hook)
     _net_recording.set()
     try:
         with audit() as events:
-            result = pipeline.segment_scan(Segmenter(fast=True, num_threads=1), scan)
+            result = pipeline.segment_scan(Segmenter(fast=True, num_threads=1, settings=Settings()), scan)
     finally:
         _net_recording.clear()
     assert result.ok

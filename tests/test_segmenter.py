@@ -16,6 +16,7 @@ import torch
 from ray_app.core.errors import WeightsMissing
 from ray_app.core.segmenter import Segmenter
 from ray_app.demo.phantom import make_phantom, phantom_labels
+from ray_app.settings import Settings
 from tests.guards import audit
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,7 @@ def odd_grid_phantom(seed: int) -> nib.Nifti1Image:
 
 @pytest.fixture(scope="module")
 def fast_segmenter(phantom_weights):
-    return Segmenter(fast=True, device="cpu")
+    return Segmenter(fast=True, device="cpu", settings=Settings())
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,7 +67,7 @@ def test_fast_mask_equals_vanilla_on_lps_anisotropic_odd_grid(fast_segmenter):
 
 
 def test_normal_mode_merges_five_part_models_like_vanilla(phantom_weights, example_dir):
-    seg = Segmenter(fast=False, device="cpu")
+    seg = Segmenter(fast=False, device="cpu", settings=Settings())
     assert [s.task_id for s in seg.spec.stages] == [291, 292, 293, 294, 295]
     affine = np.diag([-2.5, -2.5, 3.5, 1.0])
     affine[:3, 3] = [60.0, 40.0, -20.0]
@@ -78,7 +79,7 @@ def test_normal_mode_merges_five_part_models_like_vanilla(phantom_weights, examp
 
 def test_roi_subset_crops_and_filters_like_vanilla(phantom_weights):
     roi = ["liver", "kidney_left"]
-    seg = Segmenter(fast=True, device="cpu", roi_subset=roi)
+    seg = Segmenter(fast=True, device="cpu", roi_subset=roi, settings=Settings())
     img = odd_grid_phantom(seed=103)
     ours = np.asanyarray(seg.segment(img).mask.dataobj)
     ids = {k for k, v in seg.spec.label_map.items() if v in roi}
@@ -102,7 +103,7 @@ def test_made_model_segments_held_out_phantoms(fast_segmenter):
 def test_three_scans_read_the_checkpoint_once(phantom_weights, example_dir):
     img = nib.load(example_dir / EXAMPLE_SM)
     with audit() as events:
-        seg = Segmenter(fast=True, device="cpu")
+        seg = Segmenter(fast=True, device="cpu", settings=Settings())
         for _ in range(3):
             seg.segment(img)
     reads = [e for e in events.opens() if str(e).endswith("checkpoint_final.pth")]
@@ -126,7 +127,7 @@ def test_missing_weights_fail_fast_with_a_clear_message_and_write_nothing(tmp_pa
     monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(empty))
     start = time.monotonic()
     with pytest.raises(WeightsMissing) as err:
-        Segmenter(fast=True, device="cpu")
+        Segmenter(fast=True, device="cpu", settings=Settings())
     assert time.monotonic() - start < 30
     message = str(err.value)
     assert "Dataset297_TotalSegmentator_total_3mm_1559subj" in message and "TOTALSEG_WEIGHTS_PATH" in message
@@ -137,9 +138,9 @@ def test_torch_threads_follow_the_cpus_given_not_the_machine(phantom_weights, mo
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = torch.get_num_threads()
     try:
-        Segmenter(fast=True, device="cpu")
+        Segmenter(fast=True, device="cpu", settings=Settings())
         assert torch.get_num_threads() == 1
-        Segmenter(fast=True, device="cpu", num_threads=2)
+        Segmenter(fast=True, device="cpu", num_threads=2, settings=Settings())
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

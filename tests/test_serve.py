@@ -25,10 +25,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from ray_app.adapters import serve as serve_app
 from ray_app.adapters.serve import ApiError, check_uri_allowed, load_token
-from ray_app.core import pipeline
+from ray_app.core import errors, pipeline
 from ray_app.demo.phantom import make_phantom
 from ray_app.settings import Settings
 from ray_app.storage.sinks import create_table, open_passport_store
@@ -104,10 +105,11 @@ def reference(phantom_weights, scans) -> dict[str, dict]:
     from ray_app.core.scan import load_bytes
     from ray_app.core.segmenter import Segmenter
 
-    segmenter = Segmenter(fast=True, num_threads=1)  # the replica's thread count (num_cpus=1): same float sums
+    # num_threads: the replica's thread count (num_cpus=1): same float sums
+    segmenter = Segmenter(fast=True, num_threads=1, settings=Settings())
     out = {}
     for name, kind in (("phantom", "nifti-gz"), ("dicom", "dicom-zip")):
-        result = pipeline.segment_scan(segmenter, load_bytes(scans[name], name, kind=kind))
+        result = pipeline.segment_scan(segmenter, load_bytes(scans[name], name, kind=kind, settings=Settings()))
         assert result.ok, result.passport
         out[name] = result.passport
     return out
@@ -220,12 +222,35 @@ def test_uris_outside_the_allowed_prefixes_are_refused(uri):
     assert info.value.status == 403
 
 
+def test_the_response_model_is_the_passport_schema_field_by_field():
+    """One contract: Serve's ``Passport`` has exactly the schema's fields, the same required ones and the same
+    status values (no ``flagged``, which nothing produces), and takes the documents the core writes."""
+    import typing
+
+    from ray_app.core.passport import failure_passport, passport_schema
+
+    schema = passport_schema()
+    fields = serve_app.Passport.model_fields
+    assert set(fields) == set(schema["properties"])
+    assert {n for n, f in fields.items() if f.is_required()} == set(schema["required"])
+    assert set(typing.get_args(fields["status"].annotation)) == set(schema["properties"]["status"]["enum"])
+    assert typing.get_args(fields["schema_version"].annotation) == (schema["properties"]["schema_version"]["const"],)
+    assert serve_app.Passport.model_config["extra"] == "forbid" and schema["additionalProperties"] is False
+    doc = failure_passport("s-1", code="truncated_file", message="the file ends early", model={"task": "total"})
+    assert serve_app.Passport.model_validate(doc).status == "failed"
+    with pytest.raises(ValidationError):
+        serve_app.Passport.model_validate({**doc, "status": "flagged"})
+    with pytest.raises(ValidationError):
+        serve_app.Passport.model_validate({**doc, "surprise": 1})
+
+
 _SERVICE = serve_app.SegmentService.func_or_class  # the class behind the Serve deployment
 
 
 def _raised_statuses(fn, seen: set | None = None) -> set[int]:
-    """Statuses ``fn`` can answer: ``ApiError(<status>, ...)`` in its body and, through the module's functions and
-    methods it calls (``self._x``, ``_x``), in theirs; ``_status_for``'s return values count as raised."""
+    """Statuses ``fn`` can answer: ``ApiError(<status>, ...)`` in its body and, through the serve package's
+    functions and methods it calls (``self._x``, ``x``), in theirs; ``ApiError(info.http_status, ...)`` counts
+    as every status of the error model (``ray_app.core.errors``: each class's ``http_status``)."""
     seen = set() if seen is None else seen
     if fn.__name__ in seen:
         return set()
@@ -238,14 +263,12 @@ def _raised_statuses(fn, seen: set | None = None) -> set[int]:
             if name == "ApiError":
                 if isinstance(node.args[0], ast.Constant):
                     out.add(node.args[0].value)
-                else:  # ApiError(self._status_for(code), ...)
-                    out |= _raised_statuses(_SERVICE._status_for, seen)
+                else:  # ApiError(errors.describe(exc).http_status, ...)
+                    out |= {cls.http_status for cls in errors.error_classes()}
             elif name:
-                target = getattr(_SERVICE, name, None) or getattr(serve_app, name, None)
-                if inspect.isfunction(target) and target.__module__ == serve_app.__name__:
+                target = getattr(_SERVICE, name, None) or fn.__globals__.get(name)
+                if inspect.isfunction(target) and target.__module__.startswith(serve_app.__name__ + "."):
                     out |= _raised_statuses(target, seen)
-        elif isinstance(node, ast.Return) and fn.__name__ == "_status_for" and isinstance(node.value, ast.Constant):
-            out.add(node.value.value)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from ray_app import storage
 from ray_app.core import pipeline
-from ray_app.core.errors import PreflightError, RayAppError, WorkerLost
+from ray_app.core.errors import PreflightError, RayAppError, WorkerLost, describe, from_code
 from ray_app.core.totalseg import TaskSpec, missing_weights, task_spec
 from ray_app.settings import Settings, get_settings
 from ray_app.storage import results
@@ -190,7 +190,8 @@ def _fetch(row: dict[str, Any]) -> dict[str, Any]:
         scan = load_scan(row["uri"], row["scan_id"], get_settings())
         blob, code, message = pickle.dumps(scan, protocol=5), "", ""
     except Exception as exc:  # noqa: BLE001 - recorded as the scan's failure
-        code, message = pipeline.error_fields(exc)
+        info = describe(exc)
+        code, message = info.code, info.message
         blob = b""
     return {
         "scan_id": row["scan_id"],
@@ -252,8 +253,9 @@ class SegmentActor:
         self.starts = starts
         self.max_task_retries = max_task_retries
 
-        self.segmenter = Segmenter(
-            fast=fast, device=device, roi_subset=list(roi_subset) if roi_subset else None, num_threads=num_threads
+        # The worker's own settings (its environment, as the driver's), passed explicitly.
+        self.segmenter = Segmenter.from_settings(
+            get_settings(), task_spec("total", fast=fast, roi_subset=roi_subset), device=device, num_threads=num_threads
         )
         # Recorded with every scan (summary columns actor_cpus, actor_gpus, node_cpus): the cost report turns
         # seconds into CPU- and GPU-seconds with them, so a run measured with one actor size projects onto
@@ -271,8 +273,7 @@ class SegmentActor:
             timings = {"read_s": float(batch["read_s"][i])}
             blob = None
             if batch["error_code"][i]:
-                exc = RayAppError(str(batch["error_message"][i]), scan_id=scan_id)
-                exc.code = str(batch["error_code"][i])
+                exc = from_code(str(batch["error_code"][i]), str(batch["error_message"][i]), scan_id=scan_id)
                 result = pipeline.failure(
                     scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i], timings=timings
                 )

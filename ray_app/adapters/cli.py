@@ -11,6 +11,14 @@ from pathlib import Path
 PHANTOM_WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "phantom_weights"
 
 
+def _print_error(exc: BaseException) -> None:
+    """One line on stderr, from the error model: ``error: <code>: <message>``."""
+    from ray_app.core.errors import describe
+
+    info = describe(exc)
+    print(f"error: {info.code}: {info.message}", file=sys.stderr)
+
+
 def _scan_id_from_path(path: str) -> str:
     name = Path(path.rstrip("/")).name
     for suffix in (".nii.gz", ".nii", ".zip"):
@@ -23,6 +31,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     """Segment local scans in this process (no Ray) into ``OUT/<scan_id>/``."""
     from ray_app.core import pipeline
     from ray_app.core.segmenter import Segmenter
+    from ray_app.core.totalseg import task_spec
     from ray_app.settings import get_settings
     from ray_app.storage import results
     from ray_app.storage.keys import validate_scan_id
@@ -33,7 +42,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print("error: give one --scan-id per scan", file=sys.stderr)
         return 2
     settings = get_settings()
-    segmenter = Segmenter(fast=args.fast, device=args.device, roi_subset=args.roi_subset)
+    fast = settings.fast if args.fast is None else args.fast
+    segmenter = Segmenter.from_settings(
+        settings, task_spec("total", fast=fast, roi_subset=args.roi_subset), device=args.device
+    )
     sink = ArtifactSink(args.out, per_model=False)
     failed = 0
     for i, source in enumerate(args.scans):
@@ -178,6 +190,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     (contradictory options, an unusable manifest, a failed preflight)."""
     from ray_app.adapters.batch import format_report, run_batch
     from ray_app.core.errors import PreflightError
+    from ray_app.settings import get_settings
     from ray_app.storage.manifest import ManifestError
 
     try:
@@ -186,9 +199,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        report = run_batch(cfg)
+        report = run_batch(cfg, get_settings())
     except (ManifestError, PreflightError) as exc:  # an unusable manifest or destination: nothing ran
-        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        _print_error(exc)
         return 2
     print(format_report(report))
     from ray_app.ops.cloudwatch import publish_job
@@ -347,8 +360,9 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
             for line in preflight.run(conf, cfg, get_settings(), worker_role=None if args.local else args.worker_role):
                 print(f"preflight: {line}", flush=True)
         except RayAppError as exc:
-            print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+            _print_error(exc)
             return 2
+    launcher: cluster.LocalLauncher | cluster.AwsLauncher
     if args.local:
         launcher = cluster.LocalLauncher(
             args.config, head_cpus=args.head_cpus, idle_s=args.idle_minutes * 60, max_lifetime_s=args.max_hours * 3600

@@ -20,9 +20,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ray_app.core.errors import RayAppError
+from ray_app.core.errors import describe
 from ray_app.core.scan import Scan
-from ray_app.settings import Settings, get_settings
+from ray_app.settings import Settings
 
 SCHEMA_VERSION = "1.0"
 #: TotalSegmentator's ``touches_border`` looks at the first and last 3 voxels of every axis.
@@ -38,16 +38,14 @@ def build_passport(
     label_map: Mapping[int, str],
     model: Mapping[str, Any],
     timings: Mapping[str, float],
-    settings: Settings | None = None,
-    status: str = "ok",
+    settings: Settings,
     warnings: list[str] | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The passport of a segmented scan. ``mask`` holds label ids on the scan's grid.
 
     The scan's warnings (e.g. a modality let through by ``modality_policy="flag"``) and ``warnings`` are copied
     into the document's ``warnings``.
     """
-    settings = settings or get_settings()
     labels = np.asanyarray(mask.dataobj) if isinstance(mask, nib.Nifti1Image) else np.asanyarray(mask)
     if labels.shape != scan.shape:
         raise ValueError(f"mask shape {labels.shape} differs from the scan's {scan.shape}")
@@ -62,7 +60,7 @@ def build_passport(
     return {
         "schema_version": SCHEMA_VERSION,
         "scan_id": scan.scan_id,
-        "status": status,
+        "status": "ok",
         "created_at": _now(),
         "scan": {
             "scan_id": scan.scan_id,
@@ -92,18 +90,17 @@ def failure_passport(
     message: str | None = None,
     timings: Mapping[str, float] | None = None,
     source_uri: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The passport of a scan that could not be processed: error code and message, no structures.
 
-    Pass the exception, or ``code`` and ``message`` directly. A :class:`RayAppError` contributes its stable
-    ``code`` and its message (which names no patient data); any other exception becomes ``internal_error``
-    with its type and text.
+    Pass the exception, or ``code`` and ``message`` directly. The exception is read through
+    :func:`ray_app.core.errors.describe`: a :class:`RayAppError` contributes its stable ``code`` and its message
+    (which names no patient data), memory exhaustion becomes ``out_of_memory`` and any other exception
+    ``internal_error`` with its type and text.
     """
     if error is not None:
-        if isinstance(error, RayAppError):
-            code, message = error.code, error.message
-        else:
-            code, message = "internal_error", f"{type(error).__name__}: {error}"[:1000]
+        info = describe(error)
+        code, message = info.code, info.message
     if not code or message is None:
         raise ValueError("failure_passport needs an error, or a code and a message")
     return {
@@ -126,13 +123,14 @@ def validate_passport(doc: Mapping[str, Any]) -> None:
     _validator().validate(doc)
 
 
-def passport_schema() -> dict:
+def passport_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) shipped in ``ray_app/core/passport.schema.json``."""
-    return json.loads(resources.files("ray_app.core").joinpath("passport.schema.json").read_text())
+    schema: dict[str, Any] = json.loads(resources.files("ray_app.core").joinpath("passport.schema.json").read_text())
+    return schema
 
 
 @lru_cache(maxsize=1)
-def _validator():
+def _validator() -> Any:
     from jsonschema import Draft202012Validator
 
     schema = passport_schema()
@@ -156,7 +154,7 @@ def _structures(
     voxel_ml: float,
     label_map: Mapping[int, str],
     settings: Settings,
-) -> tuple[dict, list[int]]:
+) -> tuple[dict[str, Any], list[int]]:
     n = int(max(max(label_map, default=0), int(labels.max(initial=0)))) + 1
     counts, sums, squares, index_sums = _label_sums(ct, labels, n)
     safe = np.maximum(counts, 1)
@@ -215,7 +213,9 @@ def _label_sums(ct: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray,
     return counts, sums, squares, index_sums
 
 
-def _geometry(box: tuple[slice, ...], centroid_vox: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> dict:
+def _geometry(
+    box: tuple[slice, ...], centroid_vox: np.ndarray, shape: tuple[int, ...], affine: np.ndarray
+) -> dict[str, Any]:
     """Bounding box, border contact (TotalSegmentator's touches_border) and centroid in world mm."""
     start = np.array([s.start for s in box])
     stop = np.array([s.stop for s in box])
@@ -234,9 +234,3 @@ def _geometry(box: tuple[slice, ...], centroid_vox: np.ndarray, shape: tuple[int
         },
         "centroid_mm": [round(float(v), 3) for v in nib.affines.apply_affine(affine, centroid_vox)],
     }
-
-
-def present_structures(doc: Mapping[str, Any]) -> list[str]:
-    """Names of the structures a passport marks present, largest first."""
-    items = [(name, s["volume_ml"]) for name, s in doc.get("structures", {}).items() if s["present"]]
-    return [name for name, _ in sorted(items, key=lambda item: -item[1])]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from ray_app.core import passport
 from ray_app.core.errors import RayAppError
 from ray_app.core.scan import Scan
 from ray_app.core.segmenter import Segmenter
-from ray_app.settings import Settings, get_settings
+from ray_app.settings import Settings
 
 
 @dataclass
@@ -24,56 +25,40 @@ class ScanResult:
     """The outcome for one scan: a passport always, a mask only when segmentation succeeded."""
 
     scan_id: str
-    passport: dict
+    passport: dict[str, Any]
     mask: np.ndarray | None = None
     scan: Scan | None = None
     locations: dict[str, str] = field(default_factory=dict)
     #: What producing and storing it used, for the job summary (``sinks.SUMMARY_SCHEMA``'s last columns): set by
     #: the batch job's segmentation actor (``actor_cpus``, ``actor_gpus``, ``node_cpus``) and by
     #: :func:`write_result` (objects and bytes written, store item size).
-    usage: dict = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.passport.get("status") == "ok"
 
 
-#: The code of a scan that needed more memory than its worker has (Serve answers it with 503).
-OUT_OF_MEMORY = "out_of_memory"
-
-
-def error_fields(exc: BaseException) -> tuple[str, str]:
-    """A stable code and a message for failure records; unexpected errors keep their type name."""
-    if isinstance(exc, RayAppError):
-        return exc.code, exc.message
-    if isinstance(exc, MemoryError) or _is_torch_oom(exc):
-        return OUT_OF_MEMORY, "the scan needed more memory than the worker has"
-    return "internal_error", f"{type(exc).__name__}: {exc}"
-
-
-def _is_torch_oom(exc: BaseException) -> bool:
-    """torch reports exhausted memory as ``torch.OutOfMemoryError`` (GPU) or a plain RuntimeError from its CPU
-    allocator, not as MemoryError."""
-    return type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
-    )
-
-
 def failure(
-    scan_id: str, exc: BaseException, model: dict, *, source_uri: str | None = None, timings: dict | None = None
+    scan_id: str,
+    exc: BaseException,
+    model: dict[str, Any],
+    *,
+    source_uri: str | None = None,
+    timings: dict[str, float] | None = None,
 ) -> ScanResult:
-    code, message = error_fields(exc)
-    doc = passport.failure_passport(
-        scan_id, code=code, message=message, model=model, source_uri=source_uri, timings=timings or {}
-    )
+    """The result of a scan that failed with ``exc`` (read through :func:`ray_app.core.errors.describe`)."""
+    doc = passport.failure_passport(scan_id, exc, model, source_uri=source_uri, timings=timings or {})
     return ScanResult(scan_id, doc)
 
 
 def segment_scan(
-    segmenter: Segmenter, scan: Scan, *, settings: Settings | None = None, timings: dict | None = None
+    segmenter: Segmenter, scan: Scan, *, settings: Settings | None = None, timings: dict[str, float] | None = None
 ) -> ScanResult:
-    """Segment a validated scan and compute its passport; any failure becomes a failure passport."""
-    settings = settings or get_settings()
+    """Segment a validated scan and compute its passport; any failure becomes a failure passport.
+
+    ``settings`` (the passport's presence rule) default to the ones the segmenter was built from."""
+    settings = segmenter.settings if settings is None else settings
     timings = dict(timings or {})
     try:
         t = time.perf_counter()

@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
 from ray_app.core import totalseg
 from ray_app.core.errors import RayAppError
-from ray_app.settings import Settings, get_settings
+from ray_app.settings import Settings
 
 
 @dataclass
@@ -78,8 +79,34 @@ class Segmenter:
     """Owns the nnU-Net model(s) of one TotalSegmentator task, loaded once, and segments any number of scans.
 
     Like ``nnUNetPredictor``, one object holds the whole model lifecycle: construction resolves (or downloads)
-    the weights and loads every checkpoint; ``segment`` only computes.
+    the weights and loads every checkpoint; ``segment`` only computes. Its configuration is one :class:`Settings`
+    passed in (kept as ``self.settings``); the adapters build it with :meth:`from_settings`.
     """
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        spec: totalseg.TaskSpec | None = None,
+        *,
+        device: str | None = None,
+        num_threads: int | None = None,
+    ) -> Segmenter:
+        """The one way the CLI, the batch actor and a Serve replica build a segmenter.
+
+        ``spec`` (from :func:`ray_app.core.totalseg.task_spec`) says which model and ROI subset; by default the
+        settings' mode on the whole body. ``device`` and ``num_threads`` override the settings' (a batch actor
+        knows its CPU share; ``None`` keeps ``settings.device`` / ``settings.num_threads`` or the CPUs given).
+        """
+        spec = spec or totalseg.task_spec("total", fast=settings.fast)
+        return cls(
+            spec.task,
+            fast=spec.fast,
+            roi_subset=list(spec.roi_subset) if spec.roi_subset else None,
+            device=device,
+            num_threads=num_threads,
+            settings=settings,
+        )
 
     def __init__(
         self,
@@ -91,11 +118,11 @@ class Segmenter:
         num_threads: int | None = None,
         precision: str | None = None,
         crop_to_body: bool | None = None,
-        settings: Settings | None = None,
+        settings: Settings,
     ):
         import torch
 
-        settings = settings or get_settings()
+        self.settings = settings
         totalseg._setup_environment()
         totalseg.disable_usage_stats()
         self.spec = totalseg.task_spec(task, fast=settings.fast if fast is None else fast, roi_subset=roi_subset)
@@ -141,7 +168,7 @@ class Segmenter:
     @property
     def model_info(self) -> dict:
         """Identity of the weights and code that made a mask, for the passport."""
-        datasets = []
+        datasets: list[dict[str, Any]] = []
         for stage in self.spec.all_stages:
             ckpt = self._model_dirs[stage.task_id] / f"fold_{stage.folds[0]}" / "checkpoint_final.pth"
             datasets.append(
@@ -181,7 +208,7 @@ class Segmenter:
                 # TotalSegmentator: a rough 6 mm segmentation, the ROIs' union as crop mask, 20 voxels margin.
                 rough = self._predict(img_orig, (spec.crop_stage,), timings, "crop_")
                 inv = {v: k for k, v in spec.label_map.items()}
-                crop_mask = np.isin(rough, [inv[r] for r in spec.roi_subset]).astype(np.uint8)
+                crop_mask = np.isin(rough, [inv[r] for r in spec.roi_subset or ()]).astype(np.uint8)
                 if crop_mask.sum() == 0:
                     return SegmentationResult(
                         self._as_mask_image(np.zeros(img_orig.shape, np.uint8), img_orig), timings

@@ -16,8 +16,12 @@ import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ray_app.core.errors import RayAppError, WeightsMissing
+from ray_app.core.errors import InvalidRoiSubset, UnsupportedTask, WeightsMissing
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PLANS = "nnUNetPlans"
 CONFIGURATION = "3d_fullres"
@@ -47,7 +51,7 @@ def disable_usage_stats() -> None:
 
     home = get_totalseg_dir()
     path = home / "config.json"
-    config: dict = {}
+    config: dict[str, Any] = {}
     with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
         config = json.loads(path.read_text())
     if config.get("send_usage_stats") is False and config.get("statistics_disclaimer_shown"):
@@ -75,7 +79,7 @@ class ModelStage:
     def folder_name(self) -> str:
         from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
 
-        return TASK_ID_WEIGHTS_CONFIGS[self.task_id]["foldername"]
+        return str(TASK_ID_WEIGHTS_CONFIGS[self.task_id]["foldername"])
 
     def model_dir(self, weights_dir: Path) -> Path:
         return weights_dir / self.folder_name / f"{self.trainer}__{PLANS}__{CONFIGURATION}"
@@ -135,14 +139,14 @@ def task_spec(
     from totalsegmentator.python_api import get_task_config
 
     if task != "total":
-        raise RayAppError(f"task {task!r} is not supported; supported: 'total'")
+        raise UnsupportedTask(f"task {task!r} is not supported; supported: 'total'")
     cfg = get_task_config(task, fast=fast, quiet=True)
     label_map = dict(class_map[task])
     ids = cfg["task_id"] if isinstance(cfg["task_id"], list) else [cfg["task_id"]]
     if roi_subset:
         unknown = sorted(set(roi_subset) - set(label_map.values()))
         if unknown:
-            raise RayAppError(f"roi_subset names unknown structures: {', '.join(unknown)}")
+            raise InvalidRoiSubset(f"roi_subset names unknown structures: {', '.join(unknown)}")
         if len(ids) > 1:
             # Like TotalSegmentator: run only the part models that contain a requested structure.
             wanted = {name for name in roi_subset}
@@ -151,7 +155,7 @@ def task_spec(
     return TaskSpec(task, fast, stages, label_map, tuple(roi_subset) if roi_subset else None)
 
 
-def part_label_lut(task_id: int, label_map: dict[int, str]):
+def part_label_lut(task_id: int, label_map: dict[int, str]) -> np.ndarray:
     """Lookup table from a part model's label ids to the task's ids (TotalSegmentator's merge of 291-295)."""
     import numpy as np
     from totalsegmentator.map_to_binary import (

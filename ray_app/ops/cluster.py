@@ -286,6 +286,20 @@ class LocalLauncher(Launcher):
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         }
         env.pop("RAY_ADDRESS", None)
+        self.head = self._spawn("head.log", self._head_command(gcs_port, dash_port, fake_yaml), env)
+        self.dashboard = f"http://127.0.0.1:{dash_port}"
+        self.base_env = {k: v for k, v in env.items() if k != "RAY_FAKE_CLUSTER"}
+        self._wait_for_dashboard()
+        self.deadman = self._spawn("deadman.log", self._deadman_command(self.head.pid), self.base_env)
+        print(f"local cluster up: {self.dashboard} (logs in {self.temp_dir})", flush=True)
+
+    def _spawn(self, log_name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        """A process in its own session, its output in ``log_name`` under the cluster's temp dir."""
+        with open(Path(self.temp_dir) / log_name, "wb") as log:
+            return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _head_command(self, gcs_port: int, dash_port: int, fake_yaml: Path) -> list[str]:
+        """``ray start --head`` on free ports, with the fake multi-node autoscaler config."""
         ports = [
             f"--{name}={free_port()}"
             for name in (
@@ -296,62 +310,47 @@ class LocalLauncher(Launcher):
                 "ray-client-server-port",
             )
         ]
-        with open(Path(self.temp_dir) / "head.log", "wb") as log:
-            self.head = subprocess.Popen(
-                [
-                    self.ray,
-                    "start",
-                    "--head",
-                    "--block",
-                    f"--port={gcs_port}",
-                    f"--num-cpus={self.head_cpus}",
-                    f"--object-store-memory={200 * 1024**2}",
-                    "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash_port}",
-                    *ports,
-                    "--disable-usage-stats",
-                    f"--autoscaling-config={fake_yaml}",
-                    f"--temp-dir={self.temp_dir}",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.dashboard = f"http://127.0.0.1:{dash_port}"
-        self.base_env = {k: v for k, v in env.items() if k != "RAY_FAKE_CLUSTER"}
-        self._wait_for_dashboard()
-        with open(Path(self.temp_dir) / "deadman.log", "wb") as log:
-            self.deadman = subprocess.Popen(
-                [
-                    self.python,
-                    "-m",
-                    "ray_app.ops.deadman",
-                    "--dashboard",
-                    self.dashboard,
-                    "--idle-seconds",
-                    str(self.idle_s),
-                    "--max-seconds",
-                    str(self.max_lifetime_s),
-                    "--poll-seconds",
-                    "1",
-                    "--",
-                    "kill",
-                    "-TERM",
-                    str(self.head.pid),
-                ],
-                env=self.base_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        print(f"local cluster up: {self.dashboard} (logs in {self.temp_dir})", flush=True)
+        return [
+            self.ray,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs_port}",
+            f"--num-cpus={self.head_cpus}",
+            f"--object-store-memory={200 * 1024**2}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            *ports,
+            "--disable-usage-stats",
+            f"--autoscaling-config={fake_yaml}",
+            f"--temp-dir={self.temp_dir}",
+        ]
+
+    def _deadman_command(self, head_pid: int) -> list[str]:
+        """The dead man's switch that stops the head once the cluster is idle or past its lifetime."""
+        return [
+            self.python,
+            "-m",
+            "ray_app.ops.deadman",
+            "--dashboard",
+            self.dashboard,
+            "--idle-seconds",
+            str(self.idle_s),
+            "--max-seconds",
+            str(self.max_lifetime_s),
+            "--poll-seconds",
+            "1",
+            "--",
+            "kill",
+            "-TERM",
+            str(head_pid),
+        ]
 
     def _wait_for_dashboard(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            if self.head.poll() is not None:
+            if self.head is None or self.head.poll() is not None:
                 raise RuntimeError(f"the local head exited; see {self.temp_dir}/head.log")
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2):

@@ -67,11 +67,11 @@ def to_bytes(columns: list[str], rows: list[dict], fmt: str) -> bytes:
         def cell(v):  # ids are validated formula-free when stored; text from another store form is not trusted
             return "'" + v if isinstance(v, str) and looks_like_formula(v) else v
 
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: cell(v) for k, v in r.items()} for r in rows)
-        return buf.getvalue().encode()
+        return text.getvalue().encode()
     import pyarrow as pa
     import pyarrow.parquet as pq
 

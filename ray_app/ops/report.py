@@ -213,14 +213,9 @@ def _stage_table(rows: list[dict]) -> str:
     return "".join(out) + "</table>"
 
 
-def render_html(rows: list[dict], *, source: str = "") -> str:
-    """The whole page as one string."""
+def _table_rows(rows: list[dict], counts: dict, found: list) -> tuple[str, str, str]:
+    """The HTML rows of the status table, of the scans that did not succeed and of the volumes worth a look."""
     esc = html.escape
-    jobs = sorted({r.get("job_id") or "?" for r in rows})
-    counts = status_counts(rows)
-    ok = sum(n for (s, _), n in counts.items() if s == "ok")
-    failed = sum(n for (s, _), n in counts.items() if s in FAILED)
-    found = outliers(rows)
     status_rows = "".join(
         f"<tr><td>{esc(s)}</td><td>{esc(c) or '-'}</td><td>{n}</td></tr>" for (s, c), n in sorted(counts.items())
     )
@@ -235,6 +230,18 @@ def render_html(rows: list[dict], *, source: str = "") -> str:
         f"<td>{o.volume_ml:.1f}</td><td>{esc('; '.join(o.reasons))}</td></tr>"
         for o in found
     )
+    return status_rows, failed_rows, outlier_rows
+
+
+def render_html(rows: list[dict], *, source: str = "") -> str:
+    """The whole page as one string."""
+    esc = html.escape
+    jobs = sorted({r.get("job_id") or "?" for r in rows})
+    counts = status_counts(rows)
+    ok = sum(n for (s, _), n in counts.items() if s == "ok")
+    failed = sum(n for (s, _), n in counts.items() if s in FAILED)
+    found = outliers(rows)
+    status_rows, failed_rows, outlier_rows = _table_rows(rows, counts, found)
     missing = ", ".join(f"{o} in {n}" for o in ORGANS if (n := absent(rows, o)))
     ranges = ", ".join(f"{o} {lo:g}-{hi:g} ml" for o, (lo, hi) in REFERENCE_ML.items())
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -67,7 +67,7 @@ class JobStatus:
             eta = self.now.timestamp() + self.eta_minutes * 60
             out.append(
                 f"ETA: {self.eta_minutes:.1f} min ({datetime.fromtimestamp(eta, timezone.utc):%H:%M} UTC)"
-                if self.done < self.total
+                if self.total is None or self.done < self.total
                 else "ETA: done"
             )
         elif self.total is None:
@@ -84,7 +84,7 @@ def job_status(
     now: datetime | None = None,
 ) -> JobStatus:
     times = sorted(t for t in (_time(d.get("created_at")) for d in docs) if t)
-    errors = Counter()
+    errors: Counter[str] = Counter()
     for d in docs:
         if d.get("status") != "ok":
             err = d.get("error")

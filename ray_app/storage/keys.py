@@ -10,15 +10,11 @@ from __future__ import annotations
 import posixpath
 import re
 
-from ray_app.core.errors import RayAppError
+from ray_app.core.errors import InvalidId
 from ray_app.storage import parse_uri
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-class InvalidId(RayAppError):
-    code = "invalid_id"
 
 
 def looks_like_formula(value: str) -> bool:

@@ -21,17 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_app import storage
-from ray_app.core.errors import RayAppError
+from ray_app.core.errors import ManifestError
 from ray_app.storage.keys import InvalidId, looks_like_formula, validate_scan_id
 
 REQUIRED_COLUMNS = ("scan_id", "uri")
 DEFAULT_MAX_BYTES = 256 * 1024**2
-
-
-class ManifestError(RayAppError):
-    """The manifest as a whole cannot be used."""
-
-    code = "invalid_manifest"
 
 
 @dataclass(frozen=True)
@@ -50,10 +44,6 @@ class ManifestResult:
     rows: list[dict[str, Any]]
     problems: list[ManifestProblem]
     columns: list[str] = field(default_factory=list)
-
-    def table(self) -> pa.Table:
-        """The runnable rows as a pyarrow Table (for ``ray.data.from_arrow``)."""
-        return pa.Table.from_pylist(self.rows)
 
 
 class _RowProblem(Exception):

@@ -18,7 +18,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from ray_app.core.errors import RayAppError
+# The storage errors are part of the one error model (code, HTTP status, retryable); re-exported from here.
+from ray_app.core.errors import ObjectNotFound, ObjectTooLarge, StorageError, UnsupportedUri
 from ray_app.settings import get_settings
 
 #: botocore retries throttling and transient errors itself, with backoff and a retry quota.
@@ -27,24 +28,6 @@ RETRY_CONFIG = Config(retries={"mode": "standard", "max_attempts": 8}, connect_t
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
-
-
-class StorageError(RayAppError):
-    """An I/O failure that is not the caller's fault (after botocore's retries)."""
-
-    code = "storage_error"
-
-
-class ObjectNotFound(StorageError):
-    code = "object_not_found"
-
-
-class ObjectTooLarge(StorageError):
-    code = "object_too_large"
-
-
-class UnsupportedUri(RayAppError):
-    code = "unsupported_uri"
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 from ray_app.core import outputs
 from ray_app.core.errors import DicomSegUnavailable, RayAppError
@@ -43,28 +44,50 @@ def write_result(
 
     t = time.perf_counter()
     if result.ok and result.mask is not None and result.scan is not None:
-        locs = result.locations
-        locs["mask"] = put("mask.nii.gz", outputs.mask_to_nifti_bytes(result.mask, result.scan), "application/gzip")
-        if per_structure:
-            locs["segmentations"] = put(
-                outputs.SEGMENTATIONS_ZIP,
-                outputs.per_structure_zip(result.mask, result.scan, label_map),
-                "application/zip",
-            )
-        if preview:
-            locs["preview"] = put("preview.png", outputs.preview_png(result.scan, result.mask, label_map), "image/png")
-        if result.scan.dicom is not None:
-            try:
-                seg = outputs.dicom_seg_bytes(result.scan, result.mask, label_map, model=result.passport["model"])
-            except DicomSegUnavailable as exc:  # the mask and passport are still good
-                result.passport.setdefault("warnings", []).append(f"no DICOM-SEG: {exc.message}")
-            else:
-                locs["dicom_seg"] = put("seg.dcm", seg, "application/dicom")
-        result.passport["outputs"] = dict(locs)
+        _write_files(result, put, label_map, preview=preview, per_structure=per_structure)
     result.passport["timings"]["write_s"] = time.perf_counter() - t
     result.locations["passport"] = put(
         "passport.json", json.dumps(result.passport, indent=1).encode(), "application/json"
     )
+    _record_usage(result, sizes, job_id)
+    if store is not None:
+        store.put(result.passport, job_id, passport_uri=result.locations["passport"])
+    return result
+
+
+def _write_files(
+    result: ScanResult,
+    put: Callable[[str, bytes, str], str],
+    label_map: dict[int, str],
+    *,
+    preview: bool,
+    per_structure: bool,
+) -> None:
+    """The mask and the extras asked for (per-structure zip, preview, DICOM-SEG for DICOM input); their
+    locations go into ``result.locations`` and the passport's ``outputs``."""
+    assert result.mask is not None and result.scan is not None
+    locs = result.locations
+    locs["mask"] = put("mask.nii.gz", outputs.mask_to_nifti_bytes(result.mask, result.scan), "application/gzip")
+    if per_structure:
+        locs["segmentations"] = put(
+            outputs.SEGMENTATIONS_ZIP,
+            outputs.per_structure_zip(result.mask, result.scan, label_map),
+            "application/zip",
+        )
+    if preview:
+        locs["preview"] = put("preview.png", outputs.preview_png(result.scan, result.mask, label_map), "image/png")
+    if result.scan.dicom is not None:
+        try:
+            seg = outputs.dicom_seg_bytes(result.scan, result.mask, label_map, model=result.passport["model"])
+        except DicomSegUnavailable as exc:  # the mask and passport are still good
+            result.passport.setdefault("warnings", []).append(f"no DICOM-SEG: {exc.message}")
+        else:
+            locs["dicom_seg"] = put("seg.dcm", seg, "application/dicom")
+    result.passport["outputs"] = dict(locs)
+
+
+def _record_usage(result: ScanResult, sizes: list[int], job_id: str) -> None:
+    """Objects and bytes written (above and below the Glacier size) and the store item's size, for the summary."""
     large = [n for n in sizes if n > LARGE_OBJECT_BYTES]
     result.usage.update(
         objects_written=len(sizes),
@@ -80,9 +103,6 @@ def write_result(
         pass
     else:
         result.usage.update(store_item_bytes=item_bytes(item), store_index_bytes=index_item_bytes(item))
-    if store is not None:
-        store.put(result.passport, job_id, passport_uri=result.locations["passport"])
-    return result
 
 
 #: The summary columns :attr:`ScanResult.usage` fills.

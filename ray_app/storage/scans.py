@@ -8,14 +8,13 @@ import os
 from ray_app.core import scan as core_scan
 from ray_app.core.errors import ScanNotFound
 from ray_app.core.scan import Scan, Source, load_bytes, load_dicom_series
-from ray_app.settings import Settings, get_settings
+from ray_app.settings import Settings
 from ray_app.storage import objects
 
 
-def load_scan(source: Source, scan_id: str, settings: Settings | None = None, *, kind: str | None = None) -> Scan:
+def load_scan(source: Source, scan_id: str, settings: Settings, *, kind: str | None = None) -> Scan:
     """Read and validate a scan from an ``s3://`` URI (a key, or a prefix ending in ``/`` for a DICOM series), a
     local path, bytes, a list of DICOM files or an in-memory NIfTI image."""
-    settings = settings or get_settings()
     if isinstance(source, (str, os.PathLike)) and os.fspath(source).startswith("s3://"):
         return _load_s3(os.fspath(source), scan_id, settings, kind)
     return core_scan.load_scan(source, scan_id, settings, kind=kind)

@@ -1,21 +1,5 @@
-"""The Serve endpoint: one scan per HTTP request, segmented by replicas that keep their models loaded.
-
-A FastAPI ingress (so ``/docs`` and ``/openapi.json`` come for free) over the same ``scan`` → ``pipeline``
-functions as the batch job, so a passport from here equals the batch job's for the same scan and weights.
-
-Limits are layered so overload and abuse cost little:
-
-* Ray Serve: ``max_ongoing_requests`` per replica and ``max_queued_requests`` per proxy; beyond them Serve's
-  proxy answers ``503`` with ``Retry-After`` (``backpressure_config``) instead of queueing without bound.
-* Here: the bearer token is checked before the body is touched, ``Content-Length`` before it is read, and the
-  streamed byte count while it is read; a ``uri`` must be ``s3://`` under ``allowed_uri_prefixes``.
-* Each replica runs one segmentation at a time (one compute thread; Ray gives the replica ``num_cpus`` threads),
-  so a second request in a replica waits there instead of halving the speed of both.
-
-Start: ``serve run ray_app.adapters.serve:app`` (builder args as ``key=value``), ``serve deploy serve_config.yaml``
-or ``ray-app serve``. The token comes from ``RAY_APP_API_TOKEN`` or the file named by ``RAY_APP_API_TOKEN_FILE``
-(a mounted secret) in the replicas' environment; a replica refuses to start without one.
-"""
+"""The Serve deployment: the FastAPI app (error handlers, offline API docs), the replica class that owns its
+models, and the application builder. The HTTP models and request checks are in :mod:`.http`."""
 
 # No ``from __future__ import annotations``: Serve rebuilds the route signatures of the ingress class and
 # FastAPI must see real types there (with strings it takes ``request: Request`` for a query parameter).
@@ -25,6 +9,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,129 +24,32 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app import storage
+from ray_app.adapters.serve.http import (
+    BODY_KINDS,
+    JSON_BODY_LIMIT,
+    MASK_TYPE,
+    PASSPORT_ERRORS,
+    PNG_TYPE,
+    SEGMENT_ERRORS,
+    SERVE_JOB_PREFIX,
+    ZIP_TYPE,
+    ApiError,
+    Passport,
+    Readiness,
+    UriRequest,
+    check_uri_allowed,
+    error_response,
+    error_responses,
+    load_token,
+    read_body,
+    wants,
+)
 from ray_app.core import errors, outputs, pipeline
 from ray_app.settings import Settings, get_settings
 from ray_app.storage import results
 from ray_app.storage.keys import InvalidId, validate_scan_id
 
 logger = logging.getLogger("ray.serve")
-
-#: Body content types and the scan kind each one declares (``None``: sniffed from the magic bytes).
-BODY_KINDS: dict[str, str | None] = {
-    "application/x-nifti": "nifti",
-    "application/gzip": "nifti-gz",
-    "application/x-gzip": "nifti-gz",
-    "application/x-nifti-gz": "nifti-gz",
-    "application/zip": "dicom-zip",
-    "application/x-zip-compressed": "dicom-zip",
-    "application/octet-stream": None,
-}
-JSON_BODY_LIMIT = 64 * 1024
-MASK_TYPE = "application/gzip"
-PNG_TYPE = "image/png"
-ZIP_TYPE = "application/zip"
-SERVE_JOB_PREFIX = "serve-"
-
-
-def _scan_error_codes() -> frozenset[str]:
-    """Codes that mean "this input is unusable" (422), from the error classes themselves."""
-    codes, todo = set(), [errors.ScanError]
-    while todo:
-        cls = todo.pop()
-        codes.add(cls.code)
-        todo.extend(cls.__subclasses__())
-    return frozenset(codes | {InvalidId.code, storage.ObjectNotFound.code, "invalid_roi_subset"})
-
-
-SCAN_ERROR_CODES = _scan_error_codes()
-
-
-# ---------------------------------------------------------------------------------------------- API models
-
-
-class ErrorDetail(BaseModel):
-    code: str = Field(description="Stable machine-readable name, e.g. unauthorized, truncated_file.")
-    message: str
-
-
-class ErrorBody(BaseModel):
-    """Every error answer has this shape (except Serve's own backpressure 503, which is plain text)."""
-
-    error: ErrorDetail
-
-
-class UriRequest(BaseModel):
-    """A scan already in S3: one object (NIfTI / .nii.gz / DICOM zip) or a prefix ending in ``/`` (a series)."""
-
-    model_config = ConfigDict(extra="forbid")
-    uri: str = Field(max_length=2048, examples=["s3://scans/incoming/ct-0001.nii.gz"])
-    scan_id: str | None = Field(default=None, description="Defaults to a random id (never derived from the key).")
-
-
-class Passport(BaseModel):
-    """The anatomical passport (``ray_app/core/passport.schema.json``); documented here, returned verbatim."""
-
-    model_config = ConfigDict(extra="allow")
-    schema_version: str
-    scan_id: str
-    status: Literal["ok", "flagged", "failed"]
-    created_at: str
-    scan: dict[str, Any]
-    model: dict[str, Any]
-    timings: dict[str, float]
-    structures: dict[str, dict[str, Any]]
-    warnings: list[str]
-    outputs: dict[str, str] | None = Field(default=None, description="Stored locations, with persist=true.")
-
-
-class Readiness(BaseModel):
-    ready: bool
-    models: list[str]
-    error: str | None = None
-
-
-class ApiError(Exception):
-    """Raised anywhere in a request; answered as ``{"error": {"code", "message"}}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-
-
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-#: What each error status means, as the OpenAPI document says it. Statuses a route can answer are listed on that
-#: route (``SEGMENT_ERRORS``, ``PASSPORT_ERRORS``); tests/test_serve.py checks every answer against the document.
-ERROR_STATUSES: dict[int, str] = {
-    400: "Malformed request framing (bad_content_length).",
-    401: "Missing or wrong bearer token (unauthorized).",
-    403: "The uri is outside the allowed S3 prefixes (uri_not_allowed).",
-    404: "Nothing stored under this id (passport_not_found).",
-    413: "Body or scan over the configured limits (body_too_large, input_too_large).",
-    415: "Unsupported Content-Type (unsupported_media_type).",
-    422: "Unusable request or scan: invalid_request, invalid_id, invalid_roi_subset, object_not_found, or the scan's "
-    "own error code (truncated_file, not_ct, ...). Not worth retrying unchanged.",
-    500: "Unexpected error (internal_error); see the replica log.",
-    501: "This deployment is not configured for it (persist_not_configured, passport_store_not_configured): a "
-    "permanent state of the deployment, not worth retrying; ask its operator.",
-    502: "S3 or the passport store failed (storage_error); retrying may help.",
-    503: "Temporarily unable: model_loading, model_unavailable, out_of_memory, or Serve's own overload answer "
-    "(plain text). Retry after `Retry-After` seconds when given.",
-}
-SEGMENT_ERRORS = (400, 401, 403, 413, 415, 422, 500, 501, 502, 503)
-PASSPORT_ERRORS = (401, 404, 422, 500, 501, 502)
-_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
-
-
-def _errors(statuses: tuple[int, ...]) -> dict[int, dict[str, Any]]:
-    out: dict[int, dict[str, Any]] = {s: {"model": ErrorBody, "description": ERROR_STATUSES[s]} for s in statuses}
-    if 503 in out:  # Serve's proxy answers overload itself, in plain text
-        out[503].update(content={"text/plain": {"schema": {"type": "string"}}}, headers=_RETRY_AFTER)
-    if 401 in out:
-        out[401]["headers"] = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}
-    return out
 
 
 api = FastAPI(
@@ -239,78 +127,6 @@ async def docs_asset(name: str) -> FileResponse:
     )
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def load_token(settings: Settings) -> str:
-    """The bearer token from ``api_token`` or ``api_token_file``; refusing to run open is the safe default."""
-    token = settings.api_token.get_secret_value() if settings.api_token else ""
-    if not token and settings.api_token_file:
-        try:
-            token = Path(settings.api_token_file).read_text().strip()
-        except OSError as exc:
-            raise RuntimeError(f"cannot read RAY_APP_API_TOKEN_FILE: {type(exc).__name__}") from exc
-    if not token:
-        raise RuntimeError(
-            "no API token: set RAY_APP_API_TOKEN (or RAY_APP_API_TOKEN_FILE) in the replicas' "
-            "environment; the endpoint refuses to run unauthenticated"
-        )
-    if len(token) < 16:
-        raise RuntimeError("the API token is shorter than 16 characters")
-    return token
-
-
-def check_uri_allowed(uri: str, prefixes: list[str]) -> str:
-    """Only ``s3://`` objects under a configured prefix; anything else is 403 and never fetched."""
-    try:
-        loc = storage.parse_uri(uri)
-    except storage.UnsupportedUri as exc:
-        raise ApiError(403, "uri_not_allowed", f"only s3:// URIs are accepted ({exc.message})") from exc
-    if loc.scheme != "s3":
-        raise ApiError(403, "uri_not_allowed", "only s3:// URIs are accepted")
-    parts = loc.key.split("/")
-    if not loc.key or any(p in (".", "..") for p in parts) or "" in parts[:-1]:
-        raise ApiError(403, "uri_not_allowed", "the S3 key is empty or has '.', '..' or empty segments")
-    for prefix in prefixes:
-        if not storage.is_s3(prefix):
-            continue
-        # A bare bucket prefix must not match a longer bucket name ("s3://scans" vs "s3://scans-other").
-        bounded = prefix if prefix.endswith("/") or "/" in prefix[5:] else prefix + "/"
-        if uri.startswith(bounded):
-            return uri
-    raise ApiError(403, "uri_not_allowed", "the URI is outside the buckets/prefixes this deployment may read")
-
-
-def _wants(request: Request, explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    accept = request.headers.get("accept", "")
-    if MASK_TYPE in accept or "application/x-nifti-gz" in accept:
-        return "mask"
-    if PNG_TYPE in accept:
-        return "preview"
-    return "passport"
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` (header first, then while reading)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError as exc:
-            raise ApiError(400, "bad_content_length", "Content-Length is not a number") from exc
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"the body is {size} bytes; the limit is {limit}")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 # ---------------------------------------------------------------------------------------------- deployment
 
 
@@ -331,7 +147,7 @@ class SegmentService:
         self._io = ThreadPoolExecutor(2, thread_name_prefix="scan-io")
         self._default_key = task_spec("total", fast=self.settings.fast).key
         self._extra: OrderedDict[str, Any] = OrderedDict()
-        self._store = None
+        self._store: Any = None  # a PassportStore, opened on first use
         self._default: Future = self._compute.submit(self._load_default)
         self.scans = metrics.Counter(
             "ray_app_serve_scans", "Scans segmented by the Serve endpoint.", tag_keys=("model_key", "status")
@@ -352,7 +168,7 @@ class SegmentService:
         from ray_app.core.segmenter import Segmenter
 
         t = time.perf_counter()
-        seg = Segmenter(fast=self.settings.fast, settings=self.settings)
+        seg = Segmenter.from_settings(self.settings)
         logger.info("model %s loaded in %.1f s", seg.spec.key, time.perf_counter() - t)
         return seg
 
@@ -364,7 +180,7 @@ class SegmentService:
         seg = self._extra.pop(spec.key, None)
         if seg is None:
             t = time.perf_counter()
-            seg = Segmenter(fast=spec.fast, roi_subset=list(spec.roi_subset or ()) or None, settings=self.settings)
+            seg = Segmenter.from_settings(self.settings, spec)
             logger.info("model %s loaded in %.1f s", spec.key, time.perf_counter() - t)
         self._extra[spec.key] = seg
         while len(self._extra) > self.settings.serve_extra_models:
@@ -379,8 +195,9 @@ class SegmentService:
 
     def check_health(self):
         """Serve replaces a replica whose default model failed to load."""
-        if self._default.done() and self._default.exception() is not None:
-            raise RuntimeError(f"model load failed: {pipeline.error_fields(self._default.exception())[0]}")
+        failed = self._default.exception() if self._default.done() else None
+        if failed is not None:
+            raise RuntimeError(f"model load failed: {errors.describe(failed).code}")
 
     @api.get("/healthz", summary="Liveness: the replica answers (no model needed)")
     async def healthz(self) -> dict:
@@ -401,8 +218,9 @@ class SegmentService:
                 status_code=503,
                 headers={"Retry-After": str(self.settings.serve_retry_after_s)},
             )
-        if self._default.exception() is not None:
-            code = pipeline.error_fields(self._default.exception())[0]
+        failed = self._default.exception()
+        if failed is not None:
+            code = errors.describe(failed).code
             return JSONResponse(Readiness(ready=False, models=models, error=code).model_dump(), status_code=503)
         return Readiness(ready=True, models=models)
 
@@ -425,7 +243,7 @@ class SegmentService:
         summary="Segment one scan; returns its passport (or the mask / a preview)",
         responses={
             200: {"model": Passport, "content": {MASK_TYPE: {}, PNG_TYPE: {}, ZIP_TYPE: {}}},
-            **_errors(SEGMENT_ERRORS),
+            **error_responses(SEGMENT_ERRORS),
         },
         openapi_extra={
             "requestBody": {
@@ -462,11 +280,18 @@ class SegmentService:
         self._authorize(request)
         start = time.perf_counter()
         spec = self._spec(mode, roi_subset)
-        want = _wants(request, return_)
+        want = wants(request, return_)
         if persist and not (self.settings.output_prefix and self.settings.passport_store):
             raise ApiError(
                 501, "persist_not_configured", "this deployment has no output_prefix/passport_store to persist to"
             )
+        sid, load = await self._scan_source(request, scan_id)
+        result, seg = await self._run(sid, spec, load, persist, start)
+        self._record(sid, spec, result.passport, start)
+        return await self._answer(want, sid, spec, result, seg)
+
+    async def _scan_source(self, request: Request, scan_id: str | None) -> tuple[str, Callable[[], Any]]:
+        """The scan's id and how to load it: from a JSON ``{"uri": ...}`` body or from the body's bytes."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "application/json":
             body = await read_body(request, JSON_BODY_LIMIT)
@@ -482,18 +307,19 @@ class SegmentService:
                 raise ApiError(422, "invalid_request", "scan_id differs between the query and the body")
             uri = check_uri_allowed(req.uri, self.settings.allowed_uri_prefixes)
             sid = self._scan_id(req.scan_id or scan_id)
-            load = self._load_uri(uri, sid)
-        elif content_type in BODY_KINDS:
+            return sid, self._load_uri(uri, sid)
+        if content_type in BODY_KINDS:
             sid = self._scan_id(scan_id)
             data = await read_body(request, self.settings.max_body_bytes)
-            load = self._load_bytes(data, sid, BODY_KINDS[content_type])
-        else:
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                f"Content-Type must be application/json or one of: {', '.join(BODY_KINDS)}",
-            )
+            return sid, self._load_bytes(data, sid, BODY_KINDS[content_type])
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json or one of: {', '.join(BODY_KINDS)}",
+        )
 
+    async def _run(self, sid: str, spec, load: Callable[[], Any], persist: bool, start: float):
+        """Load, segment and (``persist``) store the scan; every failure becomes an :class:`ApiError`."""
         loop = asyncio.get_running_loop()
         try:
             scan = await loop.run_in_executor(self._io, load)
@@ -502,9 +328,10 @@ class SegmentService:
             result, seg = await loop.run_in_executor(self._compute, self._segment, spec, scan, {"read_s": read_s})
             if result.passport["status"] == "failed":
                 err = result.passport["error"]
-                raise ApiError(self._status_for(err["code"]), err["code"], err["message"])
+                raise errors.from_code(err["code"], err["message"], scan_id=sid)
             if persist:
                 await loop.run_in_executor(self._io, self._persist, result, seg)
+            return result, seg
         except ApiError as exc:
             self.failures.inc(tags={"code": exc.code})
             logger.warning(
@@ -515,18 +342,23 @@ class SegmentService:
                 time.perf_counter() - start,
             )
             raise
-        except errors.RayAppError as exc:
-            self.failures.inc(tags={"code": exc.code})
-            logger.warning("segment scan_id=%s model=%s failed code=%s", sid, spec.key, exc.code)
-            raise ApiError(self._status_for(exc.code), exc.code, exc.message) from exc
         except Exception as exc:
-            self.failures.inc(tags={"code": "internal_error"})
-            logger.exception("segment scan_id=%s model=%s internal error", sid, spec.key)
-            raise ApiError(
-                500, "internal_error", f"internal error ({type(exc).__name__}); see the replica log"
-            ) from exc
+            raise self._failure(exc, sid, spec) from exc
 
-        doc = result.passport
+    def _failure(self, exc: BaseException, sid: str, spec) -> ApiError:
+        """The answer to a failed scan, from the error model (:func:`ray_app.core.errors.describe`). Call it in an
+        ``except`` block: an unexpected error is logged with its traceback and answered without its text."""
+        info = errors.describe(exc)
+        self.failures.inc(tags={"code": info.code})
+        if info.code == errors.InternalError.code:
+            logger.exception("segment scan_id=%s model=%s internal error", sid, spec.key)
+            return ApiError(500, "internal_error", f"internal error ({type(exc).__name__}); see the replica log")
+        logger.warning("segment scan_id=%s model=%s failed code=%s", sid, spec.key, info.code)
+        retry = {"Retry-After": str(self.settings.serve_retry_after_s)} if info.http_status == 503 else None
+        return ApiError(info.http_status, info.code, info.message, retry)
+
+    def _record(self, sid: str, spec, doc: dict[str, Any], start: float) -> None:
+        """Metrics and the log line of a scan answered with its passport."""
         timings = doc["timings"]
         self.scans.inc(tags={"model_key": spec.key, "status": doc["status"]})
         self.seconds.observe(timings.get("segment_s", 0.0), tags={"model_key": spec.key})
@@ -539,6 +371,11 @@ class SegmentService:
             timings.get("segment_s", 0.0),
             time.perf_counter() - start,
         )
+
+    async def _answer(self, want: str, sid: str, spec, result, seg) -> Response:
+        """The passport as JSON, or the mask / per-structure zip / preview it asked for."""
+        loop = asyncio.get_running_loop()
+        doc = result.passport
         headers = {"X-Scan-Id": sid, "X-Model-Key": spec.key, "X-Passport-Status": doc["status"]}
         if result.locations.get("passport"):
             headers["X-Passport-Uri"] = result.locations["passport"]
@@ -562,7 +399,7 @@ class SegmentService:
     @api.get(
         "/v1/passports/{scan_id}",
         summary="The latest stored passport of a scan",
-        responses={200: {"model": Passport}, **_errors(PASSPORT_ERRORS)},
+        responses={200: {"model": Passport}, **error_responses(PASSPORT_ERRORS)},
     )
     async def get_passport(
         self,
@@ -634,22 +471,8 @@ class SegmentService:
             ) from exc
         except Exception as exc:
             raise ApiError(
-                503, "model_unavailable", f"the model could not be loaded ({pipeline.error_fields(exc)[0]})"
+                503, "model_unavailable", f"the model could not be loaded ({errors.describe(exc).code})"
             ) from exc
-
-    @staticmethod
-    def _status_for(code: str) -> int:
-        if code in (storage.ObjectTooLarge.code, errors.InputTooLarge.code):
-            return 413
-        if code in SCAN_ERROR_CODES:
-            return 422
-        if code == storage.UnsupportedUri.code:
-            return 403
-        if code == storage.StorageError.code:
-            return 502
-        if code in (errors.WeightsMissing.code, pipeline.OUT_OF_MEMORY):
-            return 503  # out of memory: this replica, now; another one (or a retry) may have room
-        return 500
 
     def _passports(self):
         from ray_app.storage.sinks import open_passport_store
@@ -664,7 +487,7 @@ class SegmentService:
         job_id = SERVE_JOB_PREFIX + time.strftime("%Y%m%d", time.gmtime())
         results.write_result(
             result,
-            ArtifactSink(self.settings.output_prefix),
+            ArtifactSink(str(self.settings.output_prefix)),  # persist is refused without one
             self._passports(),
             job_id,
             label_map=seg.spec.output_labels,
@@ -721,7 +544,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> serve.Application
         raise ValueError(
             "device cuda needs a GPU per replica: leave num_gpus unset (default 1 with cuda) or give a share"
         )
-    return SegmentService.options(
+    return SegmentService.options(  # type: ignore[attr-defined]  # added by @serve.deployment
         autoscaling_config={
             "min_replicas": min_r,
             "max_replicas": max_r,
