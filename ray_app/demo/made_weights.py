@@ -148,16 +148,16 @@ def make_plans(
 ) -> dict:
     """A complete nnU-Net v2 plans file with only the ``3d_fullres`` configuration TotalSegmentator runs."""
     spacing = [TARGET_SPACING_MM[task_id]] * 3
-    median_shape = list(median_shape or spec.patch_size)
+    median = list(median_shape or spec.patch_size)
     return {
         "dataset_name": folder_name(task_id),
         "plans_name": PLANS_NAME,
         "original_median_spacing_after_transp": spacing,
-        "original_median_shape_after_transp": median_shape,
+        "original_median_shape_after_transp": median,
         "image_reader_writer": "SimpleITKIO",
         "transpose_forward": [0, 1, 2],
         "transpose_backward": [0, 1, 2],
-        "configurations": {CONFIGURATION: _configuration(spec, spacing, median_shape)},
+        "configurations": {CONFIGURATION: _configuration(spec, spacing, median)},
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {"0": intensity.as_dict()},

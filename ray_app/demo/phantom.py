@@ -127,7 +127,8 @@ def default_affine(spacing=(3.0, 3.0, 3.0), axcodes: str = "RAS") -> tuple[np.nd
     affine = ras @ ornt.inv_ornt_aff(transform, tuple(shape))
     new_shape = np.empty(3, dtype=int)
     new_shape[transform[:, 0].astype(int)] = shape
-    return affine, tuple(int(s) for s in new_shape)
+    i, j, k = (int(s) for s in new_shape)
+    return affine, (i, j, k)
 
 
 def _ellipsoid(x, y, z, c, r):
@@ -199,10 +200,10 @@ def make_phantom(
     else:
         affine = np.asarray(affine, dtype=float)
         default_shape = default_affine(nib.affines.voxel_sizes(affine))[1]
-    shape = tuple(int(s) for s in (shape or default_shape))
+    grid = tuple(int(s) for s in (shape or default_shape))
     p = PhantomParams.from_seed(seed)
     rng = np.random.default_rng([seed, 1])
-    canvas = _Canvas(p, affine, shape)
+    canvas = _Canvas(p, affine, grid)
     _draw_soft_tissue(canvas)
     _draw_organs(canvas)
     _draw_skeleton(canvas)
