@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -165,7 +166,8 @@ def deadman_max_hours(path: Path = CLUSTER_YAML) -> float:
 
     try:
         commands = " ".join(_load_cluster(path)["head_start_ray_commands"])
-        return float(re.search(r"ray_app\.ops\.deadman\b.*?--max-hours\s+([0-9.]+)", commands).group(1))
+        found = re.search(r"ray_app\.ops\.deadman\b.*?--max-hours\s+([0-9.]+)", commands)
+        return float(found.group(1)) if found else DEADMAN_MAX_HOURS  # no switch in the commands: the default
     except (OSError, KeyError, TypeError, ValueError, AttributeError, ImportError):
         return DEADMAN_MAX_HOURS
 
@@ -224,14 +226,23 @@ class Measured:
         return actor + self.task_seconds
 
 
-def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the values a summary recorded; None when none did (a column an older summary lacks)."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
-def measure(summary_uris: list[str], actor_cpus: float | None = None) -> Measured:
-    """Read job summaries (Parquet, local or s3://). ``actor_cpus`` stands in for a summary written before the
-    batch job recorded what its actors had (then the machine's CPUs are taken to be at least that)."""
+def _mean_of(values: Sequence[float | None], what: str) -> float:
+    """The mean of values every successful scan has by construction (its timings, the actor's CPUs as recorded or
+    given): :func:`measure` has already refused a summary without them, so an empty list is a bug, said as such."""
+    mean = _mean(values)
+    if mean is None:
+        raise CostInputError(f"no {what} in the summary's successful scans")
+    return mean
+
+
+def _ok_rows(summary_uris: list[str]) -> list[dict]:
+    """The scans that succeeded and were timed: the only ones whose seconds say what a scan costs."""
     from ray_app.storage.sinks import read_summary
 
     rows = [row for uri in summary_uris for row in read_summary(uri)]
@@ -240,37 +251,62 @@ def measure(summary_uris: list[str], actor_cpus: float | None = None) -> Measure
     ]
     if not ok:
         raise CostInputError(f"no successful scans with timings in {', '.join(summary_uris)}")
+    return ok
+
+
+def _row_actor_cpus(row: dict, actor_cpus: float | None) -> float:
+    """The CPUs the scan's actor had: as the summary recorded them, else as given for an older summary."""
+    cpus = row.get("actor_cpus") if row.get("actor_cpus") is not None else actor_cpus
+    if cpus is None:
+        raise CostInputError(
+            "the summary does not say how many CPUs the segmentation actor had (written before "
+            "the batch job recorded it): pass --measured-actor-cpus N"
+        )
+    return cpus
+
+
+@dataclass(frozen=True)
+class _ScanSeconds:
+    """One scan's seconds, split the way they are priced: the actor's at the threads it could use, the tasks'."""
+
+    threads: str  # the thread count the actor could use, as Measured.threads keys it
+    actor: float
+    tasks: float
+    cpu: float
+    gpu: float
+
+
+def _scan_seconds(row: dict, actor_cpus: float | None) -> _ScanSeconds:
+    """A scan's seconds from its summary row: the fetch and write tasks are what the actor's time leaves of total_s."""
+    cpus = _row_actor_cpus(row, actor_cpus)
+    node = row.get("node_cpus") or cpus
+    used = max(1.0, min(float(cpus), float(node)))  # torch threads beyond the machine's CPUs add nothing
+    actor = row["segment_s"] + (row.get("passport_s") or 0.0)
+    tasks = (row.get("read_s") or 0.0) + max(0.0, row["total_s"] - (row.get("read_s") or 0.0) - actor)
+    return _ScanSeconds(f"{used:g}", actor, tasks, used * actor + tasks, (row.get("actor_gpus") or 0.0) * actor)
+
+
+def measure(summary_uris: list[str], actor_cpus: float | None = None) -> Measured:
+    """Read job summaries (Parquet, local or s3://). ``actor_cpus`` stands in for a summary written before the
+    batch job recorded what its actors had (then the machine's CPUs are taken to be at least that)."""
+    ok = _ok_rows(summary_uris)
+    scans = [_scan_seconds(r, actor_cpus) for r in ok]
     threads: dict[str, list[float]] = {}
-    cpu_s, gpu_s, actor_s, task_s = [], [], [], []
-    for r in ok:
-        cpus = r.get("actor_cpus") if r.get("actor_cpus") is not None else actor_cpus
-        if cpus is None:
-            raise CostInputError(
-                "the summary does not say how many CPUs the segmentation actor had (written before "
-                "the batch job recorded it): pass --measured-actor-cpus N"
-            )
-        node = r.get("node_cpus") or cpus
-        used = max(1.0, min(float(cpus), float(node)))  # torch threads beyond the machine's CPUs add nothing
-        actor = r["segment_s"] + (r.get("passport_s") or 0.0)
-        tasks = (r.get("read_s") or 0.0) + max(0.0, r["total_s"] - (r.get("read_s") or 0.0) - actor)
-        threads.setdefault(f"{used:g}", []).append(actor)
-        actor_s.append(actor)
-        task_s.append(tasks)
-        cpu_s.append(used * actor + tasks)
-        gpu_s.append((r.get("actor_gpus") or 0.0) * actor)
+    for scan in scans:
+        threads.setdefault(scan.threads, []).append(scan.actor)
     return Measured(
         summaries=tuple(summary_uris),
         scans_ok=len(ok),
-        seconds_per_scan=_mean([r["total_s"] for r in ok]),
-        segment_seconds=_mean([r["segment_s"] for r in ok]),
-        actor_seconds=_mean(actor_s),
-        task_seconds=_mean(task_s),
-        actor_cpus=_mean([r.get("actor_cpus") if r.get("actor_cpus") is not None else actor_cpus for r in ok]),
-        actor_gpus=_mean([r.get("actor_gpus") or 0.0 for r in ok]),
+        seconds_per_scan=_mean_of([r["total_s"] for r in ok], "total_s"),
+        segment_seconds=_mean_of([r["segment_s"] for r in ok], "segment_s"),
+        actor_seconds=_mean_of([s.actor for s in scans], "actor seconds"),
+        task_seconds=_mean_of([s.tasks for s in scans], "task seconds"),
+        actor_cpus=_mean_of([_row_actor_cpus(r, actor_cpus) for r in ok], "actor CPUs"),
+        actor_gpus=_mean_of([r.get("actor_gpus") or 0.0 for r in ok], "actor GPUs"),
         node_cpus=min((r["node_cpus"] for r in ok if r.get("node_cpus")), default=None),
         threads={k: (sum(v) / len(v), len(v)) for k, v in sorted(threads.items())},
-        cpu_seconds_per_scan=_mean(cpu_s),
-        gpu_seconds_per_scan=_mean(gpu_s),
+        cpu_seconds_per_scan=_mean_of([s.cpu for s in scans], "CPU-seconds"),
+        gpu_seconds_per_scan=_mean_of([s.gpu for s in scans], "GPU-seconds"),
         objects_per_scan=_mean([r.get("objects_written") for r in ok]),
         bytes_per_scan=_mean([r.get("bytes_written") for r in ok]),
         large_objects_per_scan=_mean([r.get("large_objects_written") for r in ok]),
@@ -355,7 +391,7 @@ class CostReport:
 
     def total(self, option: str) -> float | None:
         line, head = self.compute[option], self.head[option]
-        if line is None:
+        if line is None or head is None:  # not measured: estimate() leaves both out together
             return None
         return line.monthly_usd + head.monthly_usd + sum(s.monthly_usd for s in self.shared)
 
@@ -533,6 +569,38 @@ def _serve_lines(m: Measured, prices: dict, a: Assumptions) -> list[LineItem]:
     ]
 
 
+def _check_input_rule(a: Assumptions) -> float:
+    """Refuse an input rule that cannot be priced; else one scan's input size in MB (given, so not None)."""
+    if (
+        a.input_mb is None
+        or a.input_mb <= 0
+        or a.input_glacier_days is None
+        or a.input_glacier_days < 1
+        or a.input_objects_per_scan <= 0
+    ):
+        raise CostInputError(
+            "--input-glacier-days needs --input-mb (one scan's input as stored, > 0), at least 1 day and"
+            " --input-objects-per-scan > 0"
+        )
+    return a.input_mb
+
+
+def _input_moves(a: Assumptions, input_mb: float, days: int, months: int) -> tuple[bool, float, str]:
+    """Whether the rule moves the inputs at all (it skips objects of at most 128 KiB, and objects deleted before
+    its day), the months each scan's input then spends in Glacier IR (at least its 90-day minimum), and why."""
+    from ray_app.storage.sinks import LARGE_OBJECT_BYTES
+
+    per_object = input_mb * 1024**2 / a.input_objects_per_scan
+    moved = per_object > LARGE_OBJECT_BYTES and days < months * DAYS_PER_MONTH  # the rule's size floor, and in time
+    glacier_months = max(months - days / DAYS_PER_MONTH, GLACIER_IR_MIN_DAYS / DAYS_PER_MONTH) if moved else 0.0
+    why = (
+        f"{input_mb:g} MB per scan in {a.input_objects_per_scan:g} object(s), kept {months} months"
+        if moved
+        else f"nothing moves: {'objects of at most 128 KiB' if per_object <= LARGE_OBJECT_BYTES else 'deleted first'}"
+    )
+    return moved, glacier_months, why
+
+
 def _input_lines(prices: dict, a: Assumptions) -> list[LineItem]:
     """The input bucket's opt-in Glacier IR rule in steady state: each month's inputs spend ``input_glacier_days`` in
     Standard, then the rest of their retention in Glacier IR (at least its 90-day minimum). Lines: the inputs'
@@ -541,24 +609,11 @@ def _input_lines(prices: dict, a: Assumptions) -> list[LineItem]:
     batch bill, so the saving is reported beside the batch total, never subtracted from it."""
     if a.input_glacier_days is None:
         return []
-    if a.input_mb is None or a.input_mb <= 0 or a.input_glacier_days < 1 or a.input_objects_per_scan <= 0:
-        raise CostInputError(
-            "--input-glacier-days needs --input-mb (one scan's input as stored, > 0), at least 1 day and"
-            " --input-objects-per-scan > 0"
-        )
-    from ray_app.storage.sinks import LARGE_OBJECT_BYTES
-
+    input_mb = _check_input_rule(a)
     n, days = a.scans_per_month, a.input_glacier_days
     months = a.input_retention_months or a.retention_months
-    gb = a.input_mb * 1024**2 / GB
-    per_object = a.input_mb * 1024**2 / a.input_objects_per_scan
-    moved = per_object > LARGE_OBJECT_BYTES and days < months * DAYS_PER_MONTH  # the rule's size floor, and in time
-    glacier_months = max(months - days / DAYS_PER_MONTH, GLACIER_IR_MIN_DAYS / DAYS_PER_MONTH) if moved else 0.0
-    why = (
-        f"{a.input_mb:g} MB per scan in {a.input_objects_per_scan:g} object(s), kept {months} months"
-        if moved
-        else f"nothing moves: {'objects of at most 128 KiB' if per_object <= LARGE_OBJECT_BYTES else 'deleted first'}"
-    )
+    gb = input_mb * 1024**2 / GB
+    moved, glacier_months, why = _input_moves(a, input_mb, days, months)
     standard, glacier = prices["s3_standard_per_gb_month"], prices["s3_glacier_ir_per_gb_month"]
     return [
         LineItem(
@@ -566,7 +621,7 @@ def _input_lines(prices: dict, a: Assumptions) -> list[LineItem]:
             n * gb * months,
             "GB-month",
             standard,
-            f"for scale, in no total: {n:,} scans x {a.input_mb:g} MB kept {months} months",
+            f"for scale, in no total: {n:,} scans x {input_mb:g} MB kept {months} months",
         ),
         LineItem(
             f"inputs to Glacier IR after {days} d: storage",
@@ -593,53 +648,69 @@ def _input_lines(prices: dict, a: Assumptions) -> list[LineItem]:
     ]
 
 
-def _sizes(m: Measured, a: Assumptions) -> tuple[dict, str]:
-    """Per scan: objects and bytes written (large ones apart) and the DynamoDB item sizes."""
+def _given_sizes(mask_mb: float, passport_kb: float) -> tuple[dict[str, float], str]:
+    """What a scan writes from --mask-mb and --passport-kb: for a summary whose masks are not the real ones'."""
     from ray_app.storage.sinks import LARGE_OBJECT_BYTES
 
-    if a.mask_mb is not None or a.passport_kb is not None:
-        if a.mask_mb is None or a.passport_kb is None:
-            raise CostInputError("give both --mask-mb and --passport-kb, or neither")
-        mask, passport = a.mask_mb * 1024**2, a.passport_kb * 1024
-        large = [x for x in (mask, passport) if x > LARGE_OBJECT_BYTES]
-        s = {"objects": 2, "bytes": mask + passport, "large_objects": len(large), "large_bytes": sum(large)}
-        basis = f"given: mask {a.mask_mb:g} MB + passport {a.passport_kb:g} KB"
-    elif m.bytes_per_scan is None:
+    mask, passport = mask_mb * 1024**2, passport_kb * 1024
+    large = [x for x in (mask, passport) if x > LARGE_OBJECT_BYTES]
+    s: dict[str, float] = {
+        "objects": 2,
+        "bytes": mask + passport,
+        "large_objects": len(large),
+        "large_bytes": sum(large),
+    }
+    return s, f"given: mask {mask_mb:g} MB + passport {passport_kb:g} KB"
+
+
+def _measured_sizes(m: Measured) -> tuple[dict[str, float], str]:
+    """What a scan writes as the summary measured it; refused when the summary did not count it."""
+    from ray_app.storage.sinks import LARGE_OBJECT_BYTES
+
+    objects, total = m.objects_per_scan, m.bytes_per_scan
+    large_objects, large = m.large_objects_per_scan, m.large_bytes_per_scan
+    if objects is None or total is None or large_objects is None or large is None:
         raise CostInputError(
             "the summary does not record the objects written per scan (written before the batch "
             "job counted them): re-run with this version, or pass --mask-mb and --passport-kb"
         )
-    else:
-        s = {
-            "objects": m.objects_per_scan,
-            "bytes": m.bytes_per_scan,
-            "large_objects": m.large_objects_per_scan,
-            "large_bytes": m.large_bytes_per_scan,
-        }
-        basis = (
-            f"measured {m.objects_per_scan:.2f} objects, {m.bytes_per_scan / 1024**2:.2f} MB per scan"
-            f" ({m.large_bytes_per_scan / 1024**2:.2f} MB in {m.large_objects_per_scan:.2f} objects over"
-            f" {LARGE_OBJECT_BYTES // 1024} KiB)"
-        )
+    s = {"objects": objects, "bytes": total, "large_objects": large_objects, "large_bytes": large}
+    basis = (
+        f"measured {objects:.2f} objects, {total / 1024**2:.2f} MB per scan"
+        f" ({large / 1024**2:.2f} MB in {large_objects:.2f} objects over"
+        f" {LARGE_OBJECT_BYTES // 1024} KiB)"
+    )
+    return s, basis
+
+
+def _item_sizes(m: Measured, a: Assumptions) -> tuple[float, float]:
+    """The DynamoDB item's bytes and its job-index copy's: given (--item-kb) or measured."""
     if a.item_kb is not None:
-        s["item"], s["index_item"] = a.item_kb * 1024, m.store_index_bytes or 100
-    elif m.store_item_bytes is None:
+        return a.item_kb * 1024, m.store_index_bytes or 100
+    if m.store_item_bytes is None or m.store_index_bytes is None:
         raise CostInputError(
             "the summary does not record the DynamoDB item size (written before the batch job "
             "measured it): re-run with this version, or pass --item-kb"
         )
+    return m.store_item_bytes, m.store_index_bytes
+
+
+def _sizes(m: Measured, a: Assumptions) -> tuple[dict[str, float], str]:
+    """Per scan: objects and bytes written (large ones apart) and the DynamoDB item sizes."""
+    if a.mask_mb is not None or a.passport_kb is not None:
+        if a.mask_mb is None or a.passport_kb is None:
+            raise CostInputError("give both --mask-mb and --passport-kb, or neither")
+        s, basis = _given_sizes(a.mask_mb, a.passport_kb)
     else:
-        s["item"], s["index_item"] = m.store_item_bytes, m.store_index_bytes
+        s, basis = _measured_sizes(m)
+    s["item"], s["index_item"] = _item_sizes(m, a)
     return s, basis
 
 
-def estimate(
-    measured: Measured, assumptions: Assumptions, prices: dict, gpu_measured: Measured | None = None
-) -> CostReport:
-    """All line items for ``assumptions.scans_per_month``."""
-    a, p, n = assumptions, prices, assumptions.scans_per_month
+def _check_assumptions(a: Assumptions) -> None:
+    """Refuse figures no month can have, before any of them is priced."""
     if (
-        n <= 0
+        a.scans_per_month <= 0
         or a.jobs_per_month <= 0
         or a.retention_months < 1
         or a.cpus_per_actor <= 0
@@ -650,12 +721,13 @@ def estimate(
             "scans and jobs per month, CPUs per actor and nodes per job must be positive, retention "
             "at least 1 month, vCPU yield in (0, 1]"
         )
-    sizes, size_basis = _sizes(measured, a)
-    large_gb, small_gb = sizes["large_bytes"] / GB, (sizes["bytes"] - sizes["large_bytes"]) / GB
-    item_kb = math.ceil(sizes["item"] / 1024)  # DynamoDB bills writes per started KB, reads per started 4 KB
-    index_kb = math.ceil(sizes["index_item"] / 1024)
-    retention = a.retention_months
 
+
+def _compute_alternatives(
+    measured: Measured, gpu_measured: Measured | None, p: dict, a: Assumptions
+) -> tuple[dict[str, LineItem | None], dict[str, LineItem | None], dict[str, dict]]:
+    """Per way to run the scans (Spot or on-demand, CPU or GPU): its workers' line, the batch head's line its job
+    hours need, and its plan; both lines None for a kind no summary measured."""
     compute: dict[str, LineItem | None] = {}
     head: dict[str, LineItem | None] = {}
     plan: dict[str, dict] = {}
@@ -671,8 +743,15 @@ def estimate(
             continue
         compute[option], plan[option] = lines(label, table, m, p, a)
         head[option] = _head_line(plan[option], p, a)
+    return compute, head, plan
 
-    shared = [
+
+def _s3_lines(sizes: dict[str, float], size_basis: str, p: dict, a: Assumptions) -> list[LineItem]:
+    """The results in S3: the newest month's large objects and every small one in Standard, the older large ones
+    in Glacier IR; the requests that write and move them, and the inputs' reads."""
+    n, retention = a.scans_per_month, a.retention_months
+    large_gb, small_gb = sizes["large_bytes"] / GB, (sizes["bytes"] - sizes["large_bytes"]) / GB
+    return [
         LineItem(
             "S3 Standard: new large + all small objects",
             n * (large_gb + retention * small_gb),
@@ -702,6 +781,15 @@ def estimate(
             p["s3_glacier_ir_transition_per_1000"],
             f"{sizes['large_objects']:.2f} large objects per scan",
         ),
+    ]
+
+
+def _dynamodb_lines(sizes: dict[str, float], p: dict, a: Assumptions) -> list[LineItem]:
+    """The results table: one item per scan and its job-index copy, written once, read once by the resume check."""
+    n, retention = a.scans_per_month, a.retention_months
+    item_kb = math.ceil(sizes["item"] / 1024)  # DynamoDB bills writes per started KB, reads per started 4 KB
+    index_kb = math.ceil(sizes["index_item"] / 1024)
+    return [
         LineItem(
             "DynamoDB writes (table + job index)",
             n * (item_kb + index_kb) / 1e6,
@@ -724,6 +812,14 @@ def estimate(
             p["dynamodb_storage_per_gb_month"],
             f"item + index copy + 100 B overhead each, {retention} months",
         ),
+    ]
+
+
+def _egress_and_log_lines(sizes: dict[str, float], p: dict, a: Assumptions) -> list[LineItem]:
+    """What leaves AWS (the results downloaded) and what the job logs: both assumed, neither measurable here."""
+    n, retention = a.scans_per_month, a.retention_months
+    large_gb, small_gb = sizes["large_bytes"] / GB, (sizes["bytes"] - sizes["large_bytes"]) / GB
+    return [
         LineItem(
             "egress to the internet",
             n * (large_gb + small_gb) * a.egress_fraction,
@@ -746,6 +842,18 @@ def estimate(
             f"{retention} months kept",
         ),
     ]
+
+
+def estimate(
+    measured: Measured, assumptions: Assumptions, prices: dict, gpu_measured: Measured | None = None
+) -> CostReport:
+    """All line items for ``assumptions.scans_per_month``: the compute alternatives with their heads, then the
+    lines every alternative shares (S3, DynamoDB, egress, logs), the Serve endpoint and the input rule apart."""
+    a, p = assumptions, prices
+    _check_assumptions(a)
+    sizes, size_basis = _sizes(measured, a)
+    compute, head, plan = _compute_alternatives(measured, gpu_measured, p, a)
+    shared = [*_s3_lines(sizes, size_basis, p, a), *_dynamodb_lines(sizes, p, a), *_egress_and_log_lines(sizes, p, a)]
     return CostReport(
         a, measured, gpu_measured, prices, compute, head, shared, _serve_lines(measured, p, a), plan, _input_lines(p, a)
     )
@@ -767,19 +875,10 @@ def _volume(n: int) -> str:
     return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else f"{n:,}"
 
 
-def format_report(reports: CostReport | list[CostReport]) -> str:
-    """The table a user reads: one column pair (quantity, USD/month) per monthly volume; compute alternatives
-    with the batch head their job hours need, the shared lines, the batch totals, then the Serve endpoint."""
-    reports = [reports] if isinstance(reports, CostReport) else reports
+def _preamble(reports: list[CostReport]) -> list[str]:
+    """What the table rests on: the volumes and prices, what was measured, what is assumed."""
     first = reports[0]
     a, m, p = first.assumptions, first.measured, first.prices
-    cols = "".join(
-        f" {'quantity @' + _volume(r.assumptions.scans_per_month):>27} "
-        f"{'USD @' + _volume(r.assumptions.scans_per_month):>10}"
-        for r in reports
-    )
-    head = f"{'line item':<44} {'price':>10}{cols}  basis (at {_volume(a.scans_per_month)}/month)"
-    rule = "-" * len(head)
     threads = ", ".join(f"{k} thread{'s' if k != '1' else ''}: {t:.1f} s x {n}" for k, (t, n) in m.threads.items())
     out = [
         (
@@ -807,26 +906,53 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
             f"measured (GPU): {g.scans_ok} ok scans in {', '.join(g.summaries)}: {g.gpu_seconds_per_scan:.1f}"
             f" GPU-s/scan"
         )
+    return out
 
-    def row(lines: list[LineItem | None]) -> str:
-        line = next(x for x in lines if x is not None)
-        cells = "".join(f" {x.quantity:>13,.2f} {x.unit:<13} {x.monthly_usd:>10,.2f}" for x in lines)
-        price = ("-$" if line.unit_price < 0 else "$") + format(abs(line.unit_price), ".4g")
-        return f"{line.item[:44]:<44} {price:>10}{cells}  {line.basis}"
 
-    def total_row(label: str, totals: list[float]) -> str:
-        cells = "".join(
-            f" {'per 1k scans ' + format(r.per_1k(t), ',.3f'):>27} {t:>10,.2f}" for r, t in zip(reports, totals)
-        )
-        return f"{label:<44} {'':>10}{cells}"
+def _column_header(reports: list[CostReport]) -> str:
+    """The table's header: a quantity and a USD column per monthly volume."""
+    cols = "".join(
+        f" {'quantity @' + _volume(r.assumptions.scans_per_month):>27} "
+        f"{'USD @' + _volume(r.assumptions.scans_per_month):>10}"
+        for r in reports
+    )
+    return f"{'line item':<44} {'price':>10}{cols}  basis (at {_volume(reports[0].assumptions.scans_per_month)}/month)"
 
-    out += ["", "BATCH (job-scoped cluster: head and workers exist only while a job runs)", head, rule]
+
+def _row(lines: list[LineItem | None]) -> str:
+    """One line item across the volumes; a volume without it (None) gets '-' cells."""
+    line = next(x for x in lines if x is not None)
+    cells = "".join(
+        f" {x.quantity:>13,.2f} {x.unit:<13} {x.monthly_usd:>10,.2f}"
+        if x is not None
+        else f" {'-':>13} {'':<13} {'-':>10}"
+        for x in lines
+    )
+    price = ("-$" if line.unit_price < 0 else "$") + format(abs(line.unit_price), ".4g")
+    return f"{line.item[:44]:<44} {price:>10}{cells}  {line.basis}"
+
+
+def _total_row(label: str, reports: list[CostReport], totals: list[float | None]) -> str:
+    """A total across the volumes, with its USD per 1,000 scans; a volume without it (None) gets '-' cells."""
+    cells = "".join(
+        f" {'per 1k scans ' + format(r.per_1k(t), ',.3f'):>27} {t:>10,.2f}"
+        if t is not None
+        else f" {'-':>27} {'-':>10}"
+        for r, t in zip(reports, totals)
+    )
+    return f"{label:<44} {'':>10}{cells}"
+
+
+def _batch_section(reports: list[CostReport], header: str, rule: str) -> list[str]:
+    """Each compute alternative with its head and nodes per job, the lines they share, the totals per alternative."""
+    first = reports[0]
+    out = ["", "BATCH (job-scoped cluster: head and workers exist only while a job runs)", header, rule]
     for option in first.compute:
         if first.compute[option] is None:
             out.append(f"compute: {option:<35} not measured (pass a summary of such a run)")
             continue
-        out.append(row([r.compute[option] for r in reports]))
-        out.append(row([r.head[option] for r in reports]))
+        out.append(_row([r.compute[option] for r in reports]))
+        out.append(_row([r.head[option] for r in reports]))
         nodes = ", ".join(
             f"{r.plan[option]['nodes_per_job']} @{_volume(r.assumptions.scans_per_month)}"
             f" (--max-actors {r.plan[option]['nodes_per_job'] * r.plan[option]['actors_per_node']})"
@@ -834,13 +960,17 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
         )
         out.append(f"{'':<44} {'':>10}  nodes per job: {nodes} ({first.plan[option]['nodes_basis']})")
     out.append(rule)
-    for i in range(len(first.shared)):
-        out.append(row([r.shared[i] for r in reports]))
+    out += [_row([r.shared[i] for r in reports]) for i in range(len(first.shared))]
     out.append(rule)
     for option in first.compute:
         if first.total(option) is not None:
-            out.append(total_row(f"batch total with {option}", [r.total(option) for r in reports]))
-    out += [
+            out.append(_total_row(f"batch total with {option}", reports, [r.total(option) for r in reports]))
+    return out
+
+
+def _serve_section(reports: list[CostReport], rule: str) -> list[str]:
+    """The always-on endpoint: its own lines and total, apart from the batch bill."""
+    out = [
         "",
         (
             "SERVE (always-on endpoint: small head 730 h + replicas from zero; its own deployment, not in"
@@ -848,23 +978,44 @@ def format_report(reports: CostReport | list[CostReport]) -> str:
         ),
         rule,
     ]
-    out += [row([r.serve[i] for r in reports]) for i in range(len(first.serve))]
+    out += [_row([r.serve[i] for r in reports]) for i in range(len(reports[0].serve))]
     out.append(f"{'serve total':<44} {'':>10}" + "".join(f" {'':>27} {r.serve_total():>10,.2f}" for r in reports))
-    if first.inputs:
-        out += [
-            "",
-            (
-                "INPUTS (your input bucket, not in the batch total): the opt-in Glacier IR rule,"
-                f" jobs/setup_aws.py --input-glacier-days {a.input_glacier_days}"
-            ),
-            rule,
-        ]
-        out += [row([r.inputs[i] for r in reports]) for i in range(len(first.inputs))]
-        out.append(
-            f"{'input rule: saving a month':<44} {'':>10}"
-            + "".join(f" {'':>27} {r.input_saving():>10,.2f}" for r in reports)
-            + "  = -(storage moved + transitions + retrievals)"
-        )
+    return out
+
+
+def _inputs_section(reports: list[CostReport], rule: str) -> list[str]:
+    """The input bucket's opt-in rule, when priced: the user's own bucket, so its saving stands beside the total."""
+    first = reports[0]
+    if not first.inputs:
+        return []
+    out = [
+        "",
+        (
+            "INPUTS (your input bucket, not in the batch total): the opt-in Glacier IR rule,"
+            f" jobs/setup_aws.py --input-glacier-days {first.assumptions.input_glacier_days}"
+        ),
+        rule,
+    ]
+    out += [_row([r.inputs[i] for r in reports]) for i in range(len(first.inputs))]
+    out.append(
+        f"{'input rule: saving a month':<44} {'':>10}"
+        + "".join(f" {'':>27} {r.input_saving():>10,.2f}" for r in reports)
+        + "  = -(storage moved + transitions + retrievals)"
+    )
+    return out
+
+
+def format_report(reports: CostReport | list[CostReport]) -> str:
+    """The table a user reads: one column pair (quantity, USD/month) per monthly volume; compute alternatives
+    with the batch head their job hours need, the shared lines, the batch totals, then the Serve endpoint."""
+    reports = [reports] if isinstance(reports, CostReport) else reports
+    p = reports[0].prices
+    header = _column_header(reports)
+    rule = "-" * len(header)
+    out = _preamble(reports)
+    out += _batch_section(reports, header, rule)
+    out += _serve_section(reports, rule)
+    out += _inputs_section(reports, rule)
     out.append(f"'per 1k': USD per 1,000 scans. Prices: {p.get('source', '')}")
     out += [f"Price assumed, not listed: {key}: {why}" for key, why in (p.get("assumed") or {}).items()]
     return "\n".join(out)
@@ -907,8 +1058,8 @@ def report_dict(report: CostReport) -> dict:
 # ----------------------------------------------------------------------------------------------- command
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = Assumptions(scans_per_month=0)
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """What is priced: the summaries measured, the monthly volumes, the price table."""
     p.add_argument(
         "--summary",
         action="append",
@@ -932,6 +1083,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"a second column at this volume (default {COMPARE_SCANS_PER_MONTH:,}; 0: none)",
     )
     p.add_argument("--prices", help=f"JSON overriding keys of {PRICES_FILE.name} (local or s3://)")
+
+
+def _add_stand_in_arguments(p: argparse.ArgumentParser) -> None:
+    """Figures a summary written by an older batch job does not record, or records for masks unlike real ones."""
     p.add_argument(
         "--measured-actor-cpus",
         type=float,
@@ -940,10 +1095,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-mb", type=float, help="with --passport-kb: sizes for a summary without bytes_written")
     p.add_argument("--passport-kb", type=float)
     p.add_argument("--item-kb", type=float, help="DynamoDB item size for a summary without store_item_bytes")
+
+
+def _add_deployment_arguments(p: argparse.ArgumentParser, d: Assumptions) -> None:
+    """The instances (cluster.yaml's by default), how often jobs run, how long results are kept, Serve's load."""
     for name in ("cpu_instance", "gpu_instance", "head_instance", "serve_head_instance"):
         p.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
     for name in ("jobs_per_month", "retention_months", "serve_requests_per_month", "serve_scale_ups_per_month"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+
+
+def _add_input_rule_arguments(p: argparse.ArgumentParser, d: Assumptions) -> None:
+    """The input bucket's opt-in Glacier IR rule: priced in its own section only when asked for."""
     p.add_argument(
         "--input-glacier-days",
         type=int,
@@ -955,6 +1118,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-objects-per-scan", type=float, default=d.input_objects_per_scan)
     p.add_argument("--input-retention-months", type=int, help="default: --retention-months")
     p.add_argument("--input-reread-fraction", type=float, default=d.input_reread_fraction)
+
+
+def _add_node_arguments(p: argparse.ArgumentParser, d: Assumptions) -> None:
+    """The assumptions about a worker node and a job on it that no summary can measure."""
     p.add_argument(
         "--nodes-per-job",
         type=int,
@@ -982,6 +1149,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"what a worker vCPU does in measured cores (default: {VCPU_YIELD_CORE:g} where a vCPU is a core,"
         f" {VCPU_YIELD_SMT:g} where it is a hyperthread)",
     )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``ray-app cost``'s options, in the order --help lists them; the defaults are :class:`Assumptions`'."""
+    d = Assumptions(scans_per_month=0)
+    _add_run_arguments(p)
+    _add_stand_in_arguments(p)
+    _add_deployment_arguments(p, d)
+    _add_input_rule_arguments(p, d)
+    _add_node_arguments(p, d)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
