@@ -56,13 +56,22 @@ def prepare(image: nib.Nifti1Image, stages, *, copy: bool = True, **extra) -> Pr
         canonical_shape = img.shape
         img = change_spacing(img, [resample] * 3, order=1, dtype=np.int32, nr_cpus=1)
     return Prepared(
-        data=np.asanyarray(img.dataobj),
+        data=_narrow(np.asanyarray(img.dataobj)),
         spacing=tuple(float(s) for s in img.header.get_zooms()[:3]),
         task_ids=tuple(s.task_id for s in stages),
         source_affine=np.asarray(image.affine),
         canonical_shape=canonical_shape,
         **extra,
     )
+
+
+def _narrow(data: np.ndarray) -> np.ndarray:
+    """``change_spacing``'s int32 HU as int16 when they fit: half the bytes on their way to the accelerator, and
+    the same float32 values once nnU-Net's input is made."""
+    info = np.iinfo(np.int16)
+    if data.dtype == np.int32 and data.size and info.min <= data.min() and data.max() <= info.max:
+        return data.astype(np.int16)
+    return data
 
 
 def first_pass(spec: totalseg.TaskSpec, image: nib.Nifti1Image) -> Prepared:
