@@ -100,7 +100,7 @@ def finish_scan(
     timings = dict(timings)
     try:
         t = time.perf_counter()
-        mask = stages.finish(spec, prepared, labels, scan.shape)
+        mask = stages.finish(spec, prepared, labels, scan.shape, stages.memory_order(scan.image))
         timings["resample_out_s"] = time.perf_counter() - t
         return with_passport(scan, mask, spec, model, timings, settings)
     except Exception as exc:  # noqa: BLE001 - a failed scan is recorded, the job goes on

@@ -81,17 +81,30 @@ def first_pass(spec: totalseg.TaskSpec, image: nib.Nifti1Image) -> Prepared:
     return prepare(image, spec.stages)
 
 
-def labels_home(prepared: Prepared, labels: np.ndarray) -> np.ndarray:
+def labels_home(prepared: Prepared, labels: np.ndarray, order: str = "C") -> np.ndarray:
     """Labels from the model's grid back onto the image ``prepare`` was given: TotalSegmentator's order-0
-    resampling (as an index gather) and ``undo_canonical``."""
+    resampling (as an index gather) and ``undo_canonical``. ``order``: the memory order to build it in (the
+    scan's, so the passport reads mask and CT in one order without transposing either)."""
     from totalsegmentator.alignment import undo_canonical
 
     if prepared.canonical_shape is not None:
-        labels = resample_labels(labels, prepared.canonical_shape)
+        # The gather is separable per axis: made on the transposed grid it comes out in Fortran order for free.
+        flip = order == "F"
+        labels = resample_labels(labels.T if flip else labels, prepared.canonical_shape[:: -1 if flip else 1])
+        labels = labels.T if flip else labels
     # undo_canonical reads only the source's orientation; the affines do not change the data.
     source = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), prepared.source_affine)
     img = undo_canonical(nib.Nifti1Image(labels, np.eye(4)), source)
-    return np.asanyarray(img.dataobj).astype(np.uint8)
+    return np.asanyarray(img.dataobj).astype(np.uint8, order=order)
+
+
+def memory_order(image: nib.Nifti1Image) -> str:
+    """``"F"`` for an image whose voxels are Fortran-ordered (NIfTI's on-disk order, as nibabel loads them), else
+    ``"C"``. Reads no file: an image still on disk counts as Fortran-ordered."""
+    if nib.is_proxy(image.dataobj):
+        return "F"
+    data = np.asanyarray(image.dataobj)
+    return "F" if data.flags.f_contiguous and not data.flags.c_contiguous else "C"
 
 
 def crop_for_roi(spec: totalseg.TaskSpec, image: nib.Nifti1Image, rough: Prepared, labels) -> Prepared | None:
@@ -110,14 +123,15 @@ def crop_for_roi(spec: totalseg.TaskSpec, image: nib.Nifti1Image, rough: Prepare
     return prepare(img_in, spec.stages, copy=False, crop_bbox=bbox)
 
 
-def finish(spec: totalseg.TaskSpec, prepared: Prepared | None, labels, shape) -> np.ndarray:
-    """The main pass's labels as the scan's ``uint8`` mask of ``shape``; ``prepared`` None: an empty ROI crop."""
+def finish(spec: totalseg.TaskSpec, prepared: Prepared | None, labels, shape, order: str = "C") -> np.ndarray:
+    """The main pass's labels as the scan's ``uint8`` mask of ``shape`` in memory ``order``; ``prepared`` None: an
+    empty ROI crop."""
     if prepared is None:
-        return np.zeros(shape, dtype=np.uint8)
-    seg = labels_home(prepared, labels)
+        return np.zeros(shape, dtype=np.uint8, order=order)
+    seg = labels_home(prepared, labels, order)
     if prepared.crop_bbox is None:
         return seg
-    out = np.zeros(shape, dtype=np.uint8)
+    out = np.zeros(shape, dtype=np.uint8, order=order)
     (x0, x1), (y0, y1), (z0, z1) = prepared.crop_bbox
     out[x0:x1, y0:y1, z0:z1] = seg
     out *= np.isin(out, list(spec.output_labels)).astype(np.uint8)
@@ -137,7 +151,7 @@ def segment_in_process(segmenter, image: nib.Nifti1Image, timings: dict) -> np.n
         timings["roi_crop_s"] = time.perf_counter() - t
         labels = None if prepared is None else _infer(segmenter, prepared, timings)
     t = time.perf_counter()
-    mask = finish(spec, prepared, labels, image.shape)
+    mask = finish(spec, prepared, labels, image.shape, memory_order(image))
     timings["resample_out_s"] = time.perf_counter() - t
     return mask
 
