@@ -66,11 +66,13 @@ def prepare(image: nib.Nifti1Image, stages, *, copy: bool = True, **extra) -> Pr
 
 
 def _narrow(data: np.ndarray) -> np.ndarray:
-    """``change_spacing``'s int32 HU as int16 when they fit: half the bytes on their way to the accelerator, and
-    the same float32 values once nnU-Net's input is made."""
+    """The model-grid array in the fewest bytes that give nnU-Net the same float32 input: ``change_spacing``'s
+    int32 HU as int16 when they fit, an unresampled float64 copy as float32 (the network's input dtype)."""
     info = np.iinfo(np.int16)
     if data.dtype == np.int32 and data.size and info.min <= data.min() and data.max() <= info.max:
         return data.astype(np.int16)
+    if data.dtype == np.float64:
+        return data.astype(np.float32)
     return data
 
 
