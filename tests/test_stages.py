@@ -40,12 +40,21 @@ def test_shapes_the_cluster_can_never_run_are_refused(kw, cluster):
 
 def test_every_accepted_shape_leaves_the_cpu_stages_room_beside_the_actors():
     for cpus in (1, 2, 3, 16):
-        for kw in ({}, {"cpus_per_actor": 1}, {"max_actors": 8}, {"cpus_per_actor": 0.5, "max_actors": 9}):
+        for kw in (
+            {},
+            {"cpus_per_actor": 1},
+            {"max_actors": 8},
+            {"cpus_per_actor": 0.5, "max_actors": 9},
+            {"roi_subset": ("liver",)},
+            {"roi_subset": ("liver",), "cpus_per_actor": 1},
+        ):
             try:
                 shape = plan_shape(_cfg(**kw), {"CPU": float(cpus)})
             except PreflightError:  # e.g. 1-CPU actors on 1 CPU: refused, not hung
                 continue
-            assert shape.max_actors * shape.cpus_per_actor + batch.STAGE_CPUS <= cpus + 1e-9, (cpus, kw, shape)
+            pools = 2 if kw.get("roi_subset") else 1
+            used = pools * shape.max_actors * shape.cpus_per_actor
+            assert used + batch.STAGE_CPUS <= cpus + 1e-9, (cpus, kw, shape)
             assert 1 <= shape.min_actors <= shape.max_actors and shape.threads >= 1
 
 
@@ -55,6 +64,7 @@ def test_unflagged_jobs_fill_the_machine():
     assert (cpu.min_actors, cpu.max_actors, cpu.threads) == (2, 2, 1)
     gpu = plan_shape(_cfg(device="cuda"), {"CPU": 16.0, "GPU": 2.0})
     assert (gpu.min_actors, gpu.max_actors, gpu.gpus_per_actor, gpu.cpus_per_actor) == (2, 2, 1.0, 1.0)
+    assert gpu.task_concurrency == 14, "the CPU stages get the cores the GPU actors leave"
     pinned = plan_shape(_cfg(actor_resources={"spot_cpu": 1}, cpus_per_actor=8), {"CPU": 0.0})
     assert (pinned.min_actors, pinned.max_actors, pinned.threads) == (1, 2, 8)
 

@@ -204,41 +204,47 @@ class Shape:
     cpus_per_actor: float
     gpus_per_actor: float
     threads: int
+    #: CPU-stage tasks at once: the cores the actors leave (at least two), so on a GPU node the CPU stages use the
+    #: node's CPUs while the actor uses the GPU; Ray Data's backpressure does the rest.
+    task_concurrency: int = 2
     task_cpus: float = TASK_CPUS
 
 
 def plan_shape(cfg: BatchConfig, cluster: dict[str, float]) -> Shape:
     """The shape for ``cfg`` on a cluster offering ``cluster`` (``ray.cluster_resources()``). Unset options follow
     the cluster; a shape the cluster can never run, or one whose actors leave the CPU stages no CPU (the job would
-    wait forever), raises :class:`PreflightError` before anything starts. Actors pinned to a node type
-    (``actor_resources``) run on nodes the autoscaler has yet to start: those are not checked."""
-    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    wait forever), raises :class:`PreflightError` before anything starts. ``roi_subset`` runs two pools (its crop
+    pass has its own), each sized to half. Actors pinned to a node type (``actor_resources``) run on nodes the
+    autoscaler has yet to start: those are not checked."""
+    pools = 2 if cfg.roi_subset else 1
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0)) / pools
     g = float(cfg.gpus_per_actor or 0.0)
     if cfg.actor_resources:
         a = cfg.cpus_per_actor or 1.0
         n_max = cfg.max_actors or 2
-        return Shape(min(cfg.min_actors or 1, n_max), n_max, a, g, max(1, int(a + 1e-9)))
-    room = cpus - STAGE_CPUS
+        return Shape(min(cfg.min_actors or 1, n_max), n_max, a, g, max(1, int(a + 1e-9)), 2 * n_max)
+    room = (cpus - STAGE_CPUS) / pools  # CPUs for one pool's actors
     if cfg.device == "cuda":
         a = cfg.cpus_per_actor or 1.0
         auto = max(1, min(int(gpus // g) * ACTORS_PER_GPU, int((room + 1e-9) // a)))
     else:
-        auto = max(1, int(cpus))
+        auto = max(1, int(cpus) // pools)
         a = cfg.cpus_per_actor or max(room, TASK_CPUS) / auto
     n_max = cfg.max_actors or auto
     n_min = cfg.min_actors or (n_max if cfg.max_actors is None else 1)
     if n_min > n_max:
         raise PreflightError(f"--min-actors {n_min} is more than --max-actors {n_max}")
     if n_min * a > room + 1e-9 or (g and n_min * g > gpus + 1e-9):
-        have = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if g else "")
+        have = f"{cpus:g} CPUs" + (f" and {gpus * pools:g} GPUs" if g else "")
+        actors = f"{n_min} actor(s)" + (" per pool (roi_subset runs two)" if pools > 1 else "")
         raise PreflightError(
-            f"{n_min} actor(s) x {a:g} CPUs{f' x {g:g} GPUs' if g else ''} do not fit this cluster ({have}) with "
+            f"{actors} x {a:g} CPUs{f' x {g:g} GPUs' if g else ''} do not fit this cluster ({have}) with "
             f"the {STAGE_CPUS:g} CPUs its CPU stages need (fetch, prepare, finish, write): the job would wait "
             f"forever. Use --cpus-per-actor {max(room, 0) / n_min:.2g} or less, fewer --min-actors, or leave "
             "them out to fit the cluster"
         )
     n_max = max(n_min, min(n_max, int((room + 1e-9) // a), int(gpus // g) if g else n_max))
-    return Shape(n_min, n_max, a, g, max(1, int(a + 1e-9)))
+    return Shape(n_min, n_max, a, g, max(1, int(a + 1e-9)), max(2, int(cpus - pools * n_max * a + 1e-9)))
 
 
 def _make_preparer(spec: TaskSpec, aside):
@@ -301,6 +307,16 @@ def _scan_from_aside(aside, row: dict[str, Any], take: bool):
     from ray_app.storage.scans import load_scan
 
     return load_scan(row["uri"], row["scan_id"], get_settings())
+
+
+def _drop_aside(aside, scan_id: str) -> None:
+    """Let a failed scan's full-resolution data go (its reference only: nothing is fetched)."""
+    import ray
+
+    try:
+        ray.get(aside.get.remote(scan_id, True))
+    except Exception:  # noqa: BLE001 - freed with the job's end anyway
+        traceback.print_exc()
 
 
 def _make_cropper(spec: TaskSpec, aside):
@@ -482,9 +498,9 @@ def _finished_result(spec: TaskSpec, aside, row: dict[str, Any]) -> pipeline.Sca
     timings = json.loads(row["timings"])
     timings["segment_s"] = timings.get("network_s", 0.0)  # the actor's seconds, which the cost report prices
     model = json.loads(row["model"])
-    scan = None
     try:
         if row["error_code"]:
+            _drop_aside(aside, row["scan_id"])
             exc = RayAppError(str(row["error_message"]), scan_id=row["scan_id"])
             exc.code = str(row["error_code"])
             raise exc
@@ -530,10 +546,10 @@ def _write(result: pipeline.ScanResult, cfg: BatchConfig, spec: TaskSpec, store_
 
 def _stage_chain(ds, cfg: BatchConfig, spec: TaskSpec, shape: Shape, store_uri: str, starts, aside):
     """CPU tasks (fetch, decode, validate, prepare) -> actors (inference only) -> CPU tasks (finish, passport,
-    write); ``roi_subset`` adds its crop round. The CPU stages' concurrency follows the actor pool."""
+    write); ``roi_subset`` adds its crop round (a second pool: the 6 mm pass's labels choose the crop)."""
     from ray.data import TaskPoolStrategy
 
-    tasks = {"num_cpus": shape.task_cpus, "compute": TaskPoolStrategy(size=max(2, 2 * shape.max_actors))}
+    tasks = {"num_cpus": shape.task_cpus, "compute": TaskPoolStrategy(size=shape.task_concurrency)}
     ds = ds.map(_make_preparer(spec, aside), **tasks)
     ds = _segment(ds, cfg, shape, starts)
     if spec.crop_stage is not None:
