@@ -96,3 +96,21 @@ def test_the_actor_stage_receives_the_model_grid_array_not_the_ct(ray_cluster, t
         np.testing.assert_array_equal(held.image.get_fdata(), reread.image.get_fdata())
     finally:
         ray.kill(aside)
+
+
+@pytest.mark.slow
+def test_roi_subset_through_the_batch_stages_gives_the_in_process_mask(ray_cluster, example_dir, tmp_path):
+    """roi_subset's extra round (6 mm pass, crop task, main pass on a second pool) ends in the mask the one-process
+    chain makes, which test_segmenter holds equal to vanilla's."""
+    from ray_app.adapters.batch import run_batch
+    from ray_app.core.segmenter import Segmenter
+
+    roi = ("liver", "kidney_left")
+    src = example_dir / "example_ct_sm.nii.gz"
+    (tmp_path / "m.csv").write_text(f"scan_id,uri\nsm,{src}\n")
+    cfg = BatchConfig(manifest=str(tmp_path / "m.csv"), output=str(tmp_path / "out"), roi_subset=roi)
+    report = run_batch(cfg)
+    assert report.succeeded == 1, report.rows
+    (mask_path,) = (tmp_path / "out" / "sm").glob("*/mask.nii.gz")
+    ours = Segmenter(fast=True, device="cpu", roi_subset=list(roi)).segment(nib.load(src)).mask
+    np.testing.assert_array_equal(np.asanyarray(nib.load(mask_path).dataobj), np.asanyarray(ours.dataobj))
