@@ -235,16 +235,24 @@ class _Runs:
             self.run_sq += np.multiply(values, values, dtype=self.sq_dtype)
 
     def _close(self, z: int, ids: np.ndarray, columns: np.ndarray, sign: float) -> None:
-        """Runs ending at ``z - 1`` add their sums up to there; runs starting at ``z`` subtract the same."""
+        """Runs ending at ``z - 1`` add their sums up to there; runs starting at ``z`` subtract the same. Weights
+        equal for every run of the slab (its count and slow-axis index sums) scale one plain count per label."""
         if not ids.size:
             return
-        fast, middle = columns % self.sizes[1], columns // self.sizes[1]
-        weights = (z, self.run[columns], self.run_sq[columns], z * (z - 1) // 2, fast * z, middle * z)
-        for row, w in zip(self.sums, weights):
-            w = np.broadcast_to(np.asarray(w, dtype=np.float64), ids.shape)
-            row += sign * np.bincount(ids, weights=w, minlength=self.n)
-        for seen, coord in zip(self.seen, (z - 1 if sign > 0 else z, fast, middle)):
-            seen[ids, coord] = True
+        n = self.n
+        runs = np.bincount(ids, minlength=n)
+        self.sums[0] += sign * z * runs
+        self.sums[3] += sign * (z * (z - 1) // 2) * runs
+        self.sums[1] += sign * np.bincount(ids, weights=self.run[columns], minlength=n)
+        self.sums[2] += sign * np.bincount(ids, weights=self.run_sq[columns], minlength=n)
+        self.seen[0][:, z - 1 if sign > 0 else z] |= runs > 0
+        middle, fast = np.divmod(columns, self.sizes[1])
+        self.sums[4] += sign * z * np.bincount(ids, weights=fast, minlength=n)
+        self.sums[5] += sign * z * np.bincount(ids, weights=middle, minlength=n)
+        if sign > 0:  # a column's runs start as often as they end: its coordinates are marked once, at a start
+            return
+        for seen, coord, size in ((self.seen[1], fast, self.sizes[1]), (self.seen[2], middle, self.sizes[2])):
+            seen |= np.bincount(ids.astype(np.intp) * size + coord, minlength=n * size).reshape(n, size) > 0
 
     def result(self, axes: tuple[int, int, int]) -> dict[str, np.ndarray]:
         stats = {
