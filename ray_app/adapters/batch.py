@@ -496,7 +496,8 @@ TASK_TIMINGS = ("read_s", "resample_in_s", "roi_crop_s", "network_s")
 def _finished_result(spec: TaskSpec, aside, row: dict[str, Any]) -> pipeline.ScanResult:
     """The scan's result: mask and passport, or the failure record of whichever stage failed."""
     timings = json.loads(row["timings"])
-    timings["segment_s"] = timings.get("network_s", 0.0)  # the actor's seconds, which the cost report prices
+    if "network_s" in timings:  # the actor's seconds, which the cost report prices; none for a scan it never had
+        timings["segment_s"] = timings["network_s"]
     model = json.loads(row["model"])
     try:
         if row["error_code"]:
