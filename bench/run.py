@@ -149,14 +149,15 @@ def child(variant: str, scan: str, device: str, repeats: int, out_mask: str) -> 
         from ray_app.core import outputs, pipeline
         from ray_app.core.scan import scan_from_image
         from ray_app.core.segmenter import Segmenter
+        from ray_app.settings import Settings
 
         t = time.perf_counter()
-        seg = Segmenter(fast=True, device=device, **VARIANTS[variant])
+        seg = Segmenter(fast=True, device=device, **VARIANTS[variant], settings=Settings())
         stages["load_model_s"] = time.perf_counter() - t
         for _ in range(repeats):
             clock.seconds = clock.calls = 0
             t, c = time.perf_counter(), _cpu()
-            s = scan_from_image(img, "bench")
+            s = scan_from_image(img, "bench", Settings())
             read = time.perf_counter() - t
             t_worker = time.perf_counter()
             result = pipeline.segment_scan(seg, s)  # what a batch actor or a Serve replica does per scan

@@ -165,7 +165,7 @@ def test_usage_statistics_are_off_in_totalsegmentator_config(fast_segmenter):
 def test_resampling_back_gives_totalsegmentators_labels_exactly(shape, target):
     from totalsegmentator.resampling import change_spacing
 
-    from ray_app.core.segmenter import resample_labels
+    from ray_app.core.stages import resample_labels
 
     seg = np.random.default_rng(sum(shape)).integers(0, 118, shape, dtype=np.uint8)
     affine = np.diag([3.0, 3.0, 3.0, 1.0])

@@ -1,8 +1,10 @@
-"""The batch job on Ray Data: manifest → fetch and decode (CPU tasks) → segment (autoscaling actor pool) →
-write (CPU tasks) → job summary.
+"""The batch job on Ray Data: manifest → fetch, decode, validate and prepare (CPU tasks) → inference only
+(autoscaling actor pool, CPU or GPU) → finish, passport and write (CPU tasks) → job summary.
 
-Streaming end to end: scans flow through the three stages a few at a time, so memory stays bounded whatever
-the manifest's length, and inference actors never wait on S3 or gzip. Each stage turns a scan's failure into a
+Streaming end to end: scans flow through the stages a few at a time, so memory stays bounded whatever the
+manifest's length. The actors receive each scan's small model-grid array (``core.stages``) and nothing else:
+they never wait on S3, gzip, resampling or the passport, and the full-resolution scan crosses the object store
+once, from the task that decoded it to the one that finishes it. Each stage turns a scan's failure into a
 failure record instead of an exception, so one bad scan never stops (or retries) the job.
 """
 
@@ -20,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from ray_app import storage
-from ray_app.core import pipeline
+from ray_app.core import pipeline, stages
 from ray_app.core.errors import PreflightError, RayAppError, WorkerLost, describe, from_code
 from ray_app.core.totalseg import TaskSpec, missing_weights, task_spec
 from ray_app.settings import Settings, get_settings
@@ -54,9 +56,10 @@ class BatchConfig:
     preview: bool = False
     #: Also write ``segmentations.zip`` (one NIfTI per structure, TotalSegmentator's default layout) per scan.
     per_structure: bool = False
-    min_actors: int = 1
-    max_actors: int = 2
-    cpus_per_actor: float = 1.0
+    #: Actor pool size and CPUs per actor; ``None``: sized to the cluster by :func:`plan_shape`.
+    min_actors: int | None = None
+    max_actors: int | None = None
+    cpus_per_actor: float | None = None
     #: GPUs Ray reserves per segmentation actor; ``None``: one with ``device="cuda"``, none with ``"cpu"``.
     gpus_per_actor: float | None = None
     actor_resources: dict[str, float] | None = None
@@ -181,26 +184,164 @@ def preflight(
         )
 
 
-def _fetch(row: dict[str, Any]) -> dict[str, Any]:
-    """Download, decode and validate one scan (CPU task)."""
+#: Ray CPUs each CPU-stage task (prepare, ROI crop, finish) reserves. Their work is seconds of one core per scan
+#: against the actor's tens, so a small token: what matters is that it always fits beside the actors.
+TASK_CPUS = 0.1
+#: CPUs a cluster keeps free of actors for the CPU stages: two tasks at once, so prepare and finish overlap.
+STAGE_CPUS = 2 * TASK_CPUS
+#: Actors an unflagged job starts per GPU, and torch threads per CPU actor: two 1-thread actors segment more
+#: scans per hour than one 2-thread actor on 2 cores (the forward's parallel efficiency at 2 threads is 0.54-0.85,
+#: bench/results/thread-scaling-*.json), so an unflagged CPU job runs one 1-thread actor per core.
+ACTORS_PER_GPU = 1
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The job's resource shape: the actor pool and what each actor reserves, and what each CPU-stage task does."""
+
+    min_actors: int
+    max_actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    threads: int
+    #: CPU-stage tasks at once: the cores the actors leave (at least two), so on a GPU node the CPU stages use the
+    #: node's CPUs while the actor uses the GPU; Ray Data's backpressure does the rest.
+    task_concurrency: int = 2
+    task_cpus: float = TASK_CPUS
+
+
+def plan_shape(cfg: BatchConfig, cluster: dict[str, float]) -> Shape:
+    """The shape for ``cfg`` on a cluster offering ``cluster`` (``ray.cluster_resources()``). Unset options follow
+    the cluster; a shape the cluster can never run, or one whose actors leave the CPU stages no CPU (the job would
+    wait forever), raises :class:`PreflightError` before anything starts. ``roi_subset`` runs two pools (its crop
+    pass has its own), each sized to half. Actors pinned to a node type (``actor_resources``) run on nodes the
+    autoscaler has yet to start: those are not checked."""
+    pools = 2 if cfg.roi_subset else 1
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0)) / pools
+    g = float(cfg.gpus_per_actor or 0.0)
+    if cfg.actor_resources:
+        a = cfg.cpus_per_actor or 1.0
+        n_max = cfg.max_actors or 2
+        return Shape(min(cfg.min_actors or 1, n_max), n_max, a, g, max(1, int(a + 1e-9)), 2 * n_max)
+    room = (cpus - STAGE_CPUS) / pools  # CPUs for one pool's actors
+    if cfg.device == "cuda":
+        a = cfg.cpus_per_actor or 1.0
+        auto = max(1, min(int(gpus // g) * ACTORS_PER_GPU, int((room + 1e-9) // a)))
+    else:
+        auto = max(1, int(cpus) // pools)
+        a = cfg.cpus_per_actor or max(room, TASK_CPUS) / auto
+    n_max = cfg.max_actors or auto
+    n_min = cfg.min_actors or (n_max if cfg.max_actors is None else 1)
+    if n_min > n_max:
+        raise PreflightError(f"--min-actors {n_min} is more than --max-actors {n_max}")
+    if n_min * a > room + 1e-9 or (g and n_min * g > gpus + 1e-9):
+        have = f"{cpus:g} CPUs" + (f" and {gpus * pools:g} GPUs" if g else "")
+        actors = f"{n_min} actor(s)" + (" per pool (roi_subset runs two)" if pools > 1 else "")
+        raise PreflightError(
+            f"{actors} x {a:g} CPUs{f' x {g:g} GPUs' if g else ''} do not fit this cluster ({have}) with "
+            f"the {STAGE_CPUS:g} CPUs its CPU stages need (fetch, prepare, finish, write): the job would wait "
+            f"forever. Use --cpus-per-actor {max(room, 0) / n_min:.2g} or less, fewer --min-actors, or leave "
+            "them out to fit the cluster"
+        )
+    n_max = max(n_min, min(n_max, int((room + 1e-9) // a), int(gpus // g) if g else n_max))
+    return Shape(n_min, n_max, a, g, max(1, int(a + 1e-9)), max(2, int(cpus - pools * n_max * a + 1e-9)))
+
+
+def _make_preparer(spec: TaskSpec, aside):
+    def _prepare(row: dict[str, Any]) -> dict[str, Any]:
+        """Download, decode, validate one scan and bring it to the model's grid (CPU task). Only the small
+        model-grid array goes on to the actor; the scan itself (its CT, DICOM headers) waits in ``aside``."""
+        from ray_app.storage.scans import load_scan
+
+        out = {"scan_id": row["scan_id"], "uri": row["uri"], "prepared": b"", "error_code": "", "error_message": ""}
+        timings = {}
+        t = time.perf_counter()
+        try:
+            scan = load_scan(row["uri"], row["scan_id"], get_settings())
+            timings["read_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            out["prepared"] = pickle.dumps(stages.first_pass(spec, scan.image), protocol=5)
+            timings["resample_in_s"] = time.perf_counter() - t
+            _put_aside(aside, scan)
+        except Exception as exc:  # noqa: BLE001 - recorded as the scan's failure
+            out["error_code"], out["error_message"] = _error_fields(exc)
+            timings.setdefault("read_s", time.perf_counter() - t)
+        out["timings"] = json.dumps(timings)
+        return out
+
+    return _prepare
+
+
+class _Aside:
+    """Each scan's full-resolution data (a reference to it, put once by the task that decoded it) while its
+    model-grid copy is in the actor: the CT crosses the object store once and never reaches the actor. An actor
+    on the driver's node holding only references, so the data is freed as soon as the last stage takes it."""
+
+    def __init__(self):
+        self.refs: dict[str, Any] = {}
+
+    def hold(self, scan_id: str, refs: list) -> None:
+        self.refs[scan_id] = refs[0]
+
+    def get(self, scan_id: str, take: bool) -> list:
+        return [self.refs.pop(scan_id, None) if take else self.refs.get(scan_id)]
+
+
+def _put_aside(aside, scan) -> None:
+    import ray
+
+    ray.get(aside.hold.remote(scan.scan_id, [ray.put(scan)]))
+
+
+def _error_fields(exc: BaseException) -> tuple[str, str]:
+    """A failure's code and message as the stages pass them along (strings: rows cross Ray as Arrow)."""
+    info = describe(exc)
+    return info.code, info.message
+
+
+def _scan_from_aside(aside, row: dict[str, Any], take: bool):
+    """The scan put aside by its prepare task; read again from its source if that copy is gone (its node or
+    the worker that put it lost, a retried task that had already taken it)."""
+    import ray
+
+    try:
+        (ref,) = ray.get(aside.get.remote(row["scan_id"], take))
+        if ref is not None:
+            return ray.get(ref)
+    except Exception:  # noqa: BLE001 - the source still has it
+        traceback.print_exc()
     from ray_app.storage.scans import load_scan
 
-    t = time.perf_counter()
+    return load_scan(row["uri"], row["scan_id"], get_settings())
+
+
+def _drop_aside(aside, scan_id: str) -> None:
+    """Let a failed scan's full-resolution data go (its reference only: nothing is fetched)."""
+    import ray
+
     try:
-        scan = load_scan(row["uri"], row["scan_id"], get_settings())
-        blob, code, message = pickle.dumps(scan, protocol=5), "", ""
-    except Exception as exc:  # noqa: BLE001 - recorded as the scan's failure
-        info = describe(exc)
-        code, message = info.code, info.message
-        blob = b""
-    return {
-        "scan_id": row["scan_id"],
-        "uri": row["uri"],
-        "scan": blob,
-        "error_code": code,
-        "error_message": message,
-        "read_s": time.perf_counter() - t,
-    }
+        ray.get(aside.get.remote(scan_id, True))
+    except Exception:  # noqa: BLE001 - freed with the job's end anyway
+        traceback.print_exc()
+
+
+def _make_cropper(spec: TaskSpec, aside):
+    def _crop(row: dict[str, Any]) -> dict[str, Any]:
+        """``roi_subset`` between its two passes (CPU task): crop the scan to the ROIs the 6 mm pass found and
+        prepare the main pass on the crop (an empty crop goes on as ``None``)."""
+        if row["error_code"]:
+            return row
+        t = time.perf_counter()
+        try:
+            rough, labels = pickle.loads(row["prepared"])
+            scan = _scan_from_aside(aside, row, take=False)
+            row["prepared"] = pickle.dumps(stages.crop_for_roi(spec, scan.image, rough, labels), protocol=5)
+        except Exception as exc:  # noqa: BLE001 - recorded as the scan's failure
+            row["error_code"], row["error_message"] = _error_fields(exc)
+        row["timings"] = json.dumps({**json.loads(row["timings"]), "roi_crop_s": time.perf_counter() - t})
+        return row
+
+    return _crop
 
 
 class _Starts:
@@ -226,7 +367,8 @@ def _worker_lost(scan_id: str, deaths: int) -> WorkerLost:
 
 
 class SegmentActor:
-    """Loads the segmenter once per actor (Ray's batch-inference pattern) and segments one scan per call.
+    """Loads the segmenter once per actor (Ray's batch-inference pattern) and runs only its inference stage, on one
+    scan's model-grid array per call.
 
     A scan whose actor dies under it (Spot loss, OOM killer, native crash) comes back to a restarted actor: Ray
     Data re-delivers it for as long as it takes. ``starts`` counts the times a scan was begun, so that after
@@ -266,39 +408,40 @@ class SegmentActor:
             "actor_gpus": float(gpus),
             "node_cpus": _machine_cpus(),
         }
+        self.model_json = json.dumps(self.segmenter.model_info)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {"scan_id": [], "result": []}
+        """Infer each row's model-grid array: its labels (on the same grid) replace it in the row."""
+        out: dict[str, list] = {key: list(values) for key, values in batch.items()}
+        out.update(model=[], usage=[])
         for i, scan_id in enumerate(batch["scan_id"]):
-            timings = {"read_s": float(batch["read_s"][i])}
-            blob = None
-            if batch["error_code"][i]:
-                exc = from_code(str(batch["error_code"][i]), str(batch["error_message"][i]), scan_id=scan_id)
-                result = pipeline.failure(
-                    scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i], timings=timings
-                )
-            elif (deaths := self._deaths_before(scan_id)) > self.max_task_retries:
-                result = pipeline.failure(
-                    scan_id,
-                    _worker_lost(scan_id, deaths),
-                    self.segmenter.model_info,
-                    source_uri=batch["uri"][i],
-                    timings=timings,
-                )
-            else:
-                try:
-                    result = pipeline.segment_scan(self.segmenter, pickle.loads(batch["scan"][i]), timings=timings)
-                    result.usage.update(self.usage)
-                    blob = pickle.dumps(result, protocol=5)
-                except Exception as exc:  # noqa: BLE001 - e.g. MemoryError unpickling a huge scan: its failure only
-                    result = blob = None  # let a partial result go before the failure record is made
-                    result = pipeline.failure(
-                        scan_id, exc, self.segmenter.model_info, source_uri=batch["uri"][i], timings=timings
-                    )
-            result.usage.update(self.usage)
-            out["scan_id"].append(scan_id)
-            out["result"].append(blob or pickle.dumps(result, protocol=5))
+            if not batch["error_code"][i]:
+                self._infer_row(out, i, scan_id)
+            out["model"].append(self.model_json)
+            out["usage"].append(json.dumps(self.usage))
         return out
+
+    def _infer_row(self, out: dict[str, list], i: int, scan_id: str) -> None:
+        if (deaths := self._deaths_before(scan_id)) > self.max_task_retries:
+            lost = _worker_lost(scan_id, deaths)
+            out["error_code"][i], out["error_message"][i] = lost.code, lost.message
+            return
+        t = time.perf_counter()
+        try:
+            prepared = pickle.loads(out["prepared"][i])
+            out["prepared"][i] = None  # the model-grid array goes before the network's memory peak
+            labels = None if prepared is None else self.segmenter.infer(prepared)
+            if prepared is not None:
+                prepared.data = None
+            out["prepared"][i] = pickle.dumps((prepared, labels), protocol=5)
+        except Exception as exc:  # noqa: BLE001 - e.g. MemoryError: this scan's failure only
+            if not isinstance(exc, RayAppError):
+                traceback.print_exc()
+            out["prepared"][i] = b""
+            out["error_code"][i], out["error_message"][i] = _error_fields(exc)
+        timings = json.loads(out["timings"][i])
+        timings["network_s"] = timings.get("network_s", 0.0) + time.perf_counter() - t
+        out["timings"][i] = json.dumps(timings)
 
     def _deaths_before(self, scan_id: str) -> int:
         """Record this start of the scan; returns the earlier ones (0 without a counter, or when it cannot be
@@ -331,61 +474,130 @@ def _limit_memory(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
+def _make_finisher(cfg: BatchConfig, spec: TaskSpec, store_uri: str, aside):
+    def _finish(row: dict[str, Any]) -> dict[str, Any]:
+        """Bring one scan's labels home, build its passport, write its files and passport (CPU task); returns its
+        summary row."""
+        start = time.perf_counter()
+        result = _finished_result(spec, aside, row)
+        result.usage.update(json.loads(row["usage"]))
+        _write(result, cfg, spec, store_uri)
+        timings = result.passport.setdefault("timings", {})
+        timings["total_s"] = sum(v for k, v in timings.items() if k in TASK_TIMINGS) + time.perf_counter() - start
+        summary = results.summary_row(result.passport, cfg.job_id, result.locations, result.usage)
+        try:
+            from ray_app.adapters.metrics import record_scan
+
+            record_scan(summary)  # Ray's metrics endpoint: scans by status and code, seconds per stage
+        except Exception:  # noqa: BLE001 - metrics never fail a scan
+            pass
+        return summary
+
+    return _finish
+
+
+#: Stage times spent before the last task began, added to its own for ``total_s``.
+TASK_TIMINGS = ("read_s", "resample_in_s", "roi_crop_s", "network_s")
+
+
+def _finished_result(spec: TaskSpec, aside, row: dict[str, Any]) -> pipeline.ScanResult:
+    """The scan's result: mask and passport, or the failure record of whichever stage failed."""
+    timings = json.loads(row["timings"])
+    if "network_s" in timings:  # the actor's seconds, which the cost report prices; none for a scan it never had
+        timings["segment_s"] = timings["network_s"]
+    model = json.loads(row["model"])
+    try:
+        if row["error_code"]:
+            _drop_aside(aside, row["scan_id"])
+            exc = from_code(str(row["error_code"]), str(row["error_message"]), scan_id=row["scan_id"])
+            raise exc
+        scan = _scan_from_aside(aside, row, take=True)
+        prepared, labels = pickle.loads(row["prepared"])
+    except Exception as exc:  # noqa: BLE001 - recorded as the scan's failure
+        return pipeline.failure(row["scan_id"], exc, model, source_uri=row["uri"], timings=timings)
+    return pipeline.finish_scan(spec, scan, prepared, labels, model, timings, get_settings())
+
+
 @lru_cache(maxsize=4)
 def _store(uri: str):
     return open_passport_store(uri)
 
 
-def _make_writer(
-    output: str, store_uri: str, job_id: str, preview: bool, label_map: dict[int, str], per_structure: bool = False
-):
-    def _write(row: dict[str, Any]) -> dict[str, Any]:
-        """Write one scan's files and passport (CPU task); returns its summary row."""
-        result: pipeline.ScanResult = pickle.loads(row["result"])
-        start = time.perf_counter()
-        try:
-            results.write_result(
-                result,
-                ArtifactSink(output),
-                _store(store_uri),
-                job_id,
-                label_map=label_map,
-                preview=preview,
-                per_structure=per_structure,
-            )
-        except Exception as exc:  # noqa: BLE001 - a write failure is this scan's failure
-            failed = pipeline.failure(
-                result.scan_id,
-                exc,
-                result.passport["model"],
-                source_uri=(result.passport.get("scan") or {}).get("source_uri"),
-                timings=result.passport.get("timings"),
-            )
-            try:
-                _store(store_uri).put(failed.passport, job_id)
-            except Exception:  # noqa: BLE001 - the summary row still records it
-                pass
-            result = failed
-        timings = result.passport.setdefault("timings", {})
-        timings["total_s"] = sum(v for k, v in timings.items() if k in ("read_s", "segment_s", "passport_s")) + (
-            time.perf_counter() - start
+def _write(result: pipeline.ScanResult, cfg: BatchConfig, spec: TaskSpec, store_uri: str) -> pipeline.ScanResult:
+    """Write one scan's files and passport; a write failure becomes the scan's failure record."""
+    try:
+        return results.write_result(
+            result,
+            ArtifactSink(cfg.output),
+            _store(store_uri),
+            cfg.job_id,
+            label_map=spec.output_labels,
+            preview=cfg.preview,
+            per_structure=cfg.per_structure,
         )
-        row = results.summary_row(result.passport, job_id, result.locations, result.usage)
+    except Exception as exc:  # noqa: BLE001 - a write failure is this scan's failure
+        failed = pipeline.failure(
+            result.scan_id,
+            exc,
+            result.passport["model"],
+            source_uri=(result.passport.get("scan") or {}).get("source_uri"),
+            timings=result.passport.get("timings"),
+        )
         try:
-            from ray_app.adapters.metrics import record_scan
-
-            record_scan(row)  # Ray's metrics endpoint: scans by status and code, seconds per stage
-        except Exception:  # noqa: BLE001 - metrics never fail a scan
+            _store(store_uri).put(failed.passport, cfg.job_id)
+        except Exception:  # noqa: BLE001 - the summary row still records it
             pass
-        return row
+        result.passport, result.mask, result.locations = failed.passport, None, {}
+        return result
 
-    return _write
+
+def _stage_chain(ds, cfg: BatchConfig, spec: TaskSpec, shape: Shape, store_uri: str, starts, aside):
+    """CPU tasks (fetch, decode, validate, prepare) -> actors (inference only) -> CPU tasks (finish, passport,
+    write); ``roi_subset`` adds its crop round (a second pool: the 6 mm pass's labels choose the crop)."""
+    from ray.data import TaskPoolStrategy
+
+    tasks = {"num_cpus": shape.task_cpus, "compute": TaskPoolStrategy(size=shape.task_concurrency)}
+    ds = ds.map(_make_preparer(spec, aside), **tasks)
+    ds = _segment(ds, cfg, shape, starts)
+    if spec.crop_stage is not None:
+        ds = _segment(ds.map(_make_cropper(spec, aside), **tasks), cfg, shape, starts)
+    return ds.map(_make_finisher(cfg, spec, store_uri, aside), **tasks)
+
+
+def _segment(ds, cfg: BatchConfig, shape: Shape, starts):
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        SegmentActor,
+        fn_constructor_kwargs={
+            "fast": cfg.fast,
+            "device": cfg.device,
+            "roi_subset": cfg.roi_subset,
+            "num_threads": shape.threads,
+            "memory_limit": cfg.memory_per_actor,
+            "starts": starts,
+            "max_task_retries": cfg.max_task_retries,
+            "cpus": shape.cpus_per_actor,
+            "gpus": shape.gpus_per_actor,
+        },
+        batch_size=1,
+        compute=ActorPoolStrategy(min_size=shape.min_actors, max_size=shape.max_actors),
+        num_cpus=shape.cpus_per_actor,
+        num_gpus=shape.gpus_per_actor,
+        resources=cfg.actor_resources,
+        batch_format="default",
+        # Ray Data's pool keeps max_restarts=-1 and max_task_retries=-1: the bound on a scan that kills its
+        # actor is SegmentActor's count of starts, not Ray's max_task_retries. Ray counts every failed
+        # delivery, and while a lost node is not yet declared dead each one fails within seconds
+        # (ActorUnavailableError): max_task_retries=3 (passed as a ray_remote_arg, deprecated in 2.60 with no
+        # named parameter) failed 5 of 6 scans as lost after one node kill in tests/test_reliability.py.
+        **({"memory": cfg.memory_per_actor} if cfg.memory_per_actor else {}),
+    )
 
 
 def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport:
     """Run the whole job and write its summary; returns the per-scan rows."""
     import ray
-    from ray.data import ActorPoolStrategy
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     settings = settings or get_settings()
@@ -409,15 +621,10 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
 
     if todo:
         init_ray()
-        threads = max(1, int(cfg.cpus_per_actor))
-        starts = (
-            ray.remote(_Starts)
-            .options(
-                num_cpus=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-            )
-            .remote()
-        )
+        shape = plan_shape(cfg, ray.cluster_resources())
+        on_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        starts = ray.remote(_Starts).options(num_cpus=0, scheduling_strategy=on_driver).remote()
+        aside = ray.remote(_Aside).options(num_cpus=0, scheduling_strategy=on_driver).remote()
         context = ray.data.DataContext.get_current()
         saved_max_errored_blocks = context.max_errored_blocks
         # A block is one scan. Every stage turns a scan's own failure into a record, so a block errors only when
@@ -429,41 +636,12 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
             ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         finally:
             context.max_errored_blocks = saved_max_errored_blocks
-        ds = ds.map(_fetch, num_cpus=0.5)
-        ds = ds.map_batches(
-            SegmentActor,
-            fn_constructor_kwargs={
-                "fast": cfg.fast,
-                "device": cfg.device,
-                "roi_subset": cfg.roi_subset,
-                "num_threads": threads,
-                "memory_limit": cfg.memory_per_actor,
-                "starts": starts,
-                "max_task_retries": cfg.max_task_retries,
-                "cpus": cfg.cpus_per_actor,
-                "gpus": cfg.gpus_per_actor,
-            },
-            batch_size=1,
-            compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-            num_cpus=cfg.cpus_per_actor,
-            num_gpus=cfg.gpus_per_actor,
-            resources=cfg.actor_resources,
-            batch_format="default",
-            # Ray Data's pool keeps max_restarts=-1 and max_task_retries=-1: the bound on a scan that kills its
-            # actor is SegmentActor's count of starts, not Ray's max_task_retries. Ray counts every failed
-            # delivery, and while a lost node is not yet declared dead each one fails within seconds
-            # (ActorUnavailableError): max_task_retries=3 (passed as a ray_remote_arg, deprecated in 2.60 with no
-            # named parameter) failed 5 of 6 scans as lost after one node kill in tests/test_reliability.py.
-            **({"memory": cfg.memory_per_actor} if cfg.memory_per_actor else {}),
-        )
-        ds = ds.map(
-            _make_writer(cfg.output, store_uri, cfg.job_id, cfg.preview, spec.output_labels, cfg.per_structure),
-            num_cpus=0.5,
-        )
+        ds = _stage_chain(ds, cfg, spec, shape, store_uri, starts, aside)
         try:
             done = list(ds.iter_rows())
         finally:
             ray.kill(starts)
+            ray.kill(aside)
         rows.extend(done)
         seen = {r["scan_id"] for r in done}
         rows.extend(_worker_lost_row(item, cfg, store, spec) for item in todo if item["scan_id"] not in seen)

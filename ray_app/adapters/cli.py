@@ -93,9 +93,12 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failed", action="store_true", help="redo scans whose stored result is a failure")
     p.add_argument("--preview", action="store_true", help="also write preview.png per scan")
     _add_per_structure_option(p)
-    p.add_argument("--min-actors", type=int, default=1)
-    p.add_argument("--max-actors", type=int, default=2)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    fit = " (default: fitted to the CPUs and GPUs Ray sees)"
+    p.add_argument("--min-actors", type=int, default=None, help="segmentation actors always running" + fit)
+    p.add_argument("--max-actors", type=int, default=None, help="most segmentation actors at once" + fit)
+    p.add_argument(
+        "--cpus-per-actor", type=float, default=None, help="CPUs (torch threads) per segmentation actor" + fit
+    )
     p.add_argument(
         "--gpus-per-actor",
         type=float,

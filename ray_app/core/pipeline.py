@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from ray_app.core import passport
+from ray_app.core import passport, stages
 from ray_app.core.errors import RayAppError
 from ray_app.core.scan import Scan
 from ray_app.core.segmenter import Segmenter
+from ray_app.core.totalseg import TaskSpec
 from ray_app.settings import Settings
 
 
@@ -55,9 +56,8 @@ def failure(
 def segment_scan(
     segmenter: Segmenter, scan: Scan, *, settings: Settings | None = None, timings: dict[str, float] | None = None
 ) -> ScanResult:
-    """Segment a validated scan and compute its passport; any failure becomes a failure passport.
-
-    ``settings`` (the passport's presence rule) default to the ones the segmenter was built from."""
+    """Segment a validated scan in this process (all stages) and compute its passport; any failure becomes a
+    failure passport. ``settings`` (the passport's presence rule) default to the segmenter's own."""
     settings = segmenter.settings if settings is None else settings
     timings = dict(timings or {})
     try:
@@ -66,18 +66,44 @@ def segment_scan(
         timings.update(result.timings)
         timings["segment_s"] = time.perf_counter() - t
         mask = np.asanyarray(result.mask.dataobj)
-        t = time.perf_counter()
-        doc = passport.build_passport(
-            scan,
-            mask,
-            label_map=segmenter.spec.output_labels,
-            model=segmenter.model_info,
-            timings=timings,
-            settings=settings,
-        )
-        doc["timings"]["passport_s"] = time.perf_counter() - t
-        return ScanResult(scan.scan_id, doc, mask, scan)
+        return with_passport(scan, mask, segmenter.spec, segmenter.model_info, timings, settings)
     except Exception as exc:  # noqa: BLE001 - a failed scan is recorded, the job goes on
-        if not isinstance(exc, RayAppError):
-            traceback.print_exc()
-        return failure(scan.scan_id, exc, segmenter.model_info, source_uri=scan.source_uri, timings=timings)
+        return _recorded_failure(scan, exc, segmenter.model_info, timings)
+
+
+def finish_scan(
+    spec: TaskSpec,
+    scan: Scan,
+    prepared: stages.Prepared | None,
+    labels: np.ndarray | None,
+    model: dict,
+    timings: dict,
+    settings: Settings,
+) -> ScanResult:
+    """The batch job's last stage for a segmented scan: its mask on the scan's grid, then its passport."""
+    timings = dict(timings)
+    try:
+        t = time.perf_counter()
+        mask = stages.finish(spec, prepared, labels, scan.shape, stages.memory_order(scan.image))
+        timings["resample_out_s"] = time.perf_counter() - t
+        return with_passport(scan, mask, spec, model, timings, settings)
+    except Exception as exc:  # noqa: BLE001 - a failed scan is recorded, the job goes on
+        return _recorded_failure(scan, exc, model, timings)
+
+
+def with_passport(
+    scan: Scan, mask: np.ndarray, spec: TaskSpec, model: dict, timings: dict, settings: Settings
+) -> ScanResult:
+    """The result of a segmented scan: its mask and passport (timed as ``passport_s``)."""
+    t = time.perf_counter()
+    doc = passport.build_passport(
+        scan, mask, label_map=spec.output_labels, model=model, timings=timings, settings=settings
+    )
+    doc["timings"]["passport_s"] = time.perf_counter() - t
+    return ScanResult(scan.scan_id, doc, mask, scan)
+
+
+def _recorded_failure(scan: Scan, exc: Exception, model: dict, timings: dict) -> ScanResult:
+    if not isinstance(exc, RayAppError):
+        traceback.print_exc()
+    return failure(scan.scan_id, exc, model, source_uri=scan.source_uri, timings=timings)

@@ -11,14 +11,13 @@ The masks are therefore the ones vanilla TotalSegmentator writes, voxel for voxe
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from ray_app.core import totalseg
+from ray_app.core import stages, totalseg
 from ray_app.core.errors import RayAppError
 from ray_app.settings import Settings
 
@@ -55,24 +54,6 @@ def body_box(data: np.ndarray) -> tuple[slice, ...]:
         slice(max(0, int(i.min()) - BODY_MARGIN), min(n, int(i.max()) + 1 + BODY_MARGIN))
         for i, n in zip(inside, data.shape)
     )
-
-
-def resample_labels(seg: np.ndarray, target_shape) -> np.ndarray:
-    """TotalSegmentator's order-0 ``change_spacing`` to ``target_shape`` as an index gather, voxel for voxel.
-
-    ``change_spacing`` calls ``scipy.ndimage.zoom(order=0, mode="nearest")`` on a float64 copy: output voxel k
-    takes input voxel ``floor(k * (n_in - 1) / (n_out - 1) + 0.5)`` on every axis (scipy's ``NI_ZoomShift``
-    with ``grid_mode=False``). Gathering those indices gives the same uint8 array without the 8-byte volume
-    (630 MB on a 512x512x300 CT) and several times faster.
-    """
-    zoom = np.asarray(target_shape, dtype=np.float64) / np.asarray(seg.shape)
-    out_shape = [round(float(n * z)) for n, z in zip(seg.shape, zoom)]  # as scipy derives it from the zoom
-    out = seg
-    for axis, (n_in, n_out) in enumerate(zip(seg.shape, out_shape)):
-        factor = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
-        index = np.floor(np.arange(n_out, dtype=np.float64) * factor + 0.5).astype(np.intp)
-        out = np.take(out, np.clip(index, 0, n_in - 1), axis=axis)
-    return np.ascontiguousarray(out, dtype=np.uint8)
 
 
 class Segmenter:
@@ -196,37 +177,19 @@ class Segmenter:
         }
 
     def segment(self, image: nib.Nifti1Image) -> SegmentationResult:
-        """Segment one 3D CT (HU) image; the mask has the input's shape and affine."""
-        import torch
-        from totalsegmentator.cropping import crop_to_mask
-
+        """Segment one 3D CT (HU) image in this process; the mask has the input's shape and affine."""
         timings: dict[str, float] = {}
+        seg = stages.segment_in_process(self, image, timings)
+        return SegmentationResult(self._as_mask_image(seg, image), timings)
+
+    def infer(self, prepared: stages.Prepared) -> np.ndarray:
+        """The accelerator stage: nnU-Net on one model-grid array; its ``uint8`` labels on the same grid."""
+        import torch
+
         with torch.inference_mode():
-            img_orig = image
-            spec = self.spec
-            if spec.crop_stage is not None:
-                # TotalSegmentator: a rough 6 mm segmentation, the ROIs' union as crop mask, 20 voxels margin.
-                rough = self._predict(img_orig, (spec.crop_stage,), timings, "crop_")
-                inv = {v: k for k, v in spec.label_map.items()}
-                crop_mask = np.isin(rough, [inv[r] for r in spec.roi_subset or ()]).astype(np.uint8)
-                if crop_mask.sum() == 0:
-                    return SegmentationResult(
-                        self._as_mask_image(np.zeros(img_orig.shape, np.uint8), img_orig), timings
-                    )
-                img_in = nib.Nifti1Image(img_orig.get_fdata(caching="unchanged"), img_orig.affine)
-                img_in, crop_bbox = crop_to_mask(
-                    img_in,
-                    nib.Nifti1Image(crop_mask, img_orig.affine),
-                    addon=list(totalseg.ROI_CROP_ADDON),
-                    dtype=np.int32,
-                )
-                seg = np.zeros(img_orig.shape, dtype=np.uint8)  # label ids: no float64 volume needed
-                (x0, x1), (y0, y1), (z0, z1) = crop_bbox
-                seg[x0:x1, y0:y1, z0:z1] = self._predict(img_in, spec.stages, timings, "", copy_input=False)
-                seg *= np.isin(seg, list(spec.output_labels)).astype(np.uint8)
-            else:
-                seg = self._predict(img_orig, spec.stages, timings, "")
-        return SegmentationResult(self._as_mask_image(seg, img_orig), timings)
+            if len(prepared.task_ids) == 1:
+                return self._run_network(prepared.task_ids[0], prepared.data, prepared.spacing)
+            return self._run_parts(prepared.task_ids, prepared.data, prepared.spacing)
 
     @staticmethod
     def _as_mask_image(seg: np.ndarray, img_orig: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -234,43 +197,7 @@ class Segmenter:
         header.set_data_dtype(np.uint8)
         return nib.Nifti1Image(seg.astype(np.uint8, copy=False), img_orig.affine, header)
 
-    def _predict(self, img_orig: nib.Nifti1Image, stages, timings, prefix, copy_input=True) -> np.ndarray:
-        """``nnUNet_predict_image`` without files or processes; returns the uint8 label array on img_orig's grid."""
-        from totalsegmentator.alignment import as_closest_canonical, undo_canonical
-        from totalsegmentator.resampling import change_spacing
-
-        t = time.perf_counter()
-        img_in = nib.Nifti1Image(img_orig.get_fdata(caching="unchanged"), img_orig.affine) if copy_input else img_orig
-        img_in = as_closest_canonical(img_in)
-        resample = stages[0].resample
-        if resample is not None:
-            img_in_shape, img_in_affine = img_in.shape, img_in.affine
-            img_in_rsp = change_spacing(img_in, [resample] * 3, order=1, dtype=np.int32, nr_cpus=1)
-            del img_in  # the full-resolution float64 copy: 630 MB on a 512x512x300 CT, not needed by the network
-        else:
-            img_in_rsp = img_in
-        timings[prefix + "resample_in_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        data = np.asanyarray(img_in_rsp.dataobj)
-        if len(stages) == 1:
-            seg = self._run_network(stages[0].task_id, data, img_in_rsp)
-        else:
-            seg = self._run_parts(stages, data, img_in_rsp)
-        timings[prefix + "network_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        if resample is not None:
-            # TotalSegmentator resamples back with change_spacing(order=0, target_shape, force_affine=img_in's)
-            img_pred = nib.Nifti1Image(resample_labels(seg, img_in_shape), img_in_affine)
-        else:
-            img_pred = nib.Nifti1Image(seg, img_in_rsp.affine)
-        img_pred = undo_canonical(img_pred, img_orig)
-        out = np.asanyarray(img_pred.dataobj).astype(np.uint8)
-        timings[prefix + "resample_out_s"] = time.perf_counter() - t
-        return out
-
-    def _run_parts(self, stages, data: np.ndarray, img_in_rsp) -> np.ndarray:
+    def _run_parts(self, task_ids, data: np.ndarray, spacing) -> np.ndarray:
         """Normal mode: five part models merged into ``total`` ids, split in three along z for huge images."""
         shape = data.shape
         # TotalSegmentator splits images above 512*512*900 voxels (and > 200 slices) with a 20-slice margin.
@@ -286,9 +213,9 @@ class Segmenter:
         merged = []
         for part in parts:
             combined = np.zeros(part.shape, dtype=np.uint8)
-            for stage in stages:
-                seg = self._run_network(stage.task_id, part, img_in_rsp)
-                lut = totalseg.part_label_lut(stage.task_id, self.spec.label_map)
+            for task_id in task_ids:
+                seg = self._run_network(task_id, part, spacing)
+                lut = totalseg.part_label_lut(task_id, self.spec.label_map)
                 if seg.size and seg.max() >= len(lut):
                     lut = np.pad(lut, (0, int(seg.max()) + 1 - len(lut)))
                 mapped = lut[seg]
@@ -303,7 +230,7 @@ class Segmenter:
         out[:, :, third * 2 :] = merged[2][:, :, margin - 1 :]
         return out
 
-    def _run_network(self, task_id: int, data: np.ndarray, img_in_rsp: nib.Nifti1Image) -> np.ndarray:
+    def _run_network(self, task_id: int, data: np.ndarray, spacing_xyz) -> np.ndarray:
         """nnU-Net preprocessing, sliding-window inference and export for one array in nibabel (x, y, z) order.
 
         nnU-Net reads TotalSegmentator's temporary NIfTI with SimpleITK, i.e. as (z, y, x) with reversed spacing;
@@ -312,7 +239,7 @@ class Segmenter:
         import torch
 
         predictor = self._predictors[task_id]
-        spacing = [float(s) for s in img_in_rsp.header.get_zooms()[:3]][::-1]
+        spacing = [float(s) for s in spacing_xyz][::-1]
         box = body_box(data) if self.crop_to_body else tuple(slice(0, n) for n in data.shape)
         arr = np.ascontiguousarray(data[box].transpose(2, 1, 0)[None], dtype=np.float32)
         autocast = torch.autocast(
