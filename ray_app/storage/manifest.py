@@ -64,6 +64,16 @@ class _RowProblem(Exception):
 
 def read_manifest(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> ManifestResult:
     """Parse by extension (``.csv``, ``.jsonl``/``.ndjson``, ``.parquet``) and validate every row."""
+    columns, records = parse_manifest(uri, max_bytes)
+    rows: list[dict[str, Any]] = []
+    problems: list[ManifestProblem] = []
+    for item in check_records(records):
+        (problems if isinstance(item, ManifestProblem) else rows).append(item)
+    return ManifestResult(rows=rows, problems=problems, columns=columns)
+
+
+def parse_manifest(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[str], Records]:
+    """The manifest's columns and numbered raw records; raises :class:`ManifestError` for the whole file."""
     lower = uri.lower()
     if lower.endswith(".csv"):
         parse = _csv_records
@@ -73,23 +83,24 @@ def read_manifest(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> ManifestResul
         parse = _parquet_records
     else:
         raise ManifestError(f"unsupported manifest format {uri!r}: use .csv, .jsonl or .parquet")
-    data = storage.read_bytes(uri, max_bytes=max_bytes)
-    columns, records = parse(data)
+    columns, records = parse(storage.read_bytes(uri, max_bytes=max_bytes))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing and (columns or not records):
         raise ManifestError(f"manifest {uri} lacks required column(s) {missing}; found {columns}")
+    return columns, records
 
-    rows: list[dict[str, Any]] = []
-    problems: list[ManifestProblem] = []
+
+def check_records(records: Records) -> Iterator[dict[str, Any] | ManifestProblem]:
+    """Each record in order as its cleaned row or its problem. Sequential on purpose: a duplicate is told from
+    the first row with its id only by seeing every row before it."""
     first_row: dict[str, int] = {}
     for number, record in records:
         try:
             if isinstance(record, _RowProblem):
                 raise record
-            rows.append(_check(record, number, first_row))
+            yield _check(record, number, first_row)
         except _RowProblem as problem:
-            problems.append(ManifestProblem(number, *problem.problem))
-    return ManifestResult(rows=rows, problems=problems, columns=columns)
+            yield ManifestProblem(number, *problem.problem)
 
 
 def _check(record: dict[str, Any], number: int, first_row: dict[str, int]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import io
 import json
 import re
 import sqlite3
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -138,6 +139,16 @@ class PassportStore(ABC):
         passport = self.get(scan_id, model_key)
         return None if passport is None else passport.get("status")
 
+    def statuses(self, scan_ids: list[str], model_key: str) -> dict[str, tuple[str, str | None]]:
+        """``scan_id -> (status, error code)`` for those of ``scan_ids`` with a stored passport: the resume check of
+        many scans at once. Stores override it with one batched read instead of one per scan."""
+        found = {}
+        for scan_id in scan_ids:
+            doc = self.get(scan_id, model_key)
+            if doc is not None:
+                found[scan_id] = (doc.get("status"), (doc.get("error") or {}).get("code"))
+        return found
+
     @abstractmethod
     def get_latest(self, scan_id: str) -> dict | None:
         """The newest passport of this scan over all models."""
@@ -157,6 +168,9 @@ class PassportStore(ABC):
 # DynamoDB ----------------------------------------------------------------------------------------------
 
 JOB_INDEX = "job_id-index"
+#: DynamoDB's limit of keys in one ``BatchGetItem``, and how often keys it left unprocessed are asked again.
+BATCH_GET_KEYS = 100
+BATCH_GET_ATTEMPTS = 10
 #: DynamoDB refuses items over 400 KB; keep the passport attribute well below to leave room for the rest.
 MAX_INLINE_BYTES = 350_000
 _serializer = TypeSerializer()
@@ -414,6 +428,44 @@ class DynamoDBPassportStore(PassportStore):
     def delete(self, scan_id: str, model_key: str) -> None:
         self._call("delete_item", Key={"scan_id": {"S": scan_id}, "model_key": {"S": model_key}})
 
+    def statuses(self, scan_ids: list[str], model_key: str) -> dict[str, tuple[str, str | None]]:
+        """``BatchGetItem`` of up to 100 keys per request, projected to the status and error code (a few bytes
+        per item, strongly consistent like :meth:`status`)."""
+        found: dict[str, tuple[str, str | None]] = {}
+        unique = list(dict.fromkeys(scan_ids))
+        for start in range(0, len(unique), BATCH_GET_KEYS):
+            keys = [
+                {"scan_id": {"S": s}, "model_key": {"S": model_key}} for s in unique[start : start + BATCH_GET_KEYS]
+            ]
+            for item in self._batch_get(keys):
+                code = item.get("error_code", {}).get("S")
+                found[item["scan_id"]["S"]] = (item["status"]["S"], code)
+        return found
+
+    def _batch_get(self, keys: list[dict]) -> Iterator[dict]:
+        """Items of ``keys``, asking again for the ``UnprocessedKeys`` DynamoDB leaves when it throttles, with
+        exponential backoff; a table that never answers them all is a :class:`StorageError`, not a partial plan."""
+        request = {
+            "Keys": keys,
+            "ConsistentRead": True,
+            "ProjectionExpression": "scan_id, #s, error_code",
+            "ExpressionAttributeNames": {"#s": "status"},
+        }
+        for attempt in range(BATCH_GET_ATTEMPTS):
+            try:
+                answer = self._ddb.batch_get_item(RequestItems={self.table: request})
+            except ClientError as exc:
+                raise self._error(exc) from exc
+            yield from answer.get("Responses", {}).get(self.table, [])
+            left = answer.get("UnprocessedKeys", {}).get(self.table)
+            if not left:
+                return
+            request = left
+            time.sleep(min(5.0, 0.05 * 2**attempt))
+        raise storage.StorageError(
+            f"DynamoDB table {self.table!r} left {len(request['Keys'])} keys unread after {BATCH_GET_ATTEMPTS} tries"
+        )
+
 
 def create_table(name: str) -> None:
     """Create the passport table (on-demand billing) if absent and wait until it is active; idempotent.
@@ -541,6 +593,21 @@ class SQLitePassportStore(PassportStore):
             ).fetchone()
         return None if row is None else row[0]
 
+    def statuses(self, scan_ids: list[str], model_key: str) -> dict[str, tuple[str, str | None]]:
+        """One ``SELECT ... IN (...)`` per 900 ids (under SQLite's oldest limit of 999 parameters)."""
+        found: dict[str, tuple[str, str | None]] = {}
+        unique = list(dict.fromkeys(scan_ids))
+        with self._db() as conn:
+            for start in range(0, len(unique), 900):
+                chunk = unique[start : start + 900]
+                rows = conn.execute(
+                    "SELECT scan_id, status, json_extract(passport, '$.error.code') FROM passports "
+                    f"WHERE model_key = ? AND scan_id IN ({','.join('?' * len(chunk))})",
+                    (model_key, *chunk),
+                )
+                found.update((sid, (status, code)) for sid, status, code in rows)
+        return found
+
     def delete(self, scan_id: str, model_key: str) -> None:
         with self._db() as conn:
             conn.execute("DELETE FROM passports WHERE scan_id = ? AND model_key = ?", (scan_id, model_key))
@@ -626,16 +693,34 @@ def summary_table(rows: list[dict]) -> pa.Table:
 
 
 def write_summary(rows: list[dict], uri: str) -> str:
-    """Write the job summary as one Parquet file (via :func:`storage.write_bytes`, so SSE applies)."""
+    """Write summary rows as one Parquet file (via :func:`storage.write_bytes`, so SSE applies)."""
     buf = io.BytesIO()
     pq.write_table(summary_table(rows), buf, compression="snappy")
     return storage.write_bytes(uri, buf.getvalue(), CONTENT_TYPES[".parquet"])
 
 
-def read_summary(uri: str) -> list[dict]:
-    """The rows of a job summary (local or s3://).
+def summary_parts(uri: str) -> list[str]:
+    """The Parquet files of a job summary: the one file an older job wrote at ``uri``, or the parts a batch job
+    writes under ``uri/`` while it runs (``summary.parquet/<part>.parquet``, the layout Spark and Athena read
+    as one table)."""
+    if storage.exists(uri):
+        return [uri]
+    parts = [p for p in storage.list_uris(uri.rstrip("/") + "/") if p.endswith(".parquet")]
+    if not parts:
+        raise storage.ObjectNotFound(f"no job summary at {uri}")
+    return parts
+
+
+def read_summary_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A job summary (one file or its parts, local or s3://) as one table, optionally only some columns.
 
     ParquetFile, not ``pq.read_table``: read_table's dataset scanner leaves Arrow threads that abort the process
     at exit about half the time (apache/arrow#34314; 20 of 40 runs with pyarrow 26, 0 of 120 this way).
     """
-    return pq.ParquetFile(io.BytesIO(storage.read_bytes(uri))).read().to_pylist()
+    tables = [pq.ParquetFile(io.BytesIO(storage.read_bytes(p))).read(columns=columns) for p in summary_parts(uri)]
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def read_summary(uri: str) -> list[dict]:
+    """The rows of a job summary (local or s3://)."""
+    return read_summary_table(uri).to_pylist()
