@@ -157,7 +157,8 @@ def _materialize(ds):
 def status_counts(plan) -> Counter:
     """How many plan rows have each status (an aggregate per block, summed here)."""
     counts: Counter = Counter()
-    for row in plan.map_batches(_count_batch, batch_format="pyarrow", batch_size=None).iter_rows():
+    counted = plan.map_batches(_count_batch, batch_format="pyarrow", batch_size=ROWS_PER_READ_BLOCK)
+    for row in counted.iter_rows():
         counts[row["status"]] += row["n"]
     return counts
 
@@ -206,7 +207,7 @@ def not_run_summary(plan, job_id: str, model_key: str):
         _not_run_rows,
         fn_kwargs={"job_id": job_id, "model_key": model_key},
         batch_format="pyarrow",
-        batch_size=None,
+        batch_size=ROWS_PER_READ_BLOCK,
     )
 
 
