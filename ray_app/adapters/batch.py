@@ -30,6 +30,7 @@ from ray_app.storage.keys import job_file_uri
 from ray_app.storage.sinks import (
     ArtifactSink,
     PassportStore,
+    clear_summary,
     open_passport_store,
     read_summary,
     read_summary_table,
@@ -414,6 +415,7 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     init_ray()
     planned = plan.read_plan(cfg.manifest, cfg.limit)
     preflight(cfg, store, spec, settings)
+    clear_summary(cfg.summary_uri)
     if not cfg.force:
         planned = plan.resume(planned, store_uri, spec.key, cfg.retry_failed)
     statuses = plan.status_counts(planned)

@@ -711,6 +711,14 @@ def summary_parts(uri: str) -> list[str]:
     return parts
 
 
+def clear_summary(uri: str) -> None:
+    """Remove a job summary (the file or its parts), so that a job run again under its id writes a fresh one
+    instead of adding parts to the last run's."""
+    for found in storage.list_uris(uri):
+        if found == uri or found.startswith(uri.rstrip("/") + "/"):
+            storage.delete(found)
+
+
 def read_summary_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """A job summary (one file or its parts, local or s3://) as one table, optionally only some columns.
 
