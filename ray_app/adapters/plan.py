@@ -23,7 +23,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from ray_app.core.errors import RayAppError
-from ray_app.storage.manifest import ManifestProblem, check_records, parse_manifest
+from ray_app.storage.manifest import ManifestProblem, check_records, parse_manifest, parser_for
 from ray_app.storage.sinks import open_passport_store, write_summary
 
 RUN, SKIPPED, REJECTED = "run", "skipped", "rejected"
@@ -101,6 +101,7 @@ def read_plan(manifest_uri: str, limit: int | None = None):
     unusable as a whole raises its :class:`ManifestError` here, before anything runs."""
     import ray
 
+    parser_for(manifest_uri)  # an unsupported format fails here, before Ray reads anything
     return _materialize(ray.data.read_datasource(ManifestDatasource(manifest_uri, limit), override_num_blocks=1))
 
 

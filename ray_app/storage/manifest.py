@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,20 +74,23 @@ def read_manifest(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> ManifestResul
 
 def parse_manifest(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[str], Records]:
     """The manifest's columns and numbered raw records; raises :class:`ManifestError` for the whole file."""
-    lower = uri.lower()
-    if lower.endswith(".csv"):
-        parse = _csv_records
-    elif lower.endswith((".jsonl", ".ndjson")):
-        parse = _jsonl_records
-    elif lower.endswith(".parquet"):
-        parse = _parquet_records
-    else:
-        raise ManifestError(f"unsupported manifest format {uri!r}: use .csv, .jsonl or .parquet")
-    columns, records = parse(storage.read_bytes(uri, max_bytes=max_bytes))
+    columns, records = parser_for(uri)(storage.read_bytes(uri, max_bytes=max_bytes))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing and (columns or not records):
         raise ManifestError(f"manifest {uri} lacks required column(s) {missing}; found {columns}")
     return columns, records
+
+
+def parser_for(uri: str) -> Callable[[bytes], tuple[list[str], Records]]:
+    """The parser for the manifest's format, told by its extension (checked before anything is read)."""
+    lower = uri.lower()
+    if lower.endswith(".csv"):
+        return _csv_records
+    if lower.endswith((".jsonl", ".ndjson")):
+        return _jsonl_records
+    if lower.endswith(".parquet"):
+        return _parquet_records
+    raise ManifestError(f"unsupported manifest format {uri!r}: use .csv, .jsonl or .parquet")
 
 
 def check_records(records: Records) -> Iterator[dict[str, Any] | ManifestProblem]:
