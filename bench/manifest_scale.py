@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 for rows in args.rows:
                     figures.extend(measure(rows, store, Path(tmp), store_env))
     command = "python bench/manifest_scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    doc = {"command": command, "machine": f"{platform.node()}, {os.cpu_count()} CPUs", "runs": figures}
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    machine = f"{platform.node()}, {os.cpu_count()} CPUs, load average at the end {load} (other work shares them)"
+    doc = {"command": command, "machine": machine, "runs": figures}
     Path(args.out + ".json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = [
         f"$ {command}",
