@@ -80,7 +80,11 @@ def moto(env: dict):
         yield env
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # werkzeug under load may not stop on SIGTERM in time
+            proc.kill()
+            proc.wait()
 
 
 def measure(rows: int, store: str, folder: Path, env: dict) -> list[dict]:
@@ -128,23 +132,24 @@ def main(argv: list[str] | None = None) -> int:
                 for rows in args.rows:
                     figures.extend(measure(rows, store, Path(tmp), store_env))
     command = "python bench/manifest_scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    print(write_results(figures, command, args.out))
+    return 0
+
+
+def write_results(figures: list[dict], command: str, out: str) -> str:
+    """OUT.json (every figure, the command, the machine and its load) and OUT.txt (a table); returns the table."""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     machine = f"{platform.node()}, {os.cpu_count()} CPUs, load average at the end {load} (other work shares them)"
     doc = {"command": command, "machine": machine, "runs": figures}
-    Path(args.out + ".json").write_text(json.dumps(doc, indent=1) + "\n")
-    lines = [
-        f"$ {command}",
-        doc["machine"],
-        f"{'rows':>8} {'store':<9} {'run':<6} {'wall s':>7} {'RSS MiB':>8} scans/s",
-    ]
+    Path(out + ".json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = [f"$ {command}", machine, f"{'rows':>8} {'store':<9} {'run':<6} {'wall s':>7} {'RSS MiB':>8} scans/s"]
     for f in figures:
         lines.append(
             f"{f['rows']:>8} {f['store']:<9} {f['run']:<6} {f['wall_s']:>7} {f['driver_peak_rss_mib']:>8} "
             f"{f['scans_per_s']}"
         )
-    Path(args.out + ".txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    Path(out + ".txt").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 @contextmanager
