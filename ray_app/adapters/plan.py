@@ -292,9 +292,10 @@ class Progress:
         self.last = now
         rate = done / max(now - self.start, 1e-9)
         eta = f", about {(self.planned - done) / rate:.0f} s left" if rate and done < self.planned else ""
+        speed = f"{rate:.1f} scans/s" if rate >= 1 else f"{rate * 60:.1f} scans/min"
         print(
             f"progress: {done:,} of {self.planned:,} scans ({total['ok']:,} ok, {total['failed']:,} failed), "
-            f"{self.skipped:,} skipped; {rate:.1f} scans/s{eta}",
+            f"{self.skipped:,} skipped; {speed}{eta}",
             file=self.stream,
             flush=True,
         )
