@@ -153,6 +153,8 @@ def ray_cluster(moto_server, phantom_weights):
     """A local Ray started after the moto server, so its workers inherit the AWS endpoint and weights path."""
     import ray
 
+    if ray.is_initialized():  # a job an earlier test ran in this process started its own local Ray
+        ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield

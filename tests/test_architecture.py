@@ -16,6 +16,7 @@ LAYERS = {
     "ray_app.core": 1,
     "ray_app.storage": 2,
     "ray_app.adapters.batch": 3,
+    "ray_app.adapters.plan": 3,
     "ray_app.adapters.metrics": 3,
     "ray_app.adapters.serve": 3,
     "ray_app.ops": 4,

@@ -406,13 +406,16 @@ def test_with_the_agent_the_images_are_pinned_and_rays_provider_launches_every_n
     config = bootstrap_aws(config)
     provider = AWSNodeProvider(config["provider"], config["cluster_name"])
     ec2 = boto3.client("ec2")
+    launched = []
     for name, node_type in config["available_node_types"].items():
         kind = "head" if name == config["head_node_type"] else "worker"
         (instance_id,) = provider.create_node(
             node_type["node_config"], {TAG_RAY_NODE_KIND: kind, TAG_RAY_USER_NODE_TYPE: name}, 1
         )
+        launched.append(instance_id)
         attribute = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
         assert attribute["UserData"]["Value"], name  # the agent's install reaches every node
+    provider.terminate_nodes(launched)  # the moto server is shared: leave no node for the next test's cluster
     unpinned = dict(config["available_node_types"][config["head_node_type"]]["node_config"])
     unpinned["ImageId"] = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/latest/ami-id"
     with pytest.raises(ClientError, match="InvalidAMIID"):

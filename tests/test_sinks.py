@@ -20,11 +20,13 @@ from ray_app.storage.sinks import (
     ArtifactSink,
     DynamoDBPassportStore,
     InvalidPassport,
+    clear_summary,
     create_table,
     dynamodb_item,
     index_item_bytes,
     item_bytes,
     open_passport_store,
+    read_summary,
     write_summary,
 )
 
@@ -110,6 +112,17 @@ def test_get_latest_over_models(store):
     store.put(fast, "job")
     assert store.get_latest("CT_001") == full
     assert store.get_latest("CT_002") is None
+
+
+def test_statuses_answers_many_scans_at_once_with_the_error_code_of_failures(store):
+    """The resume check of a batch: more ids than one BatchGetItem takes, some stored, one under another model."""
+    for i in range(0, 250, 2):
+        store.put(passport(f"CT_{i:03d}"), "job-1")
+    store.put(passport("CT_001", status="failed", error={"code": "truncated_file", "message": "cut"}), "job-1")
+    store.put(passport("CT_003", model="total"), "job-1")
+    found = store.statuses([f"CT_{i:03d}" for i in range(250)] + ["CT_000"], "total_fast")
+    assert found == {**{f"CT_{i:03d}": ("ok", None) for i in range(0, 250, 2)}, "CT_001": ("failed", "truncated_file")}
+    assert store.statuses([], "total_fast") == {}
 
 
 NUMBERS = {
@@ -357,3 +370,16 @@ def test_summary_rejects_rows_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match="status"):
         write_summary([{"scan_id": "CT_001"}], str(tmp_path / "s.parquet"))
     assert not (tmp_path / "s.parquet").exists()
+
+
+def test_a_summary_in_parts_reads_as_one_table_and_a_single_file_still_reads(tmp_path):
+    uri = str(tmp_path / "_jobs" / "job-1" / "summary.parquet")
+    write_summary(ROWS[:1], f"{uri}/plan-a.parquet")
+    write_summary(ROWS[1:], f"{uri}/run-b.parquet")
+    assert sorted(r["scan_id"] for r in read_summary(uri)) == sorted(r["scan_id"] for r in ROWS)
+    clear_summary(uri)
+    with pytest.raises(storage.ObjectNotFound):
+        read_summary(uri)
+    old = str(tmp_path / "old" / "summary.parquet")  # what jobs before the parts wrote
+    write_summary(ROWS, old)
+    assert read_summary(old) == read_summary(write_summary(ROWS, str(tmp_path / "again.parquet")))

@@ -16,9 +16,10 @@ import pickle
 import time
 import traceback
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from ray_app import storage
@@ -28,11 +29,14 @@ from ray_app.core.totalseg import TaskSpec, missing_weights, task_spec
 from ray_app.settings import Settings, get_settings
 from ray_app.storage import results
 from ray_app.storage.keys import job_file_uri
-from ray_app.storage.manifest import read_manifest
 from ray_app.storage.sinks import (
     ArtifactSink,
     PassportStore,
+    clear_summary,
     open_passport_store,
+    read_summary,
+    read_summary_table,
+    summary_parts,
     write_summary,
 )
 
@@ -107,27 +111,42 @@ class BatchConfig:
 
 @dataclass
 class BatchReport:
+    """A finished job as counts (summed from the summary parts as they were written) and where its summary is;
+    the per-scan rows stay in the summary, read back only when asked for."""
+
     job_id: str
-    rows: list[dict[str, Any]]
-    skipped: list[str]
     summary_uri: str
-    #: Skipped scans whose stored result is an earlier run's failure (scan id -> error code): not redone
-    #: without ``retry_failed``, and still failed.
-    earlier_failures: dict[str, str] = field(default_factory=dict)
+    #: :data:`ray_app.adapters.plan.COUNTS`: rows, ok, failed (rejected included), rejected, skipped, earlier_failed.
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
-        return sum(1 for r in self.rows if r["status"] in ("failed", "rejected"))
+        return self.counts.get("failed", 0)
 
     @property
     def succeeded(self) -> int:
-        return sum(1 for r in self.rows if r["status"] == "ok")
+        return self.counts.get("ok", 0)
 
     @property
     def exit_code(self) -> int:
         """0 when every scan of the manifest has a good result, from this run or an earlier one; 1 when any failed
         here, was rejected, or was skipped because an earlier run failed it."""
-        return 1 if self.failed or self.earlier_failures else 0
+        return 1 if self.failed or self.counts.get("earlier_failed", 0) else 0
+
+    @cached_property
+    def rows(self) -> list[dict[str, Any]]:
+        """Every summary row, read back from the summary: for small jobs and tests; large ones read the Parquet."""
+        return read_summary(self.summary_uri)
+
+    @property
+    def skipped(self) -> list[str]:
+        return [r["scan_id"] for r in self.rows if r["status"] == "skipped"]
+
+    @property
+    def earlier_failures(self) -> dict[str, str]:
+        """Skipped scans whose stored result is an earlier run's failure (scan id -> error code): not redone
+        without ``retry_failed``, and still failed."""
+        return {r["scan_id"]: r["error_code"] for r in self.rows if r["status"] == "skipped" and r["error_code"]}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -596,72 +615,68 @@ def _segment(ds, cfg: BatchConfig, shape: Shape, starts):
 
 
 def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport:
-    """Run the whole job and write its summary; returns the per-scan rows."""
+    """Run the whole job, writing its summary in parts as scans finish; returns the job's counts."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ray_app.adapters import plan
 
     settings = settings or get_settings()
     spec = task_spec("total", fast=cfg.fast, roi_subset=cfg.roi_subset)
     store_uri = cfg.passport_store_uri
     store = open_passport_store(store_uri)
-    manifest = read_manifest(cfg.manifest)
+    init_ray()
+    planned = plan.read_plan(cfg.manifest, cfg.limit)
     preflight(cfg, store, spec, settings)
-
-    rows: list[dict[str, Any]] = [_rejected_row(p, cfg.job_id, spec.key) for p in manifest.problems]
-    todo, skipped, earlier_failures = [], [], {}
-    for row in manifest.rows[: cfg.limit]:
-        status = None if cfg.force else _already_recorded(store, row["scan_id"], spec.key, cfg.retry_failed)
-        if status is None:
-            todo.append({"scan_id": row["scan_id"], "uri": row["uri"]})
-        else:
-            skipped.append(row["scan_id"])
-            if status != "ok":  # rare: the whole record, for its error code
-                doc = store.get(row["scan_id"], spec.key) or {}
-                earlier_failures[row["scan_id"]] = (doc.get("error") or {}).get("code") or "failed"
+    clear_summary(cfg.summary_uri)
+    if not cfg.force:
+        planned = plan.resume(planned, store_uri, spec.key, cfg.retry_failed)
+    statuses = plan.status_counts(planned)
+    todo = statuses[plan.RUN]
+    not_run = plan.not_run_summary(planned, cfg.job_id, spec.key)
+    counts = plan.collect_counts(plan.write_summary_parts(not_run, cfg.summary_uri, "plan", statuses.total()))
 
     if todo:
-        init_ray()
         shape = plan_shape(cfg, ray.cluster_resources())
         on_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         starts = ray.remote(_Starts).options(num_cpus=0, scheduling_strategy=on_driver).remote()
         aside = ray.remote(_Aside).options(num_cpus=0, scheduling_strategy=on_driver).remote()
-        context = ray.data.DataContext.get_current()
-        saved_max_errored_blocks = context.max_errored_blocks
-        # A block is one scan. Every stage turns a scan's own failure into a record, so a block errors only when
-        # Ray gives up on it (a task's worker lost more often than Ray retries it, an object lost with its node):
-        # the job goes on without it and records it below instead of failing as a whole. Datasets copy the
-        # context when made.
-        context.max_errored_blocks = len(todo)
-        try:
-            ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        finally:
-            context.max_errored_blocks = saved_max_errored_blocks
+        # Every stage turns a scan's own failure into a record, so a block errors only when Ray gives up on it (a
+        # task's worker lost more often than Ray retries it, an object lost with its node): the job goes on
+        # without it and records its scans below instead of failing as a whole.
+        blocks = plan.run_blocks(todo, ray.cluster_resources().get("CPU", 1.0))
+        ds = plan.runnable(planned, blocks, max_errored_blocks=blocks)
         ds = _stage_chain(ds, cfg, spec, shape, store_uri, starts, aside)
+        progress = plan.Progress(todo, statuses[plan.SKIPPED])
         try:
-            done = list(ds.iter_rows())
+            counts += plan.collect_counts(plan.write_summary_parts(ds, cfg.summary_uri, "run", todo), progress)
         finally:
             ray.kill(starts)
             ray.kill(aside)
-        rows.extend(done)
-        seen = {r["scan_id"] for r in done}
-        rows.extend(_worker_lost_row(item, cfg, store, spec) for item in todo if item["scan_id"] not in seen)
+        if counts["rows"] < statuses.total():
+            counts = _record_lost(planned, cfg, store, spec)
+    if not counts["rows"]:  # an empty manifest still has a summary, with no rows
+        write_summary([], f"{cfg.summary_uri}/plan-empty.parquet")
+    return BatchReport(cfg.job_id, cfg.summary_uri, dict(counts))
 
-    rows.extend(
-        {
-            "job_id": cfg.job_id,
-            "scan_id": sid,
-            "model_key": spec.key,
-            "status": "skipped",
-            **(
-                {"error_code": earlier_failures[sid], "error": "failed in an earlier run; not retried"}
-                if sid in earlier_failures
-                else {}
-            ),
-        }
-        for sid in skipped
-    )
-    summary_uri = write_summary(rows, cfg.summary_uri)
-    return BatchReport(cfg.job_id, rows, skipped, summary_uri, earlier_failures)
+
+def _record_lost(planned, cfg: BatchConfig, store, spec) -> Counter:
+    """Record the scans that were to run but have no summary row (Ray gave up on their block), and return the
+    job's counts read back from its summary. Only on this rare path does the driver hold scan ids: those of
+    this run's summary parts."""
+    from ray_app.adapters import plan
+
+    parts = [p for p in summary_parts(cfg.summary_uri) if p.rsplit("/", 1)[-1].startswith("run-")]
+    seen = {sid for p in parts for sid in read_summary_table(p, columns=["scan_id"])["scan_id"].to_pylist()}
+    lost = [
+        _worker_lost_row(item, cfg, store, spec)
+        for batch in plan.runnable(planned, 1, 0).iter_batches(batch_format="pyarrow", batch_size=plan.LOOKUP_BATCH)
+        for item in batch.to_pylist()
+        if item["scan_id"] not in seen
+    ]
+    if lost:
+        write_summary(lost, f"{cfg.summary_uri}/lost-{uuid.uuid4().hex[:12]}.parquet")
+    return Counter(plan.part_counts(read_summary_table(cfg.summary_uri, columns=["status", "error_code"]).to_pylist()))
 
 
 def _worker_lost_row(item: dict[str, Any], cfg: BatchConfig, store, spec) -> dict[str, Any]:
@@ -687,32 +702,20 @@ def _worker_lost_row(item: dict[str, Any], cfg: BatchConfig, store, spec) -> dic
     return results.summary_row(result.passport, cfg.job_id, result.locations, result.usage)
 
 
-def _already_recorded(store, scan_id: str, model_key: str, retry_failed: bool) -> str | None:
-    """Resume rule: a scan with a stored result for this model is not run again (a failed one only when asked),
-    so a re-run of the same manifest writes nothing new. Returns the stored status that makes it skip, or None."""
-    status = store.status(scan_id, model_key)  # the status alone: one small read, not the whole passport
-    return status if status is not None and (status == "ok" or not retry_failed) else None
-
-
-def _rejected_row(problem, job_id: str, model_key: str) -> dict[str, Any]:
-    """Manifest rows that cannot run appear in the summary only: their id may be unusable as a key, or be the
-    duplicate of a row that does run."""
-    return {
-        "job_id": job_id,
-        "scan_id": str(problem.scan_id or f"row {problem.row}"),
-        "model_key": model_key,
-        "status": "rejected",
-        "error_code": problem.code,
-        "error": f"manifest row {problem.row}: {problem.message}",
-    }
+#: Scan lines in the final table; the rest are in the summary.
+REPORT_LINES = 50
+_REPORT_COLUMNS = ["scan_id", "status", "error_code", "error", "total_s", "structures_present", "liver_ml"]
 
 
 def format_report(report: BatchReport) -> str:
-    """The final table a user reads: one line per scan, then the counts."""
+    """The final table a user reads: a line per scan (failures first, at most :data:`REPORT_LINES`; skipped
+    scans only with an earlier failure), then the counts."""
+    import pyarrow.compute as pc
+
     lines = [f"{'scan_id':<28} {'status':<9} {'seconds':>8}  detail"]
-    for r in sorted(report.rows, key=lambda r: (r["status"] == "ok", r["scan_id"])):
-        if r["status"] == "skipped" and r["scan_id"] not in report.earlier_failures:
-            continue
+    table = read_summary_table(report.summary_uri, columns=_REPORT_COLUMNS)
+    shown = table.filter(pc.or_(pc.not_equal(table["status"], "skipped"), pc.is_valid(table["error_code"])))
+    for r in sorted(shown.to_pylist(), key=lambda r: (r["status"] == "ok", r["scan_id"]))[:REPORT_LINES]:
         seconds = r.get("total_s")
         detail = r.get("error_code") or ""
         if r.get("error"):
@@ -723,14 +726,17 @@ def format_report(report: BatchReport) -> str:
             f"{r['scan_id'][:28]:<28} {r['status']:<9} {'' if seconds is None else f'{seconds:8.1f}':>8}"
             f"  {detail[:120]}"
         )
+    if shown.num_rows > REPORT_LINES:
+        lines.append(f"... and {shown.num_rows - REPORT_LINES:,} more scans in the summary")
+    c = report.counts
     earlier = (
-        f", {len(report.earlier_failures)} of them failed earlier (--retry-failed redoes those)"
-        if report.earlier_failures
+        f", {c['earlier_failed']} of them failed earlier (--retry-failed redoes those)"
+        if c.get("earlier_failed")
         else ""
     )
     lines.append(
         f"job {report.job_id}: {report.succeeded} ok, {report.failed} failed, "
-        f"{len(report.skipped)} skipped (already done{earlier}); summary: {report.summary_uri}"
+        f"{c.get('skipped', 0)} skipped (already done{earlier}); summary: {report.summary_uri}"
     )
     return "\n".join(lines)
 

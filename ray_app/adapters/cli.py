@@ -207,10 +207,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
         _print_error(exc)
         return 2
     print(format_report(report))
-    from ray_app.ops.cloudwatch import publish_job
+    from ray_app.ops.cloudwatch import ENV_NAMESPACE, publish_job
+    from ray_app.storage.sinks import read_summary_table
 
-    try:  # opt-in (RAY_APP_CLOUDWATCH_NAMESPACE): the failure-share alarm's numbers
-        publish_job(report.rows)
+    try:  # opt-in (RAY_APP_CLOUDWATCH_NAMESPACE): the failure-share alarm's numbers, from two summary columns
+        if os.environ.get(ENV_NAMESPACE):
+            publish_job(read_summary_table(report.summary_uri, ["status", "error_code"]).to_pylist())
     except Exception as exc:  # noqa: BLE001 - the job's results stand; only its metrics are missing
         print(f"warning: CloudWatch metrics not published: {exc}", file=sys.stderr)
     if report.succeeded:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,32 +54,49 @@ class _RowProblem(Exception):
 
 def read_manifest(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> ManifestResult:
     """Parse by extension (``.csv``, ``.jsonl``/``.ndjson``, ``.parquet``) and validate every row."""
-    lower = uri.lower()
-    if lower.endswith(".csv"):
-        parse = _csv_records
-    elif lower.endswith((".jsonl", ".ndjson")):
-        parse = _jsonl_records
-    elif lower.endswith(".parquet"):
-        parse = _parquet_records
-    else:
-        raise ManifestError(f"unsupported manifest format {uri!r}: use .csv, .jsonl or .parquet")
-    data = storage.read_bytes(uri, max_bytes=max_bytes)
-    columns, records = parse(data)
+    columns, records = parse_manifest(uri, max_bytes)
+    rows: list[dict[str, Any]] = []
+    problems: list[ManifestProblem] = []
+    for item in check_records(records):
+        if isinstance(item, ManifestProblem):
+            problems.append(item)
+        else:
+            rows.append(item)
+    return ManifestResult(rows=rows, problems=problems, columns=columns)
+
+
+def parse_manifest(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[str], Records]:
+    """The manifest's columns and numbered raw records; raises :class:`ManifestError` for the whole file."""
+    columns, records = parser_for(uri)(storage.read_bytes(uri, max_bytes=max_bytes))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing and (columns or not records):
         raise ManifestError(f"manifest {uri} lacks required column(s) {missing}; found {columns}")
+    return columns, records
 
-    rows: list[dict[str, Any]] = []
-    problems: list[ManifestProblem] = []
+
+def parser_for(uri: str) -> Callable[[bytes], tuple[list[str], Records]]:
+    """The parser for the manifest's format, told by its extension (checked before anything is read)."""
+    lower = uri.lower()
+    if lower.endswith(".csv"):
+        return _csv_records
+    if lower.endswith((".jsonl", ".ndjson")):
+        return _jsonl_records
+    if lower.endswith(".parquet"):
+        return _parquet_records
+    raise ManifestError(f"unsupported manifest format {uri!r}: use .csv, .jsonl or .parquet")
+
+
+def check_records(records: Records) -> Iterator[dict[str, Any] | ManifestProblem]:
+    """Each record in order as its cleaned row or its problem. Sequential on purpose: a duplicate is told from
+    the first row with its id only by seeing every row before it."""
     first_row: dict[str, int] = {}
     for number, record in records:
         try:
             if isinstance(record, _RowProblem):
                 raise record
-            rows.append(_check(record, number, first_row))
+            yield _check(record, number, first_row)
         except _RowProblem as problem:
-            problems.append(ManifestProblem(number, *problem.problem))
-    return ManifestResult(rows=rows, problems=problems, columns=columns)
+            yield ManifestProblem(number, *problem.problem)
 
 
 def _check(record: dict[str, Any], number: int, first_row: dict[str, int]) -> dict[str, Any]:

@@ -70,6 +70,16 @@ class PassportStore(ABC):
         passport = self.get(scan_id, model_key)
         return None if passport is None else passport.get("status")
 
+    def statuses(self, scan_ids: list[str], model_key: str) -> dict[str, tuple[str, str | None]]:
+        """``scan_id -> (status, error code)`` for those of ``scan_ids`` with a stored passport: the resume check of
+        many scans at once. Stores override it with one batched read instead of one per scan."""
+        found: dict[str, tuple[str, str | None]] = {}
+        for scan_id in scan_ids:
+            doc = self.get(scan_id, model_key)
+            if doc is not None:
+                found[scan_id] = (str(doc.get("status")), (doc.get("error") or {}).get("code"))
+        return found
+
     @abstractmethod
     def get_latest(self, scan_id: str) -> dict | None:
         """The newest passport of this scan over all models."""

@@ -24,7 +24,15 @@ from ray_app.storage.dynamodb import (
 )
 from ray_app.storage.passports import PassportStore
 from ray_app.storage.sqlite import SQLitePassportStore
-from ray_app.storage.summary import SUMMARY_SCHEMA, read_summary, summary_table, write_summary
+from ray_app.storage.summary import (
+    SUMMARY_SCHEMA,
+    clear_summary,
+    read_summary,
+    read_summary_table,
+    summary_parts,
+    summary_table,
+    write_summary,
+)
 
 __all__ = [
     "CONTENT_TYPES",
@@ -44,7 +52,10 @@ __all__ = [
     "index_item_bytes",
     "item_bytes",
     "open_passport_store",
+    "clear_summary",
     "read_summary",
+    "read_summary_table",
+    "summary_parts",
     "summary_table",
     "write_summary",
 ]

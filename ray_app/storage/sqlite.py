@@ -92,6 +92,21 @@ class SQLitePassportStore(PassportStore):
             ).fetchone()
         return None if row is None else row[0]
 
+    def statuses(self, scan_ids: list[str], model_key: str) -> dict[str, tuple[str, str | None]]:
+        """One ``SELECT ... IN (...)`` per 900 ids (under SQLite's oldest limit of 999 parameters)."""
+        found: dict[str, tuple[str, str | None]] = {}
+        unique = list(dict.fromkeys(scan_ids))
+        with self._db() as conn:
+            for start in range(0, len(unique), 900):
+                chunk = unique[start : start + 900]
+                rows = conn.execute(
+                    "SELECT scan_id, status, json_extract(passport, '$.error.code') FROM passports "
+                    f"WHERE model_key = ? AND scan_id IN ({','.join('?' * len(chunk))})",
+                    (model_key, *chunk),
+                )
+                found.update((sid, (status, code)) for sid, status, code in rows)
+        return found
+
     def delete(self, scan_id: str, model_key: str) -> None:
         with self._db() as conn:
             conn.execute("DELETE FROM passports WHERE scan_id = ? AND model_key = ?", (scan_id, model_key))

@@ -1,4 +1,4 @@
-"""The job summary: one flat Parquet row per scan (Athena-queryable), written once at the end of a job."""
+"""The job summary: one flat Parquet row per scan (Athena-queryable), written in parts as the job streams."""
 
 from __future__ import annotations
 
@@ -74,16 +74,42 @@ def summary_table(rows: list[dict]) -> pa.Table:
 
 
 def write_summary(rows: list[dict], uri: str) -> str:
-    """Write the job summary as one Parquet file (via :func:`storage.write_bytes`, so SSE applies)."""
+    """Write summary rows as one Parquet file (via :func:`storage.write_bytes`, so SSE applies)."""
     buf = io.BytesIO()
     pq.write_table(summary_table(rows), buf, compression="snappy")
     return storage.write_bytes(uri, buf.getvalue(), CONTENT_TYPES[".parquet"])
 
 
-def read_summary(uri: str) -> list[dict]:
-    """The rows of a job summary (local or s3://).
+def summary_parts(uri: str) -> list[str]:
+    """The Parquet files of a job summary: the one file an older job wrote at ``uri``, or the parts a batch job
+    writes under ``uri/`` while it runs (``summary.parquet/<part>.parquet``, the layout Spark and Athena read
+    as one table)."""
+    if storage.exists(uri):
+        return [uri]
+    parts = [p for p in storage.list_uris(uri.rstrip("/") + "/") if p.endswith(".parquet")]
+    if not parts:
+        raise storage.ObjectNotFound(f"no job summary at {uri}")
+    return parts
+
+
+def clear_summary(uri: str) -> None:
+    """Remove a job summary (the file or its parts), so that a job run again under its id writes a fresh one
+    instead of adding parts to the last run's."""
+    for found in storage.list_uris(uri):
+        if found == uri or found.startswith(uri.rstrip("/") + "/"):
+            storage.delete(found)
+
+
+def read_summary_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A job summary (one file or its parts, local or s3://) as one table, optionally only some columns.
 
     ParquetFile, not ``pq.read_table``: read_table's dataset scanner leaves Arrow threads that abort the process
     at exit about half the time (apache/arrow#34314; 20 of 40 runs with pyarrow 26, 0 of 120 this way).
     """
-    return pq.ParquetFile(io.BytesIO(storage.read_bytes(uri))).read().to_pylist()
+    tables = [pq.ParquetFile(io.BytesIO(storage.read_bytes(p))).read(columns=columns) for p in summary_parts(uri)]
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def read_summary(uri: str) -> list[dict]:
+    """The rows of a job summary (local or s3://)."""
+    return read_summary_table(uri).to_pylist()
