@@ -625,9 +625,9 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     spec = task_spec("total", fast=cfg.fast, roi_subset=cfg.roi_subset)
     store_uri = cfg.passport_store_uri
     store = open_passport_store(store_uri)
+    preflight(cfg, store, spec, settings)  # a wrong store, output or weights costs seconds: before Ray starts
     init_ray()
     planned = plan.read_plan(cfg.manifest, cfg.limit)
-    preflight(cfg, store, spec, settings)
     clear_summary(cfg.summary_uri)
     if not cfg.force:
         planned = plan.resume(planned, store_uri, spec.key, cfg.retry_failed)
