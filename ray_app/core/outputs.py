@@ -101,32 +101,9 @@ def dicom_seg_bytes(
     """
     import highdicom as hd
 
-    if not scan.dicom:
-        raise DicomSegUnavailable(
-            "a DICOM-SEG needs DICOM input; this scan was not read from DICOM", scan_id=scan.scan_id
-        )
-    missing = [
-        kw
-        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
-        if any(not ds.get(kw) for ds in scan.dicom)
-    ]
-    if missing:
-        raise DicomSegUnavailable(
-            f"the source DICOM lacks {', '.join(missing)}; a DICOM-SEG could not reference it", scan_id=scan.scan_id
-        )
+    _check_dicom_source(scan)
     data = _mask_array(mask, scan)
-    counts = np.bincount(data.reshape(-1), minlength=max(label_map, default=0) + 1)
-    present = [(label_id, name) for label_id, name in sorted(label_map.items()) if counts[label_id] > 0]
-    if not present:
-        raise DicomSegUnavailable("the mask is empty: a DICOM-SEG needs at least one segment", scan_id=scan.scan_id)
-
-    # Segment numbers must be 1..N: remap label ids through a lookup table, one pass over the volume.
-    lut = np.zeros(max(int(data.max()), max(label_map)) + 1, dtype=np.uint8)
-    for number, (label_id, _) in enumerate(present, start=1):
-        lut[label_id] = number
-    # scan.image[:, :, k] is scan.dicom[k] with axes (column, row); highdicom wants (frame, row, column).
-    frames = np.ascontiguousarray(lut[data].transpose(2, 1, 0))
-
+    present, frames = _segment_frames(scan, data, label_map)
     model = dict(model or {})
     versions = model.get("versions") or {}
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -156,26 +133,56 @@ def dicom_seg_bytes(
     return buf.getvalue()
 
 
+def _check_dicom_source(scan: Scan) -> None:
+    """A SEG references its source series: refuse a scan not read from DICOM, or one without the UIDs."""
+    if not scan.dicom:
+        raise DicomSegUnavailable(
+            "a DICOM-SEG needs DICOM input; this scan was not read from DICOM", scan_id=scan.scan_id
+        )
+    missing = [
+        kw
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
+        if any(not ds.get(kw) for ds in scan.dicom)
+    ]
+    if missing:
+        raise DicomSegUnavailable(
+            f"the source DICOM lacks {', '.join(missing)}; a DICOM-SEG could not reference it", scan_id=scan.scan_id
+        )
+
+
+def _segment_frames(
+    scan: Scan, data: np.ndarray, label_map: Mapping[int, str]
+) -> tuple[list[tuple[int, str]], np.ndarray]:
+    """The structures present (label id, name) and the mask as highdicom's frames, labels renumbered 1..N."""
+    counts = np.bincount(data.reshape(-1), minlength=max(label_map, default=0) + 1)
+    present = [(label_id, name) for label_id, name in sorted(label_map.items()) if counts[label_id] > 0]
+    if not present:
+        raise DicomSegUnavailable("the mask is empty: a DICOM-SEG needs at least one segment", scan_id=scan.scan_id)
+
+    # Segment numbers must be 1..N: remap label ids through a lookup table, one pass over the volume.
+    lut = np.zeros(max(int(data.max()), max(label_map)) + 1, dtype=np.uint8)
+    for number, (label_id, _) in enumerate(present, start=1):
+        lut[label_id] = number
+    # scan.image[:, :, k] is scan.dicom[k] with axes (column, row); highdicom wants (frame, row, column).
+    frames = np.ascontiguousarray(lut[data].transpose(2, 1, 0))
+    return present, frames
+
+
 def preview_png(scan: Scan, mask: np.ndarray | nib.Nifti1Image, label_map: Mapping[int, str]) -> bytes:
     """Axial, coronal and sagittal slices through the segmented region with the mask overlaid, and a legend of
     the largest structures. Always PREVIEW_SIZE_IN x PREVIEW_DPI pixels (1500x600), whatever the scan."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
     data = _mask_array(mask, scan)
     ornt = nib.orientations.io_orientation(scan.affine)
     ct = nib.orientations.apply_orientation(np.asanyarray(scan.image.dataobj), ornt)  # views: RAS-ordered axes
     labels = nib.orientations.apply_orientation(data, ornt)
     zooms = np.abs(nib.affines.voxel_sizes(scan.affine))[ornt[:, 0].astype(int)]
-
     counts = np.bincount(labels.reshape(-1), minlength=max(label_map, default=0) + 1)
-    n_colors = len(counts)
-    colors = np.zeros((n_colors, 4))
+    colors = np.zeros((len(counts), 4))
     for label_id, name in label_map.items():
         colors[label_id] = (*_label_rgb(label_id, name), 1.0)
-    cmap = ListedColormap(colors)
     centre = _overlay_centre(labels)
 
     fig = Figure(figsize=PREVIEW_SIZE_IN, dpi=PREVIEW_DPI)
@@ -186,45 +193,54 @@ def preview_png(scan: Scan, mask: np.ndarray | nib.Nifti1Image, label_map: Mappi
         ("coronal", ct[:, centre[1], :], labels[:, centre[1], :], zooms[2] / zooms[0]),
         ("sagittal", ct[centre[0], :, :], labels[centre[0], :, :], zooms[2] / zooms[1]),
     )
-    for ax, (title, ct_slice, label_slice, aspect) in zip(axes[:3], views):
-        # RAS-ordered slices: transpose and flip both ways for the radiological convention (patient's right on
-        # the viewer's left, anterior on top in axial, superior on top and anterior on the left in sagittal).
-        image = np.flipud(np.fliplr(np.asarray(ct_slice, dtype=np.float32).T))
-        overlay = np.flipud(np.fliplr(np.asarray(label_slice).T))
-        ax.imshow(
-            image,
-            cmap="gray",
-            vmin=PREVIEW_WINDOW_HU[0],
-            vmax=PREVIEW_WINDOW_HU[1],
-            aspect=aspect,
-            interpolation="nearest",
-        )
-        ax.imshow(
-            np.ma.masked_equal(overlay, 0),
-            cmap=cmap,
-            vmin=-0.5,
-            vmax=n_colors - 0.5,
-            alpha=0.45,
-            aspect=aspect,
-            interpolation="nearest",
-        )
-        ax.set_title(title)
-        ax.set_axis_off()
-
-    legend_ax = axes[3]
-    legend_ax.set_axis_off()
-    ranked = [int(i) for i in np.argsort(-counts, kind="stable") if i and counts[i] and int(i) in label_map]
-    largest = ranked[:PREVIEW_LEGEND_ITEMS]
-    voxel_ml = float(np.prod(scan.spacing)) / 1000.0
-    handles = [Patch(color=colors[i][:3], label=f"{label_map[i]} ({counts[i] * voxel_ml:.0f} ml)") for i in largest]
-    if handles:
-        legend_ax.legend(handles=handles, loc="center left", frameon=False, fontsize=9, title="largest structures")
-    else:
-        legend_ax.text(0.0, 0.5, "no structures segmented", va="center")
+    for ax, view in zip(axes[:3], views):
+        _draw_view(ax, view, colors)
+    _draw_legend(axes[3], counts, colors, label_map, float(np.prod(scan.spacing)) / 1000.0)
     fig.suptitle(f"scan {scan.scan_id}")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=PREVIEW_DPI)
     return buf.getvalue()
+
+
+def _draw_view(ax: Any, view: tuple[str, np.ndarray, np.ndarray, float], colors: np.ndarray) -> None:
+    """One slice of the CT in the preview's window with the labels over it, in the radiological convention."""
+    from matplotlib.colors import ListedColormap
+
+    title, ct_slice, label_slice, aspect = view
+    # RAS-ordered slices: transpose and flip both ways for the radiological convention (patient's right on
+    # the viewer's left, anterior on top in axial, superior on top and anterior on the left in sagittal).
+    image = np.flipud(np.fliplr(np.asarray(ct_slice, dtype=np.float32).T))
+    overlay = np.flipud(np.fliplr(np.asarray(label_slice).T))
+    ax.imshow(
+        image, cmap="gray", vmin=PREVIEW_WINDOW_HU[0], vmax=PREVIEW_WINDOW_HU[1], aspect=aspect, interpolation="nearest"
+    )
+    ax.imshow(
+        np.ma.masked_equal(overlay, 0),
+        cmap=ListedColormap(colors),
+        vmin=-0.5,
+        vmax=len(colors) - 0.5,
+        alpha=0.45,
+        aspect=aspect,
+        interpolation="nearest",
+    )
+    ax.set_title(title)
+    ax.set_axis_off()
+
+
+def _draw_legend(
+    ax: Any, counts: np.ndarray, colors: np.ndarray, label_map: Mapping[int, str], voxel_ml: float
+) -> None:
+    """The largest structures with their volumes, or a note that nothing was segmented."""
+    from matplotlib.patches import Patch
+
+    ax.set_axis_off()
+    ranked = [int(i) for i in np.argsort(-counts, kind="stable") if i and counts[i] and int(i) in label_map]
+    largest = ranked[:PREVIEW_LEGEND_ITEMS]
+    handles = [Patch(color=colors[i][:3], label=f"{label_map[i]} ({counts[i] * voxel_ml:.0f} ml)") for i in largest]
+    if handles:
+        ax.legend(handles=handles, loc="center left", frameon=False, fontsize=9, title="largest structures")
+    else:
+        ax.text(0.0, 0.5, "no structures segmented", va="center")
 
 
 def _mask_array(mask: np.ndarray | nib.Nifti1Image, scan: Scan) -> np.ndarray:
