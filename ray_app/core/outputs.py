@@ -101,7 +101,7 @@ def dicom_seg_bytes(
     """
     import highdicom as hd
 
-    _check_dicom_source(scan)
+    sources = _check_dicom_source(scan)
     data = _mask_array(mask, scan)
     present, frames = _segment_frames(scan, data, label_map)
     model = dict(model or {})
@@ -114,7 +114,7 @@ def dicom_seg_bytes(
     )
     descriptions = [_segment_description(number, name, algorithm) for number, (_, name) in enumerate(present, 1)]
     seg = hd.seg.Segmentation(
-        source_images=scan.dicom,
+        source_images=sources,
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -133,8 +133,8 @@ def dicom_seg_bytes(
     return buf.getvalue()
 
 
-def _check_dicom_source(scan: Scan) -> None:
-    """A SEG references its source series: refuse a scan not read from DICOM, or one without the UIDs."""
+def _check_dicom_source(scan: Scan) -> list[Any]:
+    """The source series a SEG references; refused for a scan not read from DICOM, or one without the UIDs."""
     if not scan.dicom:
         raise DicomSegUnavailable(
             "a DICOM-SEG needs DICOM input; this scan was not read from DICOM", scan_id=scan.scan_id
@@ -148,6 +148,7 @@ def _check_dicom_source(scan: Scan) -> None:
         raise DicomSegUnavailable(
             f"the source DICOM lacks {', '.join(missing)}; a DICOM-SEG could not reference it", scan_id=scan.scan_id
         )
+    return scan.dicom
 
 
 def _segment_frames(
