@@ -9,13 +9,17 @@ from __future__ import annotations
 import gzip
 import io
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 
 from ray_app.core.errors import DicomSegUnavailable
 from ray_app.core.scan import Scan
+
+if TYPE_CHECKING:
+    import highdicom as hd
+    from pydicom.sr.codedict import Concepts
 
 #: Preview figure size in inches at PREVIEW_DPI: a 1500x600 pixel PNG.
 PREVIEW_SIZE_IN = (15.0, 6.0)
@@ -263,25 +267,28 @@ def _overlay_centre(labels: np.ndarray) -> tuple[int, int, int]:
 
     box = ndimage.find_objects((labels != 0).astype(np.uint8))
     if not box or box[0] is None:
-        return tuple(s // 2 for s in labels.shape)  # type: ignore[return-value]
-    return tuple((s.start + s.stop - 1) // 2 for s in box[0])  # type: ignore[return-value]
+        return tuple(s // 2 for s in labels.shape)
+    return tuple((s.start + s.stop - 1) // 2 for s in box[0])
 
 
 def _label_rgb(label_id: int, name: str) -> tuple[float, float, float]:
     """TotalSegmentator's own display colour for the structure, else a fixed colour from a qualitative map."""
     rgb = _ts_colors().get(name)
     if rgb is not None:
-        return tuple(c / 255.0 for c in rgb)  # type: ignore[return-value]
+        return rgb[0] / 255.0, rgb[1] / 255.0, rgb[2] / 255.0
     from matplotlib import colormaps
 
-    return tuple(colormaps["tab20"](label_id % 20)[:3])  # type: ignore[return-value]
+    r, g, b, _ = colormaps["tab20"](label_id % 20)  # one colour: an RGBA tuple
+    return r, g, b
 
 
-_TS_COLORS: dict | None = None
-_SNOMED: dict | None = None
+#: TotalSegmentator's display colours: structure name -> (R, G, B), 0-255.
+_TS_COLORS: dict[str, tuple[int, int, int]] | None = None
+#: TotalSegmentator's SNOMED CT mapping: structure name -> property_category/type/modifier -> value, scheme, meaning.
+_SNOMED: dict[str, dict[str, dict[str, str]]] | None = None
 
 
-def _ts_colors() -> dict:
+def _ts_colors() -> dict[str, tuple[int, int, int]]:
     global _TS_COLORS
     if _TS_COLORS is None:
         from totalsegmentator.dicom_utils import load_color_mapping
@@ -290,7 +297,7 @@ def _ts_colors() -> dict:
     return _TS_COLORS
 
 
-def _snomed() -> dict:
+def _snomed() -> dict[str, dict[str, dict[str, str]]]:
     global _SNOMED
     if _SNOMED is None:
         from totalsegmentator.dicom_utils import load_snomed_mapping
@@ -299,13 +306,15 @@ def _snomed() -> dict:
     return _SNOMED
 
 
-def _codes():
+def _codes() -> Concepts:
     from pydicom.sr.codedict import codes
 
     return codes
 
 
-def _segment_description(number: int, name: str, algorithm) -> Any:
+def _segment_description(
+    number: int, name: str, algorithm: hd.AlgorithmIdentificationSequence
+) -> hd.seg.SegmentDescription:
     import highdicom as hd
 
     codes = _codes()
@@ -340,7 +349,7 @@ def _segment_description(number: int, name: str, algorithm) -> Any:
     return description
 
 
-def _concept(code: Mapping[str, str]) -> dict:
+def _concept(code: Mapping[str, str]) -> dict[str, str]:
     return {"value": code["value"], "scheme_designator": code["scheme"], "meaning": code["meaning"]}
 
 
