@@ -435,3 +435,28 @@ def test_the_agents_user_data_is_a_valid_script_that_writes_the_scrape_configura
     assert prom["prometheus_config_path"] == cloudwatch.AGENT_PROMETHEUS_PATH
     # The container's Ray user must be able to write the host's /tmp/ray once it is bind-mounted.
     assert "install -d -m 1777 /tmp/ray" in script
+
+
+def test_cluster_run_cloudwatch_agent_gives_the_launcher_the_agent_config(moto_server, tmp_path):
+    """``ray-app cluster run --cloudwatch-agent``: the config the launcher gets has the dashboard and alarms, the
+    agent's config, Ray's log folder shared with the host, and every AMI pinned through SSM."""
+    import yaml
+
+    from ray_app.ops.cluster import CLUSTER_YAML
+
+    ec2, ssm = boto3.client("ec2"), boto3.client("ssm")
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    ssm.put_parameter(Name="/ray-app-test/dlami/ami-id", Value=ami, Type="String", Overwrite=True)
+    conf = yaml.safe_load(CLUSTER_YAML.read_text())
+    for node_type in conf["available_node_types"].values():  # moto refuses parameters under /aws/
+        node_type["node_config"]["ImageId"] = "resolve:ssm:/ray-app-test/dlami/ami-id"
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    argv = ["cluster", "run", "--config", str(path), "--cloudwatch-agent", "--", "--manifest", "m.csv"]
+    got = cli.cluster_config(cli.build_parser().parse_args(argv))
+    assert got["provider"]["cloudwatch"]["agent"]["config"] == "deploy/cloudwatch/agent.json"
+    assert set(got["provider"]["cloudwatch"]) >= {"dashboard", "alarm", "agent"}
+    assert "-v /tmp/ray:/tmp/ray" in got["docker"]["run_options"]
+    assert {t["node_config"]["ImageId"] for t in got["available_node_types"].values()} == {ami}
+    plain = cli.cluster_config(cli.build_parser().parse_args(argv[:4] + argv[5:]))
+    assert "cloudwatch" not in plain["provider"]  # without the flag the config is cluster.yaml's own

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ray_app import storage
 from ray_app.core import pipeline, stages
@@ -39,6 +39,9 @@ from ray_app.storage.sinks import (
     summary_parts,
     write_summary,
 )
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 #: The key a preflight reads from the passport store: it proves the store exists and answers, and is never written.
 PREFLIGHT_SCAN_ID = "_preflight"
@@ -639,8 +642,14 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     if todo:
         shape = plan_shape(cfg, ray.cluster_resources())
         on_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        starts = ray.remote(_Starts).options(num_cpus=0, scheduling_strategy=on_driver).remote()
-        aside = ray.remote(_Aside).options(num_cpus=0, scheduling_strategy=on_driver).remote()
+        # Ray types ``.remote()`` as ``ActorHandle[T] | type[T]`` (so that ``handle.method`` type-checks); what it
+        # returns is always the handle, which ``ray.kill`` below takes.
+        starts = cast(
+            "ActorHandle[_Starts]", ray.remote(_Starts).options(num_cpus=0, scheduling_strategy=on_driver).remote()
+        )
+        aside = cast(
+            "ActorHandle[_Aside]", ray.remote(_Aside).options(num_cpus=0, scheduling_strategy=on_driver).remote()
+        )
         # Every stage turns a scan's own failure into a record, so a block errors only when Ray gives up on it (a
         # task's worker lost more often than Ray retries it, an object lost with its node): the job goes on
         # without it and records its scans below instead of failing as a whole.

@@ -339,11 +339,8 @@ def _absolute_paths(argv: list[str]) -> list[str]:
 
 def cmd_cluster_run(args: argparse.Namespace) -> int:
     """Preflight, then a job-scoped cluster: up, the batch job, down (``ray_app.ops.cluster``)."""
-    import yaml
-
     from ray_app.core.errors import RayAppError
     from ray_app.ops import cluster, preflight
-    from ray_app.ops.cloudwatch import with_cloudwatch
     from ray_app.settings import get_settings
 
     batch_argv = (
@@ -357,9 +354,7 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"job {cfg.job_id}", flush=True)
-    conf = yaml.safe_load(Path(args.config).read_text())
-    if args.cloudwatch:
-        conf = with_cloudwatch(conf)
+    conf = cluster_config(args)
     if not args.no_preflight:
         try:
             for line in preflight.run(conf, cfg, get_settings(), worker_role=None if args.local else args.worker_role):
@@ -373,8 +368,24 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
             args.config, head_cpus=args.head_cpus, idle_s=args.idle_minutes * 60, max_lifetime_s=args.max_hours * 3600
         )
     else:
-        launcher = cluster.AwsLauncher(conf if args.cloudwatch else args.config)
+        launcher = cluster.AwsLauncher(conf if args.cloudwatch or args.cloudwatch_agent else args.config)
     return cluster.run_job(launcher, batch_argv, job_id=cfg.job_id, env=cluster.job_env(), keep=args.keep)
+
+
+def cluster_config(args: argparse.Namespace) -> dict:
+    """``--config`` as the launcher gets it: with the CloudWatch dashboard and alarms (``--cloudwatch``), and the
+    CloudWatch agent on every node (``--cloudwatch-agent``, which implies them; its AMIs pinned through SSM with
+    the caller's credentials)."""
+    import yaml
+
+    from ray_app.ops.cloudwatch import with_agent, with_cloudwatch
+
+    conf = yaml.safe_load(Path(args.config).read_text())
+    if args.cloudwatch or args.cloudwatch_agent:
+        conf = with_cloudwatch(conf)
+    if args.cloudwatch_agent:
+        conf = with_agent(conf)
+    return conf
 
 
 def cmd_cluster_down(args: argparse.Namespace) -> int:
@@ -482,6 +493,12 @@ def _add_cluster_parser(sub) -> None:
         action="store_true",
         help="add deploy/cloudwatch/provider.yaml: the dashboard "
         "and alarms through Ray's launcher (see deploy/cloudwatch/README.md before relying on it)",
+    )
+    p.add_argument(
+        "--cloudwatch-agent",
+        action="store_true",
+        help="--cloudwatch plus the CloudWatch agent on every node (logs and Prometheus metrics to CloudWatch; "
+        "pins each node's AMI through SSM; deploy/cloudwatch/README.md)",
     )
     p.add_argument(
         "--idle-minutes",

@@ -9,13 +9,17 @@ from __future__ import annotations
 import gzip
 import io
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 
 from ray_app.core.errors import DicomSegUnavailable
 from ray_app.core.scan import Scan
+
+if TYPE_CHECKING:
+    import highdicom as hd
+    from pydicom.sr.codedict import Concepts
 
 #: Preview figure size in inches at PREVIEW_DPI: a 1500x600 pixel PNG.
 PREVIEW_SIZE_IN = (15.0, 6.0)
@@ -101,32 +105,9 @@ def dicom_seg_bytes(
     """
     import highdicom as hd
 
-    if not scan.dicom:
-        raise DicomSegUnavailable(
-            "a DICOM-SEG needs DICOM input; this scan was not read from DICOM", scan_id=scan.scan_id
-        )
-    missing = [
-        kw
-        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
-        if any(not ds.get(kw) for ds in scan.dicom)
-    ]
-    if missing:
-        raise DicomSegUnavailable(
-            f"the source DICOM lacks {', '.join(missing)}; a DICOM-SEG could not reference it", scan_id=scan.scan_id
-        )
+    sources = _check_dicom_source(scan)
     data = _mask_array(mask, scan)
-    counts = np.bincount(data.reshape(-1), minlength=max(label_map, default=0) + 1)
-    present = [(label_id, name) for label_id, name in sorted(label_map.items()) if counts[label_id] > 0]
-    if not present:
-        raise DicomSegUnavailable("the mask is empty: a DICOM-SEG needs at least one segment", scan_id=scan.scan_id)
-
-    # Segment numbers must be 1..N: remap label ids through a lookup table, one pass over the volume.
-    lut = np.zeros(max(int(data.max()), max(label_map)) + 1, dtype=np.uint8)
-    for number, (label_id, _) in enumerate(present, start=1):
-        lut[label_id] = number
-    # scan.image[:, :, k] is scan.dicom[k] with axes (column, row); highdicom wants (frame, row, column).
-    frames = np.ascontiguousarray(lut[data].transpose(2, 1, 0))
-
+    present, frames = _segment_frames(scan, data, label_map)
     model = dict(model or {})
     versions = model.get("versions") or {}
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -137,7 +118,7 @@ def dicom_seg_bytes(
     )
     descriptions = [_segment_description(number, name, algorithm) for number, (_, name) in enumerate(present, 1)]
     seg = hd.seg.Segmentation(
-        source_images=scan.dicom,
+        source_images=sources,
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -156,26 +137,57 @@ def dicom_seg_bytes(
     return buf.getvalue()
 
 
+def _check_dicom_source(scan: Scan) -> list[Any]:
+    """The source series a SEG references; refused for a scan not read from DICOM, or one without the UIDs."""
+    if not scan.dicom:
+        raise DicomSegUnavailable(
+            "a DICOM-SEG needs DICOM input; this scan was not read from DICOM", scan_id=scan.scan_id
+        )
+    missing = [
+        kw
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
+        if any(not ds.get(kw) for ds in scan.dicom)
+    ]
+    if missing:
+        raise DicomSegUnavailable(
+            f"the source DICOM lacks {', '.join(missing)}; a DICOM-SEG could not reference it", scan_id=scan.scan_id
+        )
+    return scan.dicom
+
+
+def _segment_frames(
+    scan: Scan, data: np.ndarray, label_map: Mapping[int, str]
+) -> tuple[list[tuple[int, str]], np.ndarray]:
+    """The structures present (label id, name) and the mask as highdicom's frames, labels renumbered 1..N."""
+    counts = np.bincount(data.reshape(-1), minlength=max(label_map, default=0) + 1)
+    present = [(label_id, name) for label_id, name in sorted(label_map.items()) if counts[label_id] > 0]
+    if not present:
+        raise DicomSegUnavailable("the mask is empty: a DICOM-SEG needs at least one segment", scan_id=scan.scan_id)
+
+    # Segment numbers must be 1..N: remap label ids through a lookup table, one pass over the volume.
+    lut = np.zeros(max(int(data.max()), max(label_map)) + 1, dtype=np.uint8)
+    for number, (label_id, _) in enumerate(present, start=1):
+        lut[label_id] = number
+    # scan.image[:, :, k] is scan.dicom[k] with axes (column, row); highdicom wants (frame, row, column).
+    frames = np.ascontiguousarray(lut[data].transpose(2, 1, 0))
+    return present, frames
+
+
 def preview_png(scan: Scan, mask: np.ndarray | nib.Nifti1Image, label_map: Mapping[int, str]) -> bytes:
     """Axial, coronal and sagittal slices through the segmented region with the mask overlaid, and a legend of
     the largest structures. Always PREVIEW_SIZE_IN x PREVIEW_DPI pixels (1500x600), whatever the scan."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
     data = _mask_array(mask, scan)
     ornt = nib.orientations.io_orientation(scan.affine)
     ct = nib.orientations.apply_orientation(np.asanyarray(scan.image.dataobj), ornt)  # views: RAS-ordered axes
     labels = nib.orientations.apply_orientation(data, ornt)
     zooms = np.abs(nib.affines.voxel_sizes(scan.affine))[ornt[:, 0].astype(int)]
-
     counts = np.bincount(labels.reshape(-1), minlength=max(label_map, default=0) + 1)
-    n_colors = len(counts)
-    colors = np.zeros((n_colors, 4))
+    colors = np.zeros((len(counts), 4))
     for label_id, name in label_map.items():
         colors[label_id] = (*_label_rgb(label_id, name), 1.0)
-    cmap = ListedColormap(colors)
     centre = _overlay_centre(labels)
 
     fig = Figure(figsize=PREVIEW_SIZE_IN, dpi=PREVIEW_DPI)
@@ -186,45 +198,54 @@ def preview_png(scan: Scan, mask: np.ndarray | nib.Nifti1Image, label_map: Mappi
         ("coronal", ct[:, centre[1], :], labels[:, centre[1], :], zooms[2] / zooms[0]),
         ("sagittal", ct[centre[0], :, :], labels[centre[0], :, :], zooms[2] / zooms[1]),
     )
-    for ax, (title, ct_slice, label_slice, aspect) in zip(axes[:3], views):
-        # RAS-ordered slices: transpose and flip both ways for the radiological convention (patient's right on
-        # the viewer's left, anterior on top in axial, superior on top and anterior on the left in sagittal).
-        image = np.flipud(np.fliplr(np.asarray(ct_slice, dtype=np.float32).T))
-        overlay = np.flipud(np.fliplr(np.asarray(label_slice).T))
-        ax.imshow(
-            image,
-            cmap="gray",
-            vmin=PREVIEW_WINDOW_HU[0],
-            vmax=PREVIEW_WINDOW_HU[1],
-            aspect=aspect,
-            interpolation="nearest",
-        )
-        ax.imshow(
-            np.ma.masked_equal(overlay, 0),
-            cmap=cmap,
-            vmin=-0.5,
-            vmax=n_colors - 0.5,
-            alpha=0.45,
-            aspect=aspect,
-            interpolation="nearest",
-        )
-        ax.set_title(title)
-        ax.set_axis_off()
-
-    legend_ax = axes[3]
-    legend_ax.set_axis_off()
-    ranked = [int(i) for i in np.argsort(-counts, kind="stable") if i and counts[i] and int(i) in label_map]
-    largest = ranked[:PREVIEW_LEGEND_ITEMS]
-    voxel_ml = float(np.prod(scan.spacing)) / 1000.0
-    handles = [Patch(color=colors[i][:3], label=f"{label_map[i]} ({counts[i] * voxel_ml:.0f} ml)") for i in largest]
-    if handles:
-        legend_ax.legend(handles=handles, loc="center left", frameon=False, fontsize=9, title="largest structures")
-    else:
-        legend_ax.text(0.0, 0.5, "no structures segmented", va="center")
+    for ax, view in zip(axes[:3], views):
+        _draw_view(ax, view, colors)
+    _draw_legend(axes[3], counts, colors, label_map, float(np.prod(scan.spacing)) / 1000.0)
     fig.suptitle(f"scan {scan.scan_id}")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=PREVIEW_DPI)
     return buf.getvalue()
+
+
+def _draw_view(ax: Any, view: tuple[str, np.ndarray, np.ndarray, float], colors: np.ndarray) -> None:
+    """One slice of the CT in the preview's window with the labels over it, in the radiological convention."""
+    from matplotlib.colors import ListedColormap
+
+    title, ct_slice, label_slice, aspect = view
+    # RAS-ordered slices: transpose and flip both ways for the radiological convention (patient's right on
+    # the viewer's left, anterior on top in axial, superior on top and anterior on the left in sagittal).
+    image = np.flipud(np.fliplr(np.asarray(ct_slice, dtype=np.float32).T))
+    overlay = np.flipud(np.fliplr(np.asarray(label_slice).T))
+    ax.imshow(
+        image, cmap="gray", vmin=PREVIEW_WINDOW_HU[0], vmax=PREVIEW_WINDOW_HU[1], aspect=aspect, interpolation="nearest"
+    )
+    ax.imshow(
+        np.ma.masked_equal(overlay, 0),
+        cmap=ListedColormap(colors),
+        vmin=-0.5,
+        vmax=len(colors) - 0.5,
+        alpha=0.45,
+        aspect=aspect,
+        interpolation="nearest",
+    )
+    ax.set_title(title)
+    ax.set_axis_off()
+
+
+def _draw_legend(
+    ax: Any, counts: np.ndarray, colors: np.ndarray, label_map: Mapping[int, str], voxel_ml: float
+) -> None:
+    """The largest structures with their volumes, or a note that nothing was segmented."""
+    from matplotlib.patches import Patch
+
+    ax.set_axis_off()
+    ranked = [int(i) for i in np.argsort(-counts, kind="stable") if i and counts[i] and int(i) in label_map]
+    largest = ranked[:PREVIEW_LEGEND_ITEMS]
+    handles = [Patch(color=colors[i][:3], label=f"{label_map[i]} ({counts[i] * voxel_ml:.0f} ml)") for i in largest]
+    if handles:
+        ax.legend(handles=handles, loc="center left", frameon=False, fontsize=9, title="largest structures")
+    else:
+        ax.text(0.0, 0.5, "no structures segmented", va="center")
 
 
 def _mask_array(mask: np.ndarray | nib.Nifti1Image, scan: Scan) -> np.ndarray:
@@ -246,25 +267,28 @@ def _overlay_centre(labels: np.ndarray) -> tuple[int, int, int]:
 
     box = ndimage.find_objects((labels != 0).astype(np.uint8))
     if not box or box[0] is None:
-        return tuple(s // 2 for s in labels.shape)  # type: ignore[return-value]
-    return tuple((s.start + s.stop - 1) // 2 for s in box[0])  # type: ignore[return-value]
+        return tuple(s // 2 for s in labels.shape)
+    return tuple((s.start + s.stop - 1) // 2 for s in box[0])
 
 
 def _label_rgb(label_id: int, name: str) -> tuple[float, float, float]:
     """TotalSegmentator's own display colour for the structure, else a fixed colour from a qualitative map."""
     rgb = _ts_colors().get(name)
     if rgb is not None:
-        return tuple(c / 255.0 for c in rgb)  # type: ignore[return-value]
+        return rgb[0] / 255.0, rgb[1] / 255.0, rgb[2] / 255.0
     from matplotlib import colormaps
 
-    return tuple(colormaps["tab20"](label_id % 20)[:3])  # type: ignore[return-value]
+    r, g, b, _ = colormaps["tab20"](label_id % 20)  # one colour: an RGBA tuple
+    return r, g, b
 
 
-_TS_COLORS: dict | None = None
-_SNOMED: dict | None = None
+#: TotalSegmentator's display colours: structure name -> (R, G, B), 0-255.
+_TS_COLORS: dict[str, tuple[int, int, int]] | None = None
+#: TotalSegmentator's SNOMED CT mapping: structure name -> property_category/type/modifier -> value, scheme, meaning.
+_SNOMED: dict[str, dict[str, dict[str, str]]] | None = None
 
 
-def _ts_colors() -> dict:
+def _ts_colors() -> dict[str, tuple[int, int, int]]:
     global _TS_COLORS
     if _TS_COLORS is None:
         from totalsegmentator.dicom_utils import load_color_mapping
@@ -273,7 +297,7 @@ def _ts_colors() -> dict:
     return _TS_COLORS
 
 
-def _snomed() -> dict:
+def _snomed() -> dict[str, dict[str, dict[str, str]]]:
     global _SNOMED
     if _SNOMED is None:
         from totalsegmentator.dicom_utils import load_snomed_mapping
@@ -282,13 +306,15 @@ def _snomed() -> dict:
     return _SNOMED
 
 
-def _codes():
+def _codes() -> Concepts:
     from pydicom.sr.codedict import codes
 
     return codes
 
 
-def _segment_description(number: int, name: str, algorithm) -> Any:
+def _segment_description(
+    number: int, name: str, algorithm: hd.AlgorithmIdentificationSequence
+) -> hd.seg.SegmentDescription:
     import highdicom as hd
 
     codes = _codes()
@@ -323,7 +349,7 @@ def _segment_description(number: int, name: str, algorithm) -> Any:
     return description
 
 
-def _concept(code: Mapping[str, str]) -> dict:
+def _concept(code: Mapping[str, str]) -> dict[str, str]:
     return {"value": code["value"], "scheme_designator": code["scheme"], "meaning": code["meaning"]}
 
 

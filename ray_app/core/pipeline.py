@@ -76,8 +76,8 @@ def finish_scan(
     scan: Scan,
     prepared: stages.Prepared | None,
     labels: np.ndarray | None,
-    model: dict,
-    timings: dict,
+    model: dict[str, Any],
+    timings: dict[str, float],
     settings: Settings,
 ) -> ScanResult:
     """The batch job's last stage for a segmented scan: its mask on the scan's grid, then its passport."""
@@ -92,7 +92,7 @@ def finish_scan(
 
 
 def with_passport(
-    scan: Scan, mask: np.ndarray, spec: TaskSpec, model: dict, timings: dict, settings: Settings
+    scan: Scan, mask: np.ndarray, spec: TaskSpec, model: dict[str, Any], timings: dict[str, float], settings: Settings
 ) -> ScanResult:
     """The result of a segmented scan: its mask and passport (timed as ``passport_s``)."""
     t = time.perf_counter()
@@ -103,7 +103,7 @@ def with_passport(
     return ScanResult(scan.scan_id, doc, mask, scan)
 
 
-def _recorded_failure(scan: Scan, exc: Exception, model: dict, timings: dict) -> ScanResult:
+def _recorded_failure(scan: Scan, exc: Exception, model: dict[str, Any], timings: dict[str, float]) -> ScanResult:
     if not isinstance(exc, RayAppError):
         traceback.print_exc()
     return failure(scan.scan_id, exc, model, source_uri=scan.source_uri, timings=timings)

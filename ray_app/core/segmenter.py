@@ -11,7 +11,9 @@ The masks are therefore the ones vanilla TotalSegmentator writes, voxel for voxe
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -117,14 +119,15 @@ class Segmenter:
         torch.set_num_threads(1 if self.device.type == "cuda" else self.num_threads)
 
         self.checkpoint_loads = 0
-        self._predictors = {}
-        self._model_dirs = {}
+        #: nnU-Net's ``nnUNetPredictor`` per model (nnunetv2 has no type annotations).
+        self._predictors: dict[int, Any] = {}
+        self._model_dirs: dict[int, Path] = {}
         for stage in self.spec.all_stages:
             model_dir = totalseg.ensure_weights(stage, allow_download=settings.download_weights)
             self._model_dirs[stage.task_id] = model_dir
             self._predictors[stage.task_id] = self._load_predictor(model_dir, stage)
 
-    def _load_predictor(self, model_dir, stage: totalseg.ModelStage):
+    def _load_predictor(self, model_dir: Path, stage: totalseg.ModelStage) -> Any:
         # Imported here, after _setup_environment: nnunetv2 reads its paths at import, and TotalSegmentator's
         # module registers its custom trainers with nnU-Net's class lookup as a side effect.
         import totalsegmentator.nnunet  # noqa: F401
@@ -147,7 +150,7 @@ class Segmenter:
         return predictor
 
     @property
-    def model_info(self) -> dict:
+    def model_info(self) -> dict[str, Any]:
         """Identity of the weights and code that made a mask, for the passport."""
         datasets: list[dict[str, Any]] = []
         for stage in self.spec.all_stages:
@@ -197,7 +200,7 @@ class Segmenter:
         header.set_data_dtype(np.uint8)
         return nib.Nifti1Image(seg.astype(np.uint8, copy=False), img_orig.affine, header)
 
-    def _run_parts(self, task_ids, data: np.ndarray, spacing) -> np.ndarray:
+    def _run_parts(self, task_ids: Sequence[int], data: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
         """Normal mode: five part models merged into ``total`` ids, split in three along z for huge images."""
         shape = data.shape
         # TotalSegmentator splits images above 512*512*900 voxels (and > 200 slices) with a 20-slice margin.
@@ -230,7 +233,7 @@ class Segmenter:
         out[:, :, third * 2 :] = merged[2][:, :, margin - 1 :]
         return out
 
-    def _run_network(self, task_id: int, data: np.ndarray, spacing_xyz) -> np.ndarray:
+    def _run_network(self, task_id: int, data: np.ndarray, spacing_xyz: Sequence[float]) -> np.ndarray:
         """nnU-Net preprocessing, sliding-window inference and export for one array in nibabel (x, y, z) order.
 
         nnU-Net reads TotalSegmentator's temporary NIfTI with SimpleITK, i.e. as (z, y, x) with reversed spacing;
@@ -246,8 +249,8 @@ class Segmenter:
             "cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16" and self.device.type == "cpu"
         )
         with autocast:
-            seg = predictor.predict_single_npy_array(arr, {"spacing": spacing}, None, None, False)
-        seg = np.asarray(seg, dtype=np.uint8).transpose(2, 1, 0)
+            predicted = predictor.predict_single_npy_array(arr, {"spacing": spacing}, None, None, False)
+        seg: np.ndarray = np.asarray(predicted, dtype=np.uint8).transpose(2, 1, 0)
         if seg.shape == data.shape:
             return seg
         full = np.zeros(data.shape, dtype=np.uint8)

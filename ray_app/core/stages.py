@@ -12,8 +12,9 @@ masks stay the ones vanilla TotalSegmentator writes, voxel for voxel.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import nibabel as nib
 import numpy as np
@@ -34,7 +35,7 @@ class Prepared:
     #: The canonical image's shape before resampling; None when the model runs at the input's spacing.
     canonical_shape: tuple[int, ...] | None
     #: ``roi_subset``'s main pass: where the cropped image lies in the scan (TotalSegmentator's bbox).
-    crop_bbox: list | None = None
+    crop_bbox: list[list[int]] | None = None
     #: ``roi_subset``'s first pass, whose labels only choose the crop.
     crop_pass: bool = False
 
@@ -43,7 +44,19 @@ class Prepared:
         return int(self.data.nbytes)
 
 
-def prepare(image: nib.Nifti1Image, stages, *, copy: bool = True, **extra) -> Prepared:
+class Inferer(Protocol):
+    """What ``segment_in_process`` needs of a segmenter (``ray_app.core.segmenter.Segmenter``): its task and the
+    accelerator stage."""
+
+    @property
+    def spec(self) -> totalseg.TaskSpec: ...
+
+    def infer(self, prepared: Prepared) -> np.ndarray: ...
+
+
+def prepare(
+    image: nib.Nifti1Image, stages: Sequence[totalseg.ModelStage], *, copy: bool = True, **extra: Any
+) -> Prepared:
     """``nnUNet_predict_image``'s input side: closest canonical orientation, then ``change_spacing`` (order 1,
     int32), as TotalSegmentator calls them. ``copy``: TotalSegmentator's float64 copy of the scan's data."""
     from totalsegmentator.alignment import as_closest_canonical
@@ -98,7 +111,8 @@ def labels_home(prepared: Prepared, labels: np.ndarray, order: Literal["C", "F"]
     # undo_canonical reads only the source's orientation; the affines do not change the data.
     source = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), prepared.source_affine)
     img = undo_canonical(nib.Nifti1Image(labels, np.eye(4)), source)
-    return np.asanyarray(img.dataobj).astype(np.uint8, order=order)
+    home: np.ndarray = np.asanyarray(img.dataobj).astype(np.uint8, order=order)
+    return home
 
 
 def memory_order(image: nib.Nifti1Image) -> Literal["C", "F"]:
@@ -110,7 +124,9 @@ def memory_order(image: nib.Nifti1Image) -> Literal["C", "F"]:
     return "F" if data.flags.f_contiguous and not data.flags.c_contiguous else "C"
 
 
-def crop_for_roi(spec: totalseg.TaskSpec, image: nib.Nifti1Image, rough: Prepared, labels) -> Prepared | None:
+def crop_for_roi(
+    spec: totalseg.TaskSpec, image: nib.Nifti1Image, rough: Prepared, labels: np.ndarray
+) -> Prepared | None:
     """``roi_subset`` between its passes: the ROIs' union in the 6 mm labels, TotalSegmentator's ``crop_to_mask``
     with its margin, and the main pass prepared on the crop. None when no ROI is in the scan."""
     from totalsegmentator.cropping import crop_to_mask
@@ -132,12 +148,17 @@ def _spacing(img: nib.Nifti1Image) -> tuple[float, float, float]:
 
 
 def finish(
-    spec: totalseg.TaskSpec, prepared: Prepared | None, labels, shape, order: Literal["C", "F"] = "C"
+    spec: totalseg.TaskSpec,
+    prepared: Prepared | None,
+    labels: np.ndarray | None,
+    shape: tuple[int, ...],
+    order: Literal["C", "F"] = "C",
 ) -> np.ndarray:
     """The main pass's labels as the scan's ``uint8`` mask of ``shape`` in memory ``order``; ``prepared`` None: an
     empty ROI crop."""
     if prepared is None:
         return np.zeros(shape, dtype=np.uint8, order=order)
+    assert labels is not None, "a prepared pass has its labels"
     seg = labels_home(prepared, labels, order)
     if prepared.crop_bbox is None:
         return seg
@@ -148,17 +169,18 @@ def finish(
     return out
 
 
-def segment_in_process(segmenter, image: nib.Nifti1Image, timings: dict) -> np.ndarray:
+def segment_in_process(segmenter: Inferer, image: nib.Nifti1Image, timings: dict[str, float]) -> np.ndarray:
     """All stages of one scan in this process (CLI, Serve): the batch job's functions, in its order."""
     spec = segmenter.spec
     t = time.perf_counter()
     prepared = first_pass(spec, image)
     timings["resample_in_s"] = time.perf_counter() - t
-    labels: np.ndarray | None = _infer(segmenter, prepared, timings)
+    first = _infer(segmenter, prepared, timings)
+    labels: np.ndarray | None = first
     main: Prepared | None = prepared
     if prepared.crop_pass:
         t = time.perf_counter()
-        main = crop_for_roi(spec, image, prepared, labels)
+        main = crop_for_roi(spec, image, prepared, first)
         timings["roi_crop_s"] = time.perf_counter() - t
         labels = None if main is None else _infer(segmenter, main, timings)
     t = time.perf_counter()
@@ -167,14 +189,14 @@ def segment_in_process(segmenter, image: nib.Nifti1Image, timings: dict) -> np.n
     return mask
 
 
-def _infer(segmenter, prepared: Prepared, timings: dict) -> np.ndarray:
+def _infer(segmenter: Inferer, prepared: Prepared, timings: dict[str, float]) -> np.ndarray:
     t = time.perf_counter()
     labels = segmenter.infer(prepared)
     timings["network_s"] = timings.get("network_s", 0.0) + time.perf_counter() - t
     return labels
 
 
-def resample_labels(seg: np.ndarray, target_shape) -> np.ndarray:
+def resample_labels(seg: np.ndarray, target_shape: Sequence[int]) -> np.ndarray:
     """TotalSegmentator's order-0 ``change_spacing`` to ``target_shape`` as an index gather, voxel for voxel.
 
     ``change_spacing`` calls ``scipy.ndimage.zoom(order=0, mode="nearest")`` on a float64 copy: output voxel k

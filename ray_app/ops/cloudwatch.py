@@ -161,7 +161,7 @@ def with_agent(cluster: dict, ssm=None) -> dict:
     4. UserData on every node type that installs the agent at first boot (:func:`agent_user_data`): Ray's
        CloudwatchHelper asks the node through SSM whether the agent is installed right after SSH answers, before
        any ``initialization_commands`` run, so it must be there from boot (or in the AMI).
-    Not wired into ``ray-app cluster run`` yet, and not tried on AWS (none here)."""
+    Applied by ``ray-app cluster run --cloudwatch-agent``; not tried on AWS (none here)."""
     import copy
 
     out = copy.deepcopy(cluster)
