@@ -190,9 +190,12 @@ DATA_ACTIONS = {
         f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}_jobs/*",
         f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}*/passport.json",
     },
-    "s3:ListBucket": {f"arn:aws:s3:::{PARAMS.input_bucket}"},
+    # Listing: the inputs (a DICOM prefix), and the job summary's parts only (a re-run replaces them).
+    "s3:ListBucket": {f"arn:aws:s3:::{PARAMS.input_bucket}", f"arn:aws:s3:::{PARAMS.output_bucket}"},
     "s3:PutObject": {f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}*"},
+    "s3:DeleteObject": {f"arn:aws:s3:::{PARAMS.output_bucket}/{PARAMS.output_prefix}_jobs/*"},
     "dynamodb:GetItem": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports"},
+    "dynamodb:BatchGetItem": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports"},
     "dynamodb:PutItem": {"arn:aws:dynamodb:us-east-1:123456789012:table/passports"},
     "dynamodb:Query": {
         "arn:aws:dynamodb:us-east-1:123456789012:table/passports",
@@ -258,14 +261,16 @@ def test_no_wildcard_actions_and_no_wildcard_resources_for_writes(name):
 def test_data_policy_grants_only_the_listed_actions_on_the_listed_resources():
     policy = aws_setup.render_policy(aws_setup.DATA_POLICY, **PARAMS.template_values())
     assert grants(policy) == DATA_ACTIONS
-    conditioned = [st for st in policy["Statement"] if "Condition" in st]
-    assert [st["Action"] for st in conditioned] == [["cloudwatch:PutMetricData"]]
+    conditioned = {st["Action"][0]: st["Condition"] for st in policy["Statement"] if "Condition" in st}
+    assert set(conditioned) == {"s3:ListBucket", "cloudwatch:PutMetricData"}
+    # The output bucket may be listed only under the job summaries (a re-run replaces its parts).
+    assert conditioned["s3:ListBucket"] == {"StringLike": {"s3:prefix": [f"{PARAMS.output_prefix}_jobs/*"]}}
     from ray_app.ops import (
         cloudwatch,  # the job's namespace and the agent's (deploy/cloudwatch/agent.json)
     )
 
     agent = json.loads((REPO / "deploy" / "cloudwatch" / "agent.json").read_text())
-    assert conditioned[0]["Condition"] == {
+    assert conditioned["cloudwatch:PutMetricData"] == {
         "StringEquals": {"cloudwatch:namespace": [cloudwatch.DEFAULT_NAMESPACE, agent["metrics"]["namespace"]]}
     }
 

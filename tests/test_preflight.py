@@ -57,9 +57,10 @@ def aws(moto_server):
     policy = aws_setup.render_policy(aws_setup.DATA_POLICY, **params.template_values())
     # moto authorises a DynamoDB request against the resource "*" (it resolves no table ARNs; S3 it checks by
     # bucket and key), so the table statements are repeated for "*" here; the S3 prefix rules stay exact.
-    policy["Statement"].append(
-        {"Effect": "Allow", "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query"], "Resource": "*"}
-    )
+    table_actions = sorted(
+        {a for st in policy["Statement"] for a in st["Action"] if a.startswith("dynamodb:")}
+    )  # exactly the policy's own DynamoDB actions
+    policy["Statement"].append({"Effect": "Allow", "Action": table_actions, "Resource": "*"})
     iam = boto3.client("iam")
     user = f"worker-{suffix}"
     iam.create_user(UserName=user)
