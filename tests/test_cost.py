@@ -14,6 +14,7 @@ import pytest
 
 from ray_app.adapters.cli import main as cli_main
 from ray_app.ops import cost
+from ray_app.storage.results import USAGE_COLUMNS
 from ray_app.storage.sinks import read_summary, write_summary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -276,25 +277,7 @@ def test_prices_are_dated_sourced_and_overridable(tmp_path):
 
 
 def test_a_summary_without_the_measured_columns_is_an_error_unless_they_are_given(tmp_path):
-    old = [
-        {
-            k: v
-            for k, v in r.items()
-            if k
-            not in (
-                "actor_cpus",
-                "node_cpus",
-                "actor_gpus",
-                "objects_written",
-                "bytes_written",
-                "large_objects_written",
-                "large_bytes_written",
-                "store_item_bytes",
-                "store_index_bytes",
-            )
-        }
-        for r in _rows()
-    ]
+    old = [{k: v for k, v in r.items() if k not in USAGE_COLUMNS} for r in _rows()]  # before jobs measured them
     summary = write_summary(old, str(tmp_path / "summary.parquet"))
     with pytest.raises(cost.CostInputError, match="--measured-actor-cpus"):
         cost.measure([summary])

@@ -541,7 +541,8 @@ def _finished_result(spec: TaskSpec, aside, row: dict[str, Any]) -> pipeline.Sca
 
 
 @lru_cache(maxsize=4)
-def _store(uri: str):
+def worker_store(uri: str) -> PassportStore:
+    """The passport store a worker process opens once and keeps for every task it runs (resume, write)."""
     return open_passport_store(uri)
 
 
@@ -551,7 +552,7 @@ def _write(result: pipeline.ScanResult, cfg: BatchConfig, spec: TaskSpec, store_
         return results.write_result(
             result,
             ArtifactSink(cfg.output),
-            _store(store_uri),
+            worker_store(store_uri),
             cfg.job_id,
             label_map=spec.output_labels,
             preview=cfg.preview,
@@ -566,7 +567,7 @@ def _write(result: pipeline.ScanResult, cfg: BatchConfig, spec: TaskSpec, store_
             timings=result.passport.get("timings"),
         )
         try:
-            _store(store_uri).put(failed.passport, cfg.job_id)
+            worker_store(store_uri).put(failed.passport, cfg.job_id)
         except Exception:  # noqa: BLE001 - the summary row still records it
             pass
         result.passport, result.mask, result.locations = failed.passport, None, {}

@@ -14,7 +14,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
@@ -22,9 +21,10 @@ import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from ray_app.adapters.batch import worker_store
 from ray_app.core.errors import RayAppError
 from ray_app.storage.manifest import ManifestProblem, check_records, parse_manifest, parser_for
-from ray_app.storage.sinks import open_passport_store, write_summary
+from ray_app.storage.sinks import write_summary
 
 RUN, SKIPPED, REJECTED = "run", "skipped", "rejected"
 PLAN_SCHEMA = pa.schema(
@@ -118,14 +118,9 @@ def resume(plan, store_uri: str, model_key: str, retry_failed: bool):
     return _materialize(ds)
 
 
-@lru_cache(maxsize=4)
-def _store(uri: str):
-    return open_passport_store(uri)
-
-
 def _resume_batch(batch: pa.Table, store_uri: str, model_key: str, retry_failed: bool) -> pa.Table:
     ids, status = batch["scan_id"].to_pylist(), batch["status"].to_pylist()
-    stored = _store(store_uri).statuses([s for s, st in zip(ids, status) if st == RUN], model_key)
+    stored = worker_store(store_uri).statuses([s for s, st in zip(ids, status) if st == RUN], model_key)
     codes, errors = batch["error_code"].to_pylist(), batch["error"].to_pylist()
     for i, scan_id in enumerate(ids):
         found = stored.get(scan_id) if status[i] == RUN else None
