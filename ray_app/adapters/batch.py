@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ray_app import storage
 from ray_app.core import pipeline, stages
-from ray_app.core.errors import PreflightError, RayAppError, WorkerLost, describe, from_code
+from ray_app.core.errors import ManifestError, PreflightError, RayAppError, WorkerLost, describe, from_code
 from ray_app.core.totalseg import TaskSpec, missing_weights, task_spec
 from ray_app.settings import Settings, get_settings
 from ray_app.storage import results
@@ -631,7 +631,11 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     store = open_passport_store(store_uri)
     preflight(cfg, store, spec, settings)  # a wrong store, output or weights costs seconds: before Ray starts
     init_ray()
-    planned = plan.read_plan(cfg.manifest, cfg.limit)
+    try:
+        planned = plan.read_plan(cfg.manifest, cfg.limit)
+    except ManifestError:
+        _withdraw_record(cfg)
+        raise
     clear_summary(cfg.summary_uri)
     if not cfg.force:
         planned = plan.resume(planned, store_uri, spec.key, cfg.retry_failed)
@@ -668,6 +672,20 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     if not counts["rows"]:  # an empty manifest still has a summary, with no rows
         write_summary([], f"{cfg.summary_uri}/plan-empty.parquet")
     return BatchReport(cfg.job_id, cfg.summary_uri, dict(counts))
+
+
+def _withdraw_record(cfg: BatchConfig) -> None:
+    """Remove the job's record the preflight wrote: a manifest unusable as a whole means the job never ran, and
+    leaves nothing behind. (The preflight writes first so that a wrong output is refused before Ray starts.)"""
+    record = cfg.job_uri("job.json")
+    storage.delete(record)
+    if not storage.is_s3(record):
+        folder = os.path.dirname(storage.parse_uri(record).path)
+        for empty in (folder, os.path.dirname(folder)):  # _jobs/<job>/, then _jobs/ if no other job is there
+            try:
+                os.rmdir(empty)
+            except OSError:
+                break
 
 
 def _record_lost(planned, cfg: BatchConfig, store, spec) -> Counter:
