@@ -70,6 +70,16 @@ def test_unflagged_jobs_fill_the_machine():
     assert (pinned.min_actors, pinned.max_actors, pinned.threads) == (1, 2, 8)
 
 
+def test_an_actor_given_the_machine_runs_a_thread_per_core_as_vanilla_does():
+    """``--cpus-per-actor 1.8 --max-actors 1`` on 2 CPUs: the CPU stages' 0.2 is a token, the actor gets both
+    cores' threads, vanilla's own count here (its masks then equal vanilla's, voxel for voxel)."""
+    shape = plan_shape(_cfg(cpus_per_actor=1.8, max_actors=1), {"CPU": 2.0})
+    assert (shape.max_actors, shape.threads) == (1, 2)
+    wide = plan_shape(_cfg(cpus_per_actor=1.5), {"CPU": 16.0})
+    assert wide.max_actors == 10, "as many actors of the size asked for as fit beside the CPU stages"
+    assert wide.threads == 1, "half a core short is not a core"
+
+
 @pytest.mark.slow
 def test_the_actor_stage_receives_the_model_grid_array_not_the_ct(ray_cluster, tmp_path):
     """What Ray Data hands the inference actor for a 0.8 mm CT is its 3 mm array (int16), not the scan: measured

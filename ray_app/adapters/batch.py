@@ -244,7 +244,7 @@ def plan_shape(cfg: BatchConfig, cluster: dict[str, float]) -> Shape:
     if cfg.actor_resources:
         a = cfg.cpus_per_actor or 1.0
         n_max = cfg.max_actors or 2
-        return Shape(min(cfg.min_actors or 1, n_max), n_max, a, g, max(1, int(a + 1e-9)), 2 * n_max)
+        return Shape(min(cfg.min_actors or 1, n_max), n_max, a, g, _threads(a), 2 * n_max)
     room = (cpus - STAGE_CPUS) / pools  # CPUs for one pool's actors
     if cfg.device == "cuda":
         a = cfg.cpus_per_actor or 1.0
@@ -252,6 +252,8 @@ def plan_shape(cfg: BatchConfig, cluster: dict[str, float]) -> Shape:
     else:
         auto = max(1, int(cpus) // pools)
         a = cfg.cpus_per_actor or max(room, TASK_CPUS) / auto
+        if cfg.cpus_per_actor:  # as many actors of that size as fit
+            auto = max(1, int((room + 1e-9) // a))
     n_max = cfg.max_actors or auto
     n_min = cfg.min_actors or (n_max if cfg.max_actors is None else 1)
     if n_min > n_max:
@@ -266,7 +268,13 @@ def plan_shape(cfg: BatchConfig, cluster: dict[str, float]) -> Shape:
             "them out to fit the cluster"
         )
     n_max = max(n_min, min(n_max, int((room + 1e-9) // a), int(gpus // g) if g else n_max))
-    return Shape(n_min, n_max, a, g, max(1, int(a + 1e-9)), max(2, int(cpus - pools * n_max * a + 1e-9)))
+    return Shape(n_min, n_max, a, g, _threads(a), max(2, int(cpus - pools * n_max * a + 1e-9)))
+
+
+def _threads(cpus_per_actor: float) -> int:
+    """Torch threads for an actor of ``cpus_per_actor``: its whole CPUs, counting one short of a whole core by no
+    more than the CPU stages' token reservation as that core (``--cpus-per-actor 1.8`` on 2 CPUs: 2 threads)."""
+    return max(1, int(cpus_per_actor + STAGE_CPUS + 1e-9))
 
 
 def _make_preparer(spec: TaskSpec, aside):
@@ -275,7 +283,8 @@ def _make_preparer(spec: TaskSpec, aside):
         model-grid array goes on to the actor; the scan itself (its CT, DICOM headers) waits in ``aside``."""
         from ray_app.storage.scans import load_scan
 
-        out = {"scan_id": row["scan_id"], "uri": row["uri"], "prepared": b"", "error_code": "", "error_message": ""}
+        out = {"scan_id": row["scan_id"], "uri": row["uri"], "prepared": b"", "aside": False}
+        out.update(error_code="", error_message="")
         timings = {}
         t = time.perf_counter()
         try:
@@ -285,6 +294,7 @@ def _make_preparer(spec: TaskSpec, aside):
             out["prepared"] = pickle.dumps(stages.first_pass(spec, scan.image), protocol=5)
             timings["resample_in_s"] = time.perf_counter() - t
             _put_aside(aside, scan)
+            out["aside"] = True
         except Exception as exc:  # noqa: BLE001 - recorded as the scan's failure
             out["error_code"], out["error_message"] = _error_fields(exc)
             timings.setdefault("read_s", time.perf_counter() - t)
@@ -530,7 +540,8 @@ def _finished_result(spec: TaskSpec, aside, row: dict[str, Any]) -> pipeline.Sca
     model = json.loads(row["model"])
     try:
         if row["error_code"]:
-            _drop_aside(aside, row["scan_id"])
+            if row["aside"]:  # a scan that failed its fetch or decode has nothing aside: no call to make
+                _drop_aside(aside, row["scan_id"])
             exc = from_code(str(row["error_code"]), str(row["error_message"]), scan_id=row["scan_id"])
             raise exc
         scan = _scan_from_aside(aside, row, take=True)
