@@ -134,14 +134,16 @@ def test_missing_weights_fail_fast_with_a_clear_message_and_write_nothing(tmp_pa
     assert list(empty.iterdir()) == []
 
 
-def test_torch_threads_follow_the_cpus_given_not_the_machine(phantom_weights, monkeypatch):
+def test_torch_threads_follow_the_cpus_given_not_the_machine_and_the_passport_says_how_many(
+    phantom_weights, monkeypatch
+):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = torch.get_num_threads()
     try:
-        Segmenter(fast=True, device="cpu", settings=Settings())
-        assert torch.get_num_threads() == 1
-        Segmenter(fast=True, device="cpu", num_threads=2, settings=Settings())
-        assert torch.get_num_threads() == 2
+        one = Segmenter(fast=True, device="cpu", settings=Settings())
+        assert torch.get_num_threads() == 1 and one.model_info["torch_threads"] == 1
+        two = Segmenter(fast=True, device="cpu", num_threads=2, settings=Settings())
+        assert torch.get_num_threads() == 2 and two.model_info["torch_threads"] == 2
     finally:
         torch.set_num_threads(before)
 
