@@ -59,10 +59,15 @@ def test_every_accepted_shape_leaves_the_cpu_stages_room_beside_the_actors():
             assert 1 <= shape.min_actors <= shape.max_actors and shape.threads >= 1
 
 
-def test_unflagged_jobs_fill_the_machine():
-    """One 1-thread actor per core on CPU (bench/results/thread-scaling-*.json), one actor per GPU on cuda."""
+def test_unflagged_jobs_fill_the_machine_with_vanillas_thread_count():
+    """On CPU one actor per node with the node's threads (vanilla's count, so its masks are vanilla's), one
+    actor per GPU on cuda."""
     cpu = plan_shape(_cfg(), {"CPU": 2.0})
-    assert (cpu.min_actors, cpu.max_actors, cpu.threads) == (2, 2, 1)
+    assert (cpu.min_actors, cpu.max_actors, cpu.cpus_per_actor, cpu.threads) == (1, 1, 1.8, 2)
+    three = plan_shape(_cfg(), {"CPU": 24.0}, [8.0, 8.0, 8.0])
+    assert (three.max_actors, three.threads) == (3, 8), "one actor per node: Ray places one 7.8-CPU actor a node"
+    roi = plan_shape(_cfg(roi_subset=("liver",)), {"CPU": 2.0})
+    assert (roi.max_actors, roi.cpus_per_actor, roi.threads) == (1, 0.9, 2), "each pass: half the room, all threads"
     gpu = plan_shape(_cfg(device="cuda"), {"CPU": 16.0, "GPU": 2.0})
     assert (gpu.min_actors, gpu.max_actors, gpu.gpus_per_actor, gpu.cpus_per_actor) == (2, 2, 1.0, 1.0)
     assert gpu.task_concurrency == 14, "the CPU stages get the cores the GPU actors leave"
@@ -70,9 +75,9 @@ def test_unflagged_jobs_fill_the_machine():
     assert (pinned.min_actors, pinned.max_actors, pinned.threads) == (1, 2, 8)
 
 
-def test_an_actor_given_the_machine_runs_a_thread_per_core_as_vanilla_does():
+def test_an_actor_asked_for_most_of_the_machine_runs_a_thread_per_core():
     """``--cpus-per-actor 1.8 --max-actors 1`` on 2 CPUs: the CPU stages' 0.2 is a token, the actor gets both
-    cores' threads, vanilla's own count here (its masks then equal vanilla's, voxel for voxel)."""
+    cores' threads."""
     shape = plan_shape(_cfg(cpus_per_actor=1.8, max_actors=1), {"CPU": 2.0})
     assert (shape.max_actors, shape.threads) == (1, 2)
     wide = plan_shape(_cfg(cpus_per_actor=1.5), {"CPU": 16.0})

@@ -211,9 +211,10 @@ def preflight(
 TASK_CPUS = 0.1
 #: CPUs a cluster keeps free of actors for the CPU stages: two tasks at once, so prepare and finish overlap.
 STAGE_CPUS = 2 * TASK_CPUS
-#: Actors an unflagged job starts per GPU, and torch threads per CPU actor: two 1-thread actors segment more
-#: scans per hour than one 2-thread actor on 2 cores (the forward's parallel efficiency at 2 threads is 0.54-0.85,
-#: bench/results/thread-scaling-*.json), so an unflagged CPU job runs one 1-thread actor per core.
+#: Actors an unflagged job starts per GPU. On CPU nodes an unflagged job starts one actor per node with as many
+#: torch threads as the node has CPUs, vanilla TotalSegmentator's own count (``torch.set_num_threads(cpu_count())``):
+#: a CPU forward's float sums depend on the thread count, so only then are the masks vanilla's, voxel for voxel.
+#: Smaller actors (``--cpus-per-actor 1``: more of them, fewer threads each) are the opt-in throughput lever.
 ACTORS_PER_GPU = 1
 
 
@@ -232,14 +233,16 @@ class Shape:
     task_cpus: float = TASK_CPUS
 
 
-def plan_shape(cfg: BatchConfig, cluster: dict[str, float]) -> Shape:
-    """The shape for ``cfg`` on a cluster offering ``cluster`` (``ray.cluster_resources()``). Unset options follow
-    the cluster; a shape the cluster can never run, or one whose actors leave the CPU stages no CPU (the job would
-    wait forever), raises :class:`PreflightError` before anything starts. ``roi_subset`` runs two pools (its crop
-    pass has its own), each sized to half. Actors pinned to a node type (``actor_resources``) run on nodes the
-    autoscaler has yet to start: those are not checked."""
+def plan_shape(cfg: BatchConfig, cluster: dict[str, float], node_cpus: list[float] | None = None) -> Shape:
+    """The shape for ``cfg`` on a cluster offering ``cluster`` (``ray.cluster_resources()``) on nodes of
+    ``node_cpus`` CPUs (default: one node). Unset options follow the cluster; a shape the cluster can never run, or
+    one whose actors leave the CPU stages no CPU (the job would wait forever), raises :class:`PreflightError`
+    before anything starts. ``roi_subset`` runs two pools (its crop pass has its own), each sized to half, with
+    the node's threads each. Actors pinned to a node type (``actor_resources``) run on nodes the autoscaler has
+    yet to start: those are not checked."""
     pools = 2 if cfg.roi_subset else 1
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0)) / pools
+    nodes = [c for c in (node_cpus or [cpus]) if c >= 1] or [cpus]
     g = float(cfg.gpus_per_actor or 0.0)
     if cfg.actor_resources:
         a = cfg.cpus_per_actor or 1.0
@@ -249,11 +252,15 @@ def plan_shape(cfg: BatchConfig, cluster: dict[str, float]) -> Shape:
     if cfg.device == "cuda":
         a = cfg.cpus_per_actor or 1.0
         auto = max(1, min(int(gpus // g) * ACTORS_PER_GPU, int((room + 1e-9) // a)))
-    else:
-        auto = max(1, int(cpus) // pools)
-        a = cfg.cpus_per_actor or max(room, TASK_CPUS) / auto
-        if cfg.cpus_per_actor:  # as many actors of that size as fit
-            auto = max(1, int((room + 1e-9) // a))
+        threads = _threads(a)
+    elif cfg.cpus_per_actor:  # as many actors of that size as fit
+        a = cfg.cpus_per_actor
+        auto = max(1, int((room + 1e-9) // a))
+        threads = _threads(a)
+    else:  # one actor per node (and pool), as wide as the smallest node
+        auto = len(nodes)
+        a = max(min(nodes) - STAGE_CPUS, TASK_CPUS) / pools
+        threads = max(1, int(min(nodes) + 1e-9))
     n_max = cfg.max_actors or auto
     n_min = cfg.min_actors or (n_max if cfg.max_actors is None else 1)
     if n_min > n_max:
@@ -268,7 +275,7 @@ def plan_shape(cfg: BatchConfig, cluster: dict[str, float]) -> Shape:
             "them out to fit the cluster"
         )
     n_max = max(n_min, min(n_max, int((room + 1e-9) // a), int(gpus // g) if g else n_max))
-    return Shape(n_min, n_max, a, g, _threads(a), max(2, int(cpus - pools * n_max * a + 1e-9)))
+    return Shape(n_min, n_max, a, g, threads, max(2, int(cpus - pools * n_max * a + 1e-9)))
 
 
 def _threads(cpus_per_actor: float) -> int:
@@ -656,7 +663,8 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     counts = plan.collect_counts(plan.write_summary_parts(not_run, cfg.summary_uri, "plan", statuses.total()))
 
     if todo:
-        shape = plan_shape(cfg, ray.cluster_resources())
+        alive = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
+        shape = plan_shape(cfg, ray.cluster_resources(), alive)
         on_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         # Ray types ``.remote()`` as ``ActorHandle[T] | type[T]`` (so that ``handle.method`` type-checks); what it
         # returns is always the handle, which ``ray.kill`` below takes.

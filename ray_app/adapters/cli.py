@@ -97,7 +97,12 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-actors", type=int, default=None, help="segmentation actors always running" + fit)
     p.add_argument("--max-actors", type=int, default=None, help="most segmentation actors at once" + fit)
     p.add_argument(
-        "--cpus-per-actor", type=float, default=None, help="CPUs (torch threads) per segmentation actor" + fit
+        "--cpus-per-actor",
+        type=float,
+        default=None,
+        help="CPUs (torch threads) per segmentation actor (default: on CPU one actor per node with the node's "
+        "threads, vanilla TotalSegmentator's count, so the masks are vanilla's; fewer per actor, e.g. 1, is a "
+        "throughput lever whose masks equal vanilla's run with that many threads)",
     )
     p.add_argument(
         "--gpus-per-actor",
