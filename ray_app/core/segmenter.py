@@ -177,7 +177,8 @@ class Segmenter:
             "precision": self.precision,
             "crop_to_body": self.crop_to_body,
             # On a CPU the forward's float sums depend on the thread count (about 2e-6 of a CT's voxels change
-            # between 1 and 2 threads, bench/results/throughput.json): a mask equals vanilla's made with as many.
+            # between 1 and 2 threads, bench/results/throughput-narrow-actors.json): a mask equals vanilla's made
+            # with as many.
             "torch_threads": self.num_threads if self.device.type == "cpu" else None,
             "versions": totalseg.package_versions(),
         }
