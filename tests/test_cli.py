@@ -82,6 +82,13 @@ def test_an_unusable_manifest_exits_2_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "out" / "_jobs").exists()
 
 
+def test_a_manifest_that_does_not_exist_exits_2_naming_it_and_writes_nothing(tmp_path, capsys):
+    missing = tmp_path / "manfest.csv"
+    assert cli.main(["batch", "--manifest", str(missing), "--output", str(tmp_path / "out")]) == 2
+    assert f"error: invalid_manifest: manifest {missing} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_serve_derives_its_gpu_request_from_the_device(monkeypatch):
     from ray_app.adapters.serve import build_app
 

@@ -29,6 +29,7 @@ from ray_app.core.totalseg import TaskSpec, missing_weights, task_spec
 from ray_app.settings import Settings, get_settings
 from ray_app.storage import results
 from ray_app.storage.keys import job_file_uri
+from ray_app.storage.manifest import check_manifest_exists
 from ray_app.storage.sinks import (
     ArtifactSink,
     PassportStore,
@@ -646,6 +647,7 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     settings = settings or get_settings()
     spec = task_spec("total", fast=cfg.fast, roi_subset=cfg.roi_subset)
     store_uri = cfg.passport_store_uri
+    check_manifest_exists(cfg.manifest)
     store = open_passport_store(store_uri)
     preflight(cfg, store, spec, settings)  # a wrong store, output or weights costs seconds: before Ray starts
     init_ray()

@@ -22,7 +22,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from ray_app.adapters.batch import worker_store
-from ray_app.core.errors import RayAppError
+from ray_app.core.errors import ManifestError, RayAppError, StorageError
 from ray_app.storage.manifest import ManifestProblem, check_records, parse_manifest, parser_for
 from ray_app.storage.sinks import write_summary
 
@@ -102,7 +102,10 @@ def read_plan(manifest_uri: str, limit: int | None = None):
     import ray
 
     parser_for(manifest_uri)  # an unsupported format fails here, before Ray reads anything
-    return _materialize(ray.data.read_datasource(ManifestDatasource(manifest_uri, limit), override_num_blocks=1))
+    try:
+        return _materialize(ray.data.read_datasource(ManifestDatasource(manifest_uri, limit), override_num_blocks=1))
+    except StorageError as exc:  # gone since the check, not readable with these credentials, or too large
+        raise ManifestError(f"cannot read manifest {manifest_uri}: {exc.message}") from exc
 
 
 def resume(plan, store_uri: str, model_key: str, retry_failed: bool):

@@ -74,6 +74,18 @@ def parse_manifest(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[s
     return columns, records
 
 
+def check_manifest_exists(uri: str) -> None:
+    """Refuse a manifest of an unsupported format, or one that is not there, with its :class:`ManifestError`:
+    cheap checks (the name, one HEAD) that the batch job makes before it writes or starts anything."""
+    parser_for(uri)
+    try:
+        found = storage.exists(uri)
+    except storage.StorageError as exc:  # e.g. AccessDenied: these credentials may not read it
+        raise ManifestError(f"cannot read manifest {uri}: {exc.message}") from exc
+    if not found:
+        raise ManifestError(f"manifest {uri} does not exist")
+
+
 def parser_for(uri: str) -> Callable[[bytes], tuple[list[str], Records]]:
     """The parser for the manifest's format, told by its extension (checked before anything is read)."""
     lower = uri.lower()
