@@ -291,8 +291,14 @@ def _make_preparer(spec: TaskSpec, aside):
         model-grid array goes on to the actor; the scan itself (its CT, DICOM headers) waits in ``aside``."""
         from ray_app.storage.scans import load_scan
 
-        out = {"scan_id": row["scan_id"], "uri": row["uri"], "prepared": b"", "aside": False}
-        out.update(error_code="", error_message="")
+        out = {
+            "scan_id": row["scan_id"],
+            "uri": row["uri"],
+            "prepared": b"",
+            "aside": False,
+            "error_code": "",
+            "error_message": "",
+        }
         timings = {}
         t = time.perf_counter()
         try:

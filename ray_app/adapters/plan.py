@@ -23,7 +23,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from ray_app.adapters.batch import worker_store
 from ray_app.core.errors import ManifestError, RayAppError, StorageError
-from ray_app.storage.manifest import ManifestProblem, check_records, parse_manifest, parser_for
+from ray_app.storage.manifest import ManifestProblem, check_records, parse_manifest
 from ray_app.storage.sinks import write_summary
 
 RUN, SKIPPED, REJECTED = "run", "skipped", "rejected"
@@ -98,10 +98,10 @@ def _rejected(problem: ManifestProblem) -> dict[str, Any]:
 
 def read_plan(manifest_uri: str, limit: int | None = None):
     """The validated manifest as a materialized dataset (in the object store, not the driver); a manifest
-    unusable as a whole raises its :class:`ManifestError` here, before anything runs."""
+    unusable as a whole raises its :class:`ManifestError` here, before anything runs. Its format and existence are
+    the caller's cheap check, before Ray starts (``check_manifest_exists``)."""
     import ray
 
-    parser_for(manifest_uri)  # an unsupported format fails here, before Ray reads anything
     try:
         return _materialize(ray.data.read_datasource(ManifestDatasource(manifest_uri, limit), override_num_blocks=1))
     except StorageError as exc:  # gone since the check, not readable with these credentials, or too large
