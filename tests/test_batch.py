@@ -140,6 +140,18 @@ def test_every_good_scan_has_mask_passport_and_summary_row_and_failures_are_reco
     assert {d["scan_id"] for d in store.list_by_job("job-1")} == set(GOOD) | set(BAD)
 
 
+def test_scans_are_finished_and_written_while_later_ones_are_still_segmented(s3_job):
+    """The default shape (one actor with all of the 2 CPUs but the CPU stages' share) must not hold back the
+    finishing stage: passports and masks are written as scans come out of the actor, not after the last one (a
+    job stopped midway would otherwise lose every result it had computed)."""
+    rows = read_summary(f"s3://{s3_job['bucket']}/out/_jobs/job-1/summary.parquet")
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["finished_at"])
+    last = ok[-1]
+    last_segmented_from = last["finished_at"].timestamp() - last["write_s"] - last["passport_s"] - last["segment_s"]
+    before = [r["scan_id"] for r in ok[:-1] if r["finished_at"].timestamp() < last_segmented_from]
+    assert len(before) >= len(ok) - 2, (before, [(r["scan_id"], str(r["finished_at"])) for r in ok])
+
+
 def test_a_dicom_series_under_an_s3_prefix_gives_the_same_passport_as_its_zip(s3_job):
     store = open_passport_store(f"dynamodb://{s3_job['table']}")
     prefix, zipped = store.get("dicom-prefix", MODEL), store.get("dicom-zip", MODEL)

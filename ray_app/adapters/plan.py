@@ -232,13 +232,18 @@ def rows_per_part(rows: int) -> int:
 
 def write_summary_parts(ds, summary_uri: str, kind: str, rows: int):
     """A stage that writes each batch of summary rows as one part under ``summary_uri/`` and answers with the
-    part's counts (:data:`COUNTS`). A part is named by its scans, so a retried task rewrites the same part."""
+    part's counts (:data:`COUNTS`). A part is named by its scans, so a retried task rewrites the same part.
+
+    Its tasks reserve no CPU: a part is a few KB of rows. Any reservation would not fit beside an actor that
+    takes all of a node but the CPU stages' share (1.8 of 2 CPUs), so parts and progress would wait for the
+    actors to end; and Ray Data hands an operator no budget from a fractional remainder of CPUs, so even 0.1
+    here left the finishing stage (passports, masks) starved until the last scan was segmented."""
     return ds.map_batches(
         _write_part,
         fn_kwargs={"summary_uri": summary_uri, "kind": kind},
         batch_size=rows_per_part(rows),
         batch_format="pyarrow",
-        num_cpus=0.25,
+        num_cpus=0,
     )
 
 
