@@ -33,10 +33,10 @@ from run import DEFAULT_RANDOM_WEIGHTS, PHANTOM_WEIGHTS, ForwardClock, input_pat
 GZIP_LEVELS = (1, 3, 6, 9)
 
 
-def clocked(fn, *args):
-    """``fn(*args)`` with its wall and process CPU seconds (all threads)."""
+def clocked(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with its wall and process CPU seconds (all threads)."""
     t, c = time.perf_counter(), time.process_time()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
     return out, {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c}
 
 

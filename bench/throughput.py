@@ -10,7 +10,8 @@ Needs an otherwise idle machine: both sides use every core. Vanilla runs first i
 warm it up (imports, first-call costs; not counted), then one call per file, timed from the first to the last.
 The batch job then runs as the plain command a user types (``ray-app batch --manifest ... --output ...``), its
 wall time from the command's start to its end (Ray start and model loading included). Figures go to
-``bench/results/throughput.json``.
+``bench/results/throughput.json``. This VM's speed drifts by about 10% over minutes (the same code measured
+0.97x-1.05x in one day), so ``--repeats N`` alternates the two N times and reports each round and the median.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def main() -> None:
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ray_app_bench_throughput"))
     p.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
     p.add_argument("--batch-options", default="", help="options added to ray-app batch, e.g. '--max-actors 1'")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of vanilla then batch, alternating")
     p.add_argument("--vanilla-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.vanilla_child:
@@ -125,8 +127,13 @@ def main() -> None:
         "TOTALSEG_HOME_DIR": tempfile.mkdtemp(prefix="bench-totalseg-home-"),
     }
     masks = Path(tempfile.mkdtemp(prefix="bench-vanilla-masks-"))
-    van = run_vanilla(paths, masks, 0, env)
-    ours = batch(paths, work, env, shlex.split(args.batch_options))
+    rounds = []
+    for _ in range(args.repeats):
+        van = run_vanilla(paths, masks, 0, env)
+        ours = batch(paths, work, env, shlex.split(args.batch_options))
+        rounds.append({"vanilla_wall_s": van["wall_s"], "batch_wall_s": ours["wall_s"]})
+        print(f"round {len(rounds)}: vanilla {van['wall_s']:.0f} s, batch {ours['wall_s']:.0f} s", flush=True)
+    ratio = float(np.median([r["vanilla_wall_s"] / r["batch_wall_s"] for r in rounds]))
     out = Path(ours["out"])
     actor_threads = json.loads((out / "ct0" / "total_fast" / "passport.json").read_text())["model"]["torch_threads"]
 
@@ -154,9 +161,10 @@ def main() -> None:
         "load_average_at_end": os.getloadavg(),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "PYTHONPATH=. .venv/bin/python bench/throughput.py " + shlex.join(sys.argv[1:]),
-        "vanilla_wall_s": van["wall_s"],
-        "batch_wall_s": ours["wall_s"],
-        "batch_over_vanilla_throughput": van["wall_s"] / ours["wall_s"],
+        "vanilla_wall_s": float(np.median([r["vanilla_wall_s"] for r in rounds])),
+        "batch_wall_s": float(np.median([r["batch_wall_s"] for r in rounds])),
+        "batch_over_vanilla_throughput": ratio,
+        "rounds": rounds,
         "vanilla_torch_threads": van["torch_threads"],
         "actor_torch_threads": actor_threads,
         "masks_identical": to_vanilla,
@@ -165,9 +173,9 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(
-        f"{len(paths)} x {shape}: vanilla warm loop {van['wall_s']:.0f} s, "
+        f"{len(paths)} x {shape}, median of {len(rounds)}: vanilla warm loop {result['vanilla_wall_s']:.0f} s, "
         f"ray-app batch ({args.batch_options or 'defaults'}) "
-        f"{ours['wall_s']:.0f} s: {result['batch_over_vanilla_throughput']:.2f}x vanilla's throughput; "
+        f"{result['batch_wall_s']:.0f} s: {ratio:.2f}x vanilla's throughput; "
         f"masks identical: {all(result['masks_identical'])}; to vanilla at the actor's {actor_threads} torch "
         f"thread(s): {all(same_threads['identical'])}"
     )
