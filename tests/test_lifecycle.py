@@ -40,6 +40,10 @@ def _manifest(folder: Path, ids: list[str], truncated: bool = False) -> Path:
     return manifest
 
 
+def _sigint_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """One ``ray-app cluster run --local`` in the background, its output in a file."""
 
@@ -68,6 +72,9 @@ class Run:
                 env={**os.environ, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # As from a terminal: a suite started in the background (`.ci/run &`) passes SIGINT on ignored,
+                # and the Ctrl-C this test sends would never arrive.
+                preexec_fn=_sigint_as_from_a_terminal,
             )
 
     @property
