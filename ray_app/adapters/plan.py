@@ -22,8 +22,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from ray_app.adapters.batch import worker_store
-from ray_app.core.errors import ManifestError, RayAppError, StorageError
-from ray_app.storage.manifest import ManifestProblem, check_records, parse_manifest
+from ray_app.core.errors import RayAppError, StorageError
+from ray_app.storage.manifest import ManifestProblem, check_records, parse_manifest, unreadable_manifest
 from ray_app.storage.sinks import write_summary
 
 RUN, SKIPPED, REJECTED = "run", "skipped", "rejected"
@@ -105,7 +105,7 @@ def read_plan(manifest_uri: str, limit: int | None = None):
     try:
         return _materialize(ray.data.read_datasource(ManifestDatasource(manifest_uri, limit), override_num_blocks=1))
     except StorageError as exc:  # gone since the check, not readable with these credentials, or too large
-        raise ManifestError(f"cannot read manifest {manifest_uri}: {exc.message}") from exc
+        raise unreadable_manifest(manifest_uri, exc) from exc
 
 
 def resume(plan, store_uri: str, model_key: str, retry_failed: bool):

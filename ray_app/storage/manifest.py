@@ -81,9 +81,14 @@ def check_manifest_exists(uri: str) -> None:
     try:
         found = storage.exists(uri)
     except storage.StorageError as exc:  # e.g. AccessDenied: these credentials may not read it
-        raise ManifestError(f"cannot read manifest {uri}: {exc.message}") from exc
+        raise unreadable_manifest(uri, exc) from exc
     if not found:
         raise ManifestError(f"manifest {uri} does not exist")
+
+
+def unreadable_manifest(uri: str, exc: storage.StorageError) -> ManifestError:
+    """The :class:`ManifestError` for a manifest that storage could not read (gone, denied, too large)."""
+    return ManifestError(f"cannot read manifest {uri}: {exc.message}")
 
 
 def parser_for(uri: str) -> Callable[[bytes], tuple[list[str], Records]]:
