@@ -14,6 +14,7 @@ import pytest
 import yaml
 from botocore.validate import ParamValidator
 
+from ray_app.adapters.batch import BatchConfig, plan_shape
 from ray_app.ops import aws_setup
 from tests._fake_cluster import (
     LABELS,
@@ -85,13 +86,23 @@ def test_rays_autoscaler_launches_the_worker_type_the_cost_report_prices():
     scorer = functools.partial(
         _default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary(node_availabilities={})
     )
-    actors = [{"CPU": 2, "spot_cpu": 1}] * 16  # deploy/README.md's CPU job: --cpus-per-actor 2, --max-actors 16
-    added, left = get_nodes_for(types, {}, config["head_node_type"], 16, actors, scorer)
+    # deploy/README.md's CPU job (--cpus-per-actor 1.9 --actor-resource spot_cpu=1 --max-actors 16): its actors
+    # and all its CPU-stage tasks at once, as the job plans them.
+    cfg = BatchConfig(manifest="m", output="o", cpus_per_actor=1.9, actor_resources={"spot_cpu": 1}, max_actors=16)
+    shape = plan_shape(cfg, {})
+    tasks = [{"CPU": shape.task_cpus}] * (2 * shape.task_concurrency)  # prepare and finish
+    actors = [{"CPU": shape.cpus_per_actor, "spot_cpu": 1}] * shape.max_actors
+    added, left = get_nodes_for(types, {}, config["head_node_type"], 16, actors + tasks, scorer)
     assert not left
     (chosen,) = added
     instance = types[chosen]["node_config"]["InstanceType"]
     assert instance == cost.Assumptions(scans_per_month=1).cpu_instance == cost.cluster_instances()["cpu"]
-    assert instance == "m7a.4xlarge" and added[chosen] == 2, added  # 8 two-CPU actors per 16-vCPU node
+    assert instance == "m7a.4xlarge" and added[chosen] == 2, added  # 8 actors and their tasks per 16-vCPU node
+    assert shape.threads == 2
+    # Two-CPU actors would fill both nodes, and the autoscaler would start a third for the tasks alone.
+    whole = [{"CPU": 2, "spot_cpu": 1}] * shape.max_actors
+    more_nodes, _ = get_nodes_for(types, {}, config["head_node_type"], 16, whole + tasks, scorer)
+    assert sum(more_nodes.values()) == 3, more_nodes
     # The other spot_cpu type fits the same actors (its vCPUs and memory are the same): a true fallback.
     (fallback,) = [n for n in types if "spot_cpu" in types[n]["resources"] and n != chosen]
     assert {k: types[fallback]["resources"][k] for k in ("CPU", "memory")} == {

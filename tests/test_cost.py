@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ray_app.adapters.batch import BatchConfig, plan_shape
 from ray_app.adapters.cli import main as cli_main
 from ray_app.ops import cost
 from ray_app.storage.results import USAGE_COLUMNS
@@ -418,7 +421,14 @@ def test_the_defaults_are_the_shape_cluster_yaml_launches():
         )
     )
     assert d.cpus_per_actor == 2 and d.vcpu_yield is None
-    assert "--cpus-per-actor 2 --actor-resource spot_cpu=1" in (REPO / "deploy" / "README.md").read_text()
+    # The priced actors are deploy/README.md's CPU job: its 1.9-CPU actors run 2 threads, 8 to a 16-vCPU node.
+    documented = re.search(
+        r"--cpus-per-actor (\S+) --actor-resource spot_cpu=1", (REPO / "deploy" / "README.md").read_text()
+    )
+    assert documented, "deploy/README.md names the CPU job's actor size"
+    cpus = float(documented.group(1))
+    shape = plan_shape(BatchConfig(manifest="m", output="o", cpus_per_actor=cpus, actor_resources={"spot_cpu": 1}), {})
+    assert shape.threads == d.cpus_per_actor and math.floor(16 / cpus) == math.floor(16 / d.cpus_per_actor) == 8
     assert cost.cluster_instances(REPO / "no-such.yaml") == cost.DEFAULT_INSTANCES
 
 

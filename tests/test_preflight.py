@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -16,8 +17,11 @@ from pathlib import Path
 import boto3
 import pytest
 
+from ray_app.adapters.cli import batch_config, build_parser
+from ray_app.core.errors import PreflightError
 from ray_app.ops import aws_setup
-from ray_app.ops.preflight import policy_allows
+from ray_app.ops.preflight import check_shape, policy_allows
+from tests._fake_cluster import REPO, load_cluster
 from tests._scan_factory import small_phantom
 
 RAY_APP = str(Path(sys.executable).with_name("ray-app"))
@@ -161,6 +165,47 @@ def test_the_cluster_preflight_refuses_another_region_and_a_prefix_the_workers_r
     assert code == 2, text
     assert "preflight: role ray-app-worker may write under" in text
     assert "cluster.yaml still names the placeholder image registry" in text, "the last check before any launch"
+
+    whole = ["--cpus-per-actor", "2", "--actor-resource", "spot_cpu=1", "--max-actors", "16"]
+    code, text = _cluster_run(*batch, *whole, "--output", f"s3://{aws['results']}/ct/")
+    assert code == 2, text
+    assert "--cpus-per-actor 2: 8 actor(s) fill a node of type m7a.4xlarge (16 vCPUs)" in text
+    assert "Use --cpus-per-actor 1.9 (the same 8 per node)" in text and "preflight: manifest" not in text
+
+
+def _documented_jobs() -> list[list[str]]:
+    """The batch options of deploy/README.md's ``ray-app cluster run`` lines that pin actors to a node type."""
+    text = (REPO / "deploy" / "README.md").read_text().replace("\\\n", " ")
+    lines = [line.split(" -- ", 1)[1].split("#")[0] for line in text.splitlines() if "ray-app cluster run -- " in line]
+    return [shlex.split(line.replace("...", "")) for line in lines if "--actor-resource" in line]
+
+
+def test_pinned_actor_shapes_leave_their_nodes_room_for_the_cpu_stages():
+    """Actors that fill a node's vCPUs would leave the fetch and write tasks no room on it: the cluster preflight
+    refuses them with the size to use; the documented CPU and GPU jobs pass, with room for their stage tasks."""
+    cluster = load_cluster()
+    documented = _documented_jobs()
+    assert len(documented) == 2, documented
+    for options in documented:
+        cfg = batch_config(
+            build_parser().parse_args(["batch", "--manifest", "m.csv", "--output", "s3://b/o/", *options])
+        )
+        found = check_shape(cluster, cfg)
+        assert found.startswith("actors ") and "with 0 CPUs" not in found, found
+    for options, message in [
+        (["--cpus-per-actor", "8", "--max-actors", "4"], "Use --cpus-per-actor 7.9 (the same 2 per node)"),
+        (["--cpus-per-actor", "1", "--max-actors", "64"], "Use --cpus-per-actor 0.9 (the same 16 per node)"),
+        (["--cpus-per-actor", "32"], "fits no node type offering spot_cpu"),
+        (["--device", "cuda", "--gpus-per-actor", "1", "--cpus-per-actor", "4"], "Use --cpus-per-actor 3.6"),
+    ]:
+        label = "spot_gpu=1" if "cuda" in options else "spot_cpu=1"
+        args = ["batch", "--manifest", "m.csv", "--output", "s3://b/o/", *options, "--actor-resource", label]
+        with pytest.raises(PreflightError) as err:
+            check_shape(cluster, batch_config(build_parser().parse_args(args)))
+        assert message in err.value.message, err.value.message
+    few = ["--cpus-per-actor", "2", "--actor-resource", "spot_cpu=1", "--max-actors", "2"]
+    cfg = batch_config(build_parser().parse_args(["batch", "--manifest", "m.csv", "--output", "s3://b/o/", *few]))
+    assert "2 per m7a.4xlarge with 12 CPUs" in check_shape(cluster, cfg), "two actors do not fill a node"
 
 
 def test_policy_allows_follows_iams_wildcards_and_explicit_denies():

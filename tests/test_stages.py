@@ -71,8 +71,9 @@ def test_unflagged_jobs_fill_the_machine_with_vanillas_thread_count():
     gpu = plan_shape(_cfg(device="cuda"), {"CPU": 16.0, "GPU": 2.0})
     assert (gpu.min_actors, gpu.max_actors, gpu.gpus_per_actor, gpu.cpus_per_actor) == (2, 2, 1.0, 1.0)
     assert gpu.task_concurrency == 14, "the CPU stages get the cores the GPU actors leave"
-    pinned = plan_shape(_cfg(actor_resources={"spot_cpu": 1}, cpus_per_actor=8), {"CPU": 0.0})
+    pinned = plan_shape(_cfg(actor_resources={"spot_cpu": 1}, cpus_per_actor=7.9), {"CPU": 0.0})
     assert (pinned.min_actors, pinned.max_actors, pinned.threads) == (1, 2, 8)
+    assert pinned.task_concurrency == 1, "pinned CPU actors: a CPU-stage task per two actors (prepare, finish)"
 
 
 def test_an_actor_asked_for_most_of_the_machine_runs_a_thread_per_core():

@@ -240,7 +240,11 @@ def plan_shape(cfg: BatchConfig, cluster: dict[str, float], node_cpus: list[floa
     one whose actors leave the CPU stages no CPU (the job would wait forever), raises :class:`PreflightError`
     before anything starts. ``roi_subset`` runs two pools (its crop pass has its own), each sized to half, with
     the node's threads each. Actors pinned to a node type (``actor_resources``) run on nodes the autoscaler has
-    yet to start: those are not checked."""
+    yet to start, so they are not checked here: ``ray-app cluster run`` checks them against cluster.yaml's node
+    types (:func:`stage_cpus_per_actor`). Pinned CPU actors run one CPU-stage task per two actors at once (a
+    CPU node's room is what its actors leave; a task takes a few percent of an actor's seconds per scan, and half
+    of the room stays a margin for the autoscaler's float arithmetic, which fits only 7 of 8 0.1-CPU tasks beside
+    8 1.9-CPU actors); GPU actors two per stage (a GPU node's other CPUs are the stages')."""
     pools = 2 if cfg.roi_subset else 1
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0)) / pools
     nodes = [c for c in (node_cpus or [cpus]) if c >= 1] or [cpus]
@@ -248,7 +252,8 @@ def plan_shape(cfg: BatchConfig, cluster: dict[str, float], node_cpus: list[floa
     if cfg.actor_resources:
         a = cfg.cpus_per_actor or 1.0
         n_max = cfg.max_actors or 2
-        return Shape(min(cfg.min_actors or 1, n_max), n_max, a, g, _threads(a), 2 * n_max)
+        per_stage = 2 * n_max if g else max(1, pools * n_max // (2 * (pools + 1)))  # prepare, (crop), finish
+        return Shape(min(cfg.min_actors or 1, n_max), n_max, a, g, _threads(a), per_stage)
     room = (cpus - STAGE_CPUS) / pools  # CPUs for one pool's actors
     if cfg.device == "cuda":
         a = cfg.cpus_per_actor or 1.0
@@ -277,6 +282,13 @@ def plan_shape(cfg: BatchConfig, cluster: dict[str, float], node_cpus: list[floa
         )
     n_max = max(n_min, min(n_max, int((room + 1e-9) // a), int(gpus // g) if g else n_max))
     return Shape(n_min, n_max, a, g, threads, max(2, int(cpus - pools * n_max * a + 1e-9)))
+
+
+def stage_cpus_per_actor(cfg: BatchConfig, shape: Shape) -> float:
+    """CPUs the CPU-stage tasks hold per actor when all run at once: what each actor must leave free on its node,
+    or the tasks wait for nodes of their own (or forever, once the cluster is at its size)."""
+    pools = 2 if cfg.roi_subset else 1
+    return (pools + 1) * shape.task_concurrency * shape.task_cpus / (pools * shape.max_actors)
 
 
 def _threads(cpus_per_actor: float) -> int:

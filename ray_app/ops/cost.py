@@ -88,8 +88,9 @@ MEMORY_USABLE = 0.8
 #: When cluster.yaml cannot be read: its max workers per kind and its instance types as committed.
 DEFAULT_MAX_WORKERS = {"cpu": 16, "gpu": 8}
 DEFAULT_INSTANCES = {"cpu": "m7a.4xlarge", "gpu": "g6.xlarge", "head": "m7i.large"}
-#: The production job's --cpus-per-actor: 2 threads keep the measured efficiency (0.83), and 8 such actors fit
-#: a 16-vCPU, 64 GiB worker (cluster.yaml, deploy/README.md).
+#: The production job's actors: 2 threads each keep the measured efficiency (0.83), and 8 such actors fit a
+#: 16-vCPU, 64 GiB worker. Each reserves 0.1 CPU less (deploy/README.md's --cpus-per-actor 1.9): its CPU-stage
+#: task's room beside it, work the model counts in the measured task seconds.
 CPUS_PER_ACTOR = 2
 
 

@@ -8,12 +8,13 @@ before any scan is segmented.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterator
 
 from botocore.exceptions import ClientError
 
 from ray_app import storage
-from ray_app.adapters.batch import BatchConfig, preflight
+from ray_app.adapters.batch import STAGE_CPUS, BatchConfig, plan_shape, preflight, stage_cpus_per_actor
 from ray_app.core.errors import PreflightError
 from ray_app.core.totalseg import task_spec
 from ray_app.settings import Settings
@@ -66,6 +67,55 @@ def check_resources(cluster: dict, cfg: BatchConfig) -> str:
     return "actor resources offered"
 
 
+def check_shape(cluster: dict, cfg: BatchConfig) -> str:
+    """Pinned actors (``--actor-resource``) against each node type that offers their label: at least one must fit a
+    node, and the actors that fit must leave the CPU-stage tasks their CPUs there. Whole-CPU actors fill a node
+    whose vCPUs they divide (``--cpus-per-actor 2``: 8 on 16 vCPUs, none left), and the fetch and write tasks then
+    wait for a node of their own, or forever once the cluster is at its size. A node's CPUs and GPUs are Ray's
+    AWS provider's: the instance type's (prices.json holds them), unless the node type names them."""
+    if not cfg.actor_resources:
+        return "actor shape follows the nodes the job finds"
+    from ray_app.ops.cost import load_prices
+
+    prices = load_prices()
+    shape = plan_shape(cfg, {})
+    a, g = shape.cpus_per_actor, shape.gpus_per_actor
+    per_actor = stage_cpus_per_actor(cfg, shape)
+    fits = []
+    for name, node_type in cluster["available_node_types"].items():
+        if not set(cfg.actor_resources) <= set(node_type.get("resources", {})):
+            continue
+        instance = node_type.get("node_config", {}).get("InstanceType", name)
+        cpus = node_type["resources"].get("CPU", prices["instance_vcpus"].get(instance))
+        gpus = node_type["resources"].get("GPU", prices["instance_gpus"].get(instance, 0))
+        if cpus is None:
+            return f"actor shape not checked: the vCPUs of {instance} are unknown (add them to prices.json)"
+        fit = math.floor(cpus / a + 1e-9)
+        if g:
+            fit = min(fit, math.floor(gpus / g + 1e-9))
+        if fit < 1:
+            continue
+        n = min(fit, (2 if cfg.roi_subset else 1) * shape.max_actors)  # no more than the job starts
+        need = max(n * per_actor, STAGE_CPUS)
+        left = cpus - n * a
+        if left + 1e-9 < need:
+            step = 10 if a >= 1 else 100  # a size a user would type: down to a tenth of a CPU
+            better = math.floor(round((cpus - need) / n, 6) * step) / step
+            raise PreflightError(
+                f"--cpus-per-actor {a:g}: {n} actor(s) fill a node of type {instance} ({cpus:g} vCPUs) and leave "
+                f"{max(left, 0):.2g} of the {need:.2g} CPUs the CPU-stage tasks need there (fetch, prepare, finish, "
+                f"write): they would wait for nodes of their own, or forever once the cluster is at its size. "
+                f"Use --cpus-per-actor {better:g} (the same {n} per node)"
+            )
+        fits.append(f"{n} per {instance} with {left:.2g} CPUs for the CPU stages")
+    if not fits:
+        raise PreflightError(
+            f"an actor of {a:g} CPUs{f' and {g:g} GPUs' if g else ''} fits no node type offering "
+            f"{', '.join(sorted(cfg.actor_resources))}: the job would wait forever"
+        )
+    return "actors " + "; ".join(fits)
+
+
 def check_worker_role(role: str, cfg: BatchConfig) -> str:
     """The workers' role may write under the job's output: ``jobs/setup_aws.py --output`` bakes one prefix into its
     policy, and a job with another ``--output`` would segment every scan and then fail every write."""
@@ -116,6 +166,8 @@ def run(cluster: dict, cfg: BatchConfig, settings: Settings, *, worker_role: str
 
         yield check_cluster_files(cluster)
     yield check_resources(cluster, cfg)
+    if worker_role:  # a local rehearsal's nodes are one-CPU stand-ins, its head takes the CPU stages
+        yield check_shape(cluster, cfg)
     manifest = read_manifest(cfg.manifest)
     yield f"manifest: {len(manifest.rows)} runnable rows, {len(manifest.problems)} rejected"
     spec = task_spec("total", fast=cfg.fast, roi_subset=cfg.roi_subset)
