@@ -152,6 +152,15 @@ def test_scans_are_finished_and_written_while_later_ones_are_still_segmented(s3_
     assert len(before) >= len(ok) - 2, (before, [(r["scan_id"], str(r["finished_at"])) for r in ok])
 
 
+def test_the_summary_counts_the_cores_the_actors_threads_use_not_its_reservation(s3_job):
+    """The default actor reserves 1.8 of the 2 CPUs and runs 2 torch threads: the cost report prices its seconds
+    with the summary's ``actor_cpus``, so that must be the threads' 2 cores."""
+    store = open_passport_store(f"dynamodb://{s3_job['table']}")
+    ok = [r for r in read_summary(f"s3://{s3_job['bucket']}/out/_jobs/job-1/summary.parquet") if r["status"] == "ok"]
+    assert ok and {r["actor_cpus"] for r in ok} == {2.0}
+    assert {store.get(r["scan_id"], MODEL)["model"]["torch_threads"] for r in ok} == {2}
+
+
 def test_a_dicom_series_under_an_s3_prefix_gives_the_same_passport_as_its_zip(s3_job):
     store = open_passport_store(f"dynamodb://{s3_job['table']}")
     prefix, zipped = store.get("dicom-prefix", MODEL), store.get("dicom-zip", MODEL)

@@ -443,7 +443,6 @@ class SegmentActor:
         memory_limit: int | None = None,
         starts=None,
         max_task_retries: int = 3,
-        cpus: float | None = None,
         gpus: float = 0.0,
     ):
         from ray_app.core.segmenter import Segmenter
@@ -459,10 +458,12 @@ class SegmentActor:
         )
         # Recorded with every scan (summary columns actor_cpus, actor_gpus, node_cpus): the cost report turns
         # seconds into CPU- and GPU-seconds with them, so a run measured with one actor size projects onto
-        # another. node_cpus: the CPUs this process may run on (the machine's, or its cgroup cpuset's), not
-        # the count Ray was told, which a laptop may set higher than its cores.
+        # another. actor_cpus: the cores its torch threads keep busy, not its Ray reservation (a 1.8-CPU actor
+        # runs 2 threads: counted as 1.8 it under-priced its CPU-seconds by a tenth). node_cpus: the CPUs this
+        # process may run on (the machine's, or its cgroup cpuset's), not the count Ray was told, which a laptop
+        # may set higher than its cores.
         self.usage = {
-            "actor_cpus": float(cpus if cpus is not None else num_threads),
+            "actor_cpus": float(num_threads),
             "actor_gpus": float(gpus),
             "node_cpus": _machine_cpus(),
         }
@@ -637,7 +638,6 @@ def _segment(ds, cfg: BatchConfig, shape: Shape, starts):
             "memory_limit": cfg.memory_per_actor,
             "starts": starts,
             "max_task_retries": cfg.max_task_retries,
-            "cpus": shape.cpus_per_actor,
             "gpus": shape.gpus_per_actor,
         },
         batch_size=1,
