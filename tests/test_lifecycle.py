@@ -64,8 +64,6 @@ class Run:
                     str(manifest),
                     "--output",
                     str(out),
-                    "--actor-resource",
-                    "spot_cpu=1",
                     "--max-actors",
                     "1",
                 ],
@@ -134,6 +132,11 @@ def test_interrupted_job_stops_and_tears_down_then_the_same_command_resumes_the_
     assert second.wait() == 0, second.text[-3000:]
     _nothing_left(temp_dir)
     assert _done(out) == ids
+    # No actor options given: cluster run sized the actors for cluster.yaml's workers (here their one-CPU
+    # stand-ins), leaving their node room for the CPU-stage tasks, and the job ran with that shape.
+    shape = "--actor-resource spot_cpu=1 --cpus-per-actor 0.8"
+    assert f"shape: {shape} (for cluster.yaml's workers" in second.text
+    assert re.search(rf"^Running entrypoint .* batch .*{shape}$", second.text, re.M), second.text[-3000:]
     job_id = re.search(r"^job (job-\S+)", second.text, re.M).group(1)
     summary = read_summary(str(out / "_jobs" / job_id / "summary.parquet"))
     assert sorted(r["scan_id"] for r in summary if r["status"] == "skipped") == done_before

@@ -20,7 +20,8 @@ import pytest
 from ray_app.adapters.cli import batch_config, build_parser
 from ray_app.core.errors import PreflightError
 from ray_app.ops import aws_setup
-from ray_app.ops.preflight import check_shape, policy_allows
+from ray_app.ops.cluster import LocalLauncher
+from ray_app.ops.preflight import check_shape, complete_shape, policy_allows
 from tests._fake_cluster import REPO, load_cluster
 from tests._scan_factory import small_phantom
 
@@ -163,6 +164,8 @@ def test_the_cluster_preflight_refuses_another_region_and_a_prefix_the_workers_r
 
     code, text = _cluster_run(*batch, "--output", f"s3://{aws['results']}/ct/")
     assert code == 2, text
+    assert "shape: --actor-resource spot_cpu=1 --cpus-per-actor 1.9 --max-actors 8 (for cluster.yaml's workers" in text
+    assert "preflight: actors 8 per m7a.4xlarge with 0.8 CPUs for the CPU stages" in text
     assert "preflight: role ray-app-worker may write under" in text
     assert "cluster.yaml still names the placeholder image registry" in text, "the last check before any launch"
 
@@ -206,6 +209,37 @@ def test_pinned_actor_shapes_leave_their_nodes_room_for_the_cpu_stages():
     few = ["--cpus-per-actor", "2", "--actor-resource", "spot_cpu=1", "--max-actors", "2"]
     cfg = batch_config(build_parser().parse_args(["batch", "--manifest", "m.csv", "--output", "s3://b/o/", *few]))
     assert "2 per m7a.4xlarge with 12 CPUs" in check_shape(cluster, cfg), "two actors do not fill a node"
+
+
+def test_a_cluster_job_with_no_actor_options_gets_one_node_of_the_documented_actors():
+    """The workers start from zero, so an unpinned job would size itself by whatever node its first task started
+    (one actor with all of a node's threads, at about half the per-thread efficiency): cluster run fills in the
+    deploy/README.md shape for cluster.yaml's node types, keeps any option given, and what it fills in passes the
+    shape check, on AWS and on the local rehearsal's one-CPU stand-ins."""
+
+    def completed(cluster: dict, *options: str) -> list[str]:
+        cfg = batch_config(
+            build_parser().parse_args(["batch", "--manifest", "m.csv", "--output", "s3://b/o/", *options])
+        )
+        shape = complete_shape(cluster, cfg)
+        check_shape(
+            cluster,
+            batch_config(build_parser().parse_args(["batch", "--manifest", "m", "--output", "o", *options, *shape])),
+        )
+        return shape
+
+    aws, local = load_cluster(), LocalLauncher().node_types()
+    (cpu_job, gpu_job) = _documented_jobs()
+    assert completed(aws) == ["--actor-resource", "spot_cpu=1", "--cpus-per-actor", "1.9", "--max-actors", "8"]
+    gpu = completed(aws, "--device", "cuda")
+    assert gpu == ["--actor-resource", "spot_gpu=1", "--cpus-per-actor", "2", "--max-actors", "1"]  # a GPU each
+    for shape, documented in ((completed(aws), cpu_job), (gpu, gpu_job)):  # deploy/README.md's own values
+        given = dict(zip(documented, documented[1:], strict=False))
+        assert all(given[k] == v for k, v in zip(shape[::2], shape[1::2], strict=True) if k != "--max-actors")
+    assert completed(aws, "--max-actors", "16") == ["--actor-resource", "spot_cpu=1", "--cpus-per-actor", "1.9"]
+    assert completed(aws, "--cpus-per-actor", "1.9", "--actor-resource", "spot_cpu=1", "--max-actors", "16") == []
+    assert completed(aws, "--actor-resource", "spot_cpu=1", "--cpus-per-actor", "3.9") == ["--max-actors", "4"]
+    assert completed(local) == ["--actor-resource", "spot_cpu=1", "--cpus-per-actor", "0.8", "--max-actors", "1"]
 
 
 def test_policy_allows_follows_iams_wildcards_and_explicit_denies():

@@ -353,13 +353,19 @@ def cmd_cluster_run(args: argparse.Namespace) -> int:
         if args.local
         else [a for a in args.batch_args if a != "--"]
     )
+    conf = cluster_config(args)
     try:
         cfg = batch_config(build_parser().parse_args(["batch", *batch_argv]))
+        local = cluster.LocalLauncher(args.config) if args.local else None
+        shape = preflight.complete_shape(local.node_types() if local else conf, cfg)
+        if shape:  # the workers start from zero: the job is sized by cluster.yaml's node types, not what it finds
+            batch_argv += shape
+            cfg = batch_config(build_parser().parse_args(["batch", *batch_argv]))
+            print(f"shape: {' '.join(shape)} (for cluster.yaml's workers; give these options to choose)", flush=True)
     except ValueError as exc:  # contradictory options
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"job {cfg.job_id}", flush=True)
-    conf = cluster_config(args)
     if not args.no_preflight:
         try:
             for line in preflight.run(conf, cfg, get_settings(), worker_role=None if args.local else args.worker_role):

@@ -269,6 +269,12 @@ class LocalLauncher(Launcher):
     def address_args(self) -> list[str]:
         return ["--address", self.dashboard]
 
+    def node_types(self) -> dict:
+        """The cluster as it will run here (one-CPU stand-ins for cluster.yaml's workers): what a job is sized by."""
+        from ray.autoscaler._private.util import prepare_config
+
+        return fake_multinode_config(prepare_config(self.cluster), 0, self.max_workers_per_type)
+
     def up(self) -> None:
         from ray.autoscaler._private.util import prepare_config
 

@@ -67,27 +67,79 @@ def check_resources(cluster: dict, cfg: BatchConfig) -> str:
     return "actor resources offered"
 
 
+def _worker_sizes(cluster: dict, labels: set[str]) -> list[tuple[str, float | None, float]]:
+    """(instance type, vCPUs, GPUs) of each worker type offering all ``labels``: what Ray's AWS provider fills in
+    from the instance type (prices.json holds those sizes), unless the node type names them."""
+    from ray_app.ops.cost import load_prices
+
+    prices = load_prices()
+    sizes = []
+    for name, node_type in cluster["available_node_types"].items():
+        resources = node_type.get("resources", {})
+        if name == cluster.get("head_node_type") or not labels <= set(resources):
+            continue
+        instance = node_type.get("node_config", {}).get("InstanceType", name)
+        cpus = resources.get("CPU", prices["instance_vcpus"].get(instance))
+        sizes.append((instance, cpus, float(resources.get("GPU", prices["instance_gpus"].get(instance, 0)))))
+    return sizes
+
+
+def _room_per_node(cfg: BatchConfig, n: int) -> float:
+    """CPUs ``n`` pinned actors must leave on their node for the CPU-stage tasks (at least two tasks' worth)."""
+    return max(n * stage_cpus_per_actor(cfg, plan_shape(cfg, {})), STAGE_CPUS)
+
+
+def complete_shape(cluster: dict, cfg: BatchConfig) -> list[str]:
+    """Batch options that size and place the actors on the cluster's workers where the job's options do not. Its
+    workers start from zero and its head runs no scan work, so an unpinned job would find no CPU to size itself
+    by. The default is one node's worth of deploy/README.md's actors: 2-thread CPU actors reserving what leaves
+    their node the CPU stages' room (1.9 CPUs on 16 vCPUs), or one 2-CPU actor per GPU. Options given are kept."""
+    from ray_app.ops.cost import CPUS_PER_ACTOR
+
+    extra: list[str] = []
+    labels = set(cfg.actor_resources or {})
+    if not labels:
+        gpu = cfg.device == "cuda"
+        offered = sorted(
+            label
+            for name, t in cluster["available_node_types"].items()
+            if name != cluster.get("head_node_type")
+            for label in [r for r in t.get("resources", {}) if r not in ("CPU", "GPU", "memory", "object_store_memory")]
+            if any(g > 0 for _, _, g in _worker_sizes(cluster, {label})) == gpu
+        )
+        if not offered:
+            return []
+        labels = {offered[0]}
+        extra += ["--actor-resource", f"{offered[0]}=1"]
+    sizes = [(c, g) for _, c, g in _worker_sizes(cluster, labels) if c]
+    if not sizes:
+        return extra
+    cpus, gpus = min(c for c, _ in sizes), min(g for _, g in sizes)  # a shape every such type fits
+    g = cfg.gpus_per_actor or 0.0  # BatchConfig's own default: one GPU per actor on cuda
+    threads = min(CPUS_PER_ACTOR, max(1, math.floor(cpus)))
+    per_node = max(1, math.floor(gpus / g) if g else math.floor(cpus / (cfg.cpus_per_actor or threads)))
+    pools = 2 if cfg.roi_subset else 1
+    n_max = cfg.max_actors or max(1, per_node // pools)
+    if cfg.cpus_per_actor is None:
+        pinned = BatchConfig(**{**vars(cfg), "actor_resources": dict.fromkeys(labels, 1.0), "max_actors": n_max})
+        fit = math.floor(round((cpus - _room_per_node(pinned, min(per_node, pools * n_max))) / per_node, 6) * 10) / 10
+        extra += ["--cpus-per-actor", f"{min(threads, fit):g}"]
+    if cfg.max_actors is None:
+        extra += ["--max-actors", str(n_max)]
+    return extra
+
+
 def check_shape(cluster: dict, cfg: BatchConfig) -> str:
     """Pinned actors (``--actor-resource``) against each node type that offers their label: at least one must fit a
     node, and the actors that fit must leave the CPU-stage tasks their CPUs there. Whole-CPU actors fill a node
     whose vCPUs they divide (``--cpus-per-actor 2``: 8 on 16 vCPUs, none left), and the fetch and write tasks then
-    wait for a node of their own, or forever once the cluster is at its size. A node's CPUs and GPUs are Ray's
-    AWS provider's: the instance type's (prices.json holds them), unless the node type names them."""
+    wait for a node of their own, or forever once the cluster is at its size."""
     if not cfg.actor_resources:
         return "actor shape follows the nodes the job finds"
-    from ray_app.ops.cost import load_prices
-
-    prices = load_prices()
     shape = plan_shape(cfg, {})
     a, g = shape.cpus_per_actor, shape.gpus_per_actor
-    per_actor = stage_cpus_per_actor(cfg, shape)
     fits = []
-    for name, node_type in cluster["available_node_types"].items():
-        if not set(cfg.actor_resources) <= set(node_type.get("resources", {})):
-            continue
-        instance = node_type.get("node_config", {}).get("InstanceType", name)
-        cpus = node_type["resources"].get("CPU", prices["instance_vcpus"].get(instance))
-        gpus = node_type["resources"].get("GPU", prices["instance_gpus"].get(instance, 0))
+    for instance, cpus, gpus in _worker_sizes(cluster, set(cfg.actor_resources)):
         if cpus is None:
             return f"actor shape not checked: the vCPUs of {instance} are unknown (add them to prices.json)"
         fit = math.floor(cpus / a + 1e-9)
@@ -96,7 +148,7 @@ def check_shape(cluster: dict, cfg: BatchConfig) -> str:
         if fit < 1:
             continue
         n = min(fit, (2 if cfg.roi_subset else 1) * shape.max_actors)  # no more than the job starts
-        need = max(n * per_actor, STAGE_CPUS)
+        need = _room_per_node(cfg, n)
         left = cpus - n * a
         if left + 1e-9 < need:
             step = 10 if a >= 1 else 100  # a size a user would type: down to a tenth of a CPU
