@@ -168,3 +168,36 @@ def test_result_uri_refuses_bad_prefixes():
         result_uri("https://host/out", "s1", "total_fast", "mask.nii.gz")
     with pytest.raises(InvalidId):
         result_uri("/", "s1", "total_fast", "mask.nii.gz")
+
+
+def test_an_endpoint_that_does_not_answer_is_a_clear_error_not_a_traceback(moto_server, monkeypatch, tmp_path, capsys):
+    """No answer at all (a wrong endpoint, no network): every S3 and DynamoDB call turns botocore's connection
+    error into a StorageError naming what it tried, and ``ray-app batch`` exits 2 with that one line."""
+    from ray_app.adapters import cli
+    from ray_app.ops.cluster import free_port
+    from ray_app.storage.sinks import open_passport_store
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    storage.clear_client_cache()
+    try:
+        uri = "s3://scans/in/ct.nii.gz"
+        calls = {
+            "read": lambda: storage.read_bytes(uri),
+            "check": lambda: storage.exists(uri),
+            "write": lambda: storage.write_bytes(uri, b"x"),
+            "list": lambda: storage.list_uris("s3://scans/in/"),
+            "delete": lambda: storage.delete(uri),
+            "passport": lambda: open_passport_store("dynamodb://passports").get("ct", "total_fast"),
+        }
+        for what, call in calls.items():
+            with pytest.raises(storage.StorageError) as err:
+                call()
+            assert "Could not connect to the endpoint URL" in str(err.value), what
+            assert ("scans/in" if what != "passport" else "'passports'") in str(err.value), what
+
+        manifest = "s3://scans/manifest.csv"
+        assert cli.main(["batch", "--manifest", manifest, "--output", str(tmp_path / "out")]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: invalid_manifest: cannot read manifest {manifest}: ") and "connect" in line
+    finally:
+        storage.clear_client_cache()

@@ -12,7 +12,7 @@ from decimal import Decimal, DecimalException
 from typing import Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from ray_app import storage
 from ray_app.core.errors import PassportTooLarge
@@ -179,8 +179,8 @@ class DynamoDBPassportStore(PassportStore):
     def _ddb(self):
         return storage.client("dynamodb")
 
-    def _error(self, exc: ClientError) -> storage.StorageError:
-        if exc.response["Error"]["Code"] == "ResourceNotFoundException":
+    def _error(self, exc: ClientError | BotoCoreError) -> storage.StorageError:
+        if isinstance(exc, ClientError) and exc.response["Error"]["Code"] == "ResourceNotFoundException":
             return storage.ObjectNotFound(f"DynamoDB table {self.table!r} does not exist")
         return storage.StorageError(f"DynamoDB table {self.table!r}: {exc}")
 
@@ -190,6 +190,8 @@ class DynamoDBPassportStore(PassportStore):
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
                 raise
+            raise self._error(exc) from exc
+        except BotoCoreError as exc:
             raise self._error(exc) from exc
 
     def put(self, passport: dict, job_id: str, passport_uri: str | None = None) -> bool:
@@ -236,7 +238,7 @@ class DynamoDBPassportStore(PassportStore):
         try:
             for page in paginator.paginate(TableName=self.table, **kwargs):
                 yield from page["Items"]
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise self._error(exc) from exc
 
     def _item(self, scan_id: str, model_key: str) -> dict | None:
@@ -309,7 +311,7 @@ class DynamoDBPassportStore(PassportStore):
         for attempt in range(BATCH_GET_ATTEMPTS):
             try:
                 answer = self._ddb.batch_get_item(RequestItems={self.table: request})
-            except ClientError as exc:
+            except (ClientError, BotoCoreError) as exc:
                 raise self._error(exc) from exc
             yield from answer.get("Responses", {}).get(self.table, [])
             left = answer.get("UnprocessedKeys", {}).get(self.table)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 # The storage errors are part of the one error model (code, HTTP status, retryable); re-exported from here.
 from ray_app.core.errors import ObjectNotFound, ObjectTooLarge, StorageError, UnsupportedUri
@@ -110,7 +110,14 @@ def _s3_object(uri: str) -> Location:
     return loc
 
 
-def _is_not_found(exc: ClientError) -> bool:
+#: What a call to AWS raises: an answer with an error (ClientError), or none at all (BotoCoreError: an endpoint
+#: that cannot be reached, no credentials, a timeout), each turned into the caller's StorageError.
+AWS_ERRORS = (ClientError, BotoCoreError)
+
+
+def _is_not_found(exc: Exception) -> bool:
+    if not isinstance(exc, ClientError):
+        return False
     err = exc.response.get("Error", {})
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return err.get("Code") in _NOT_FOUND_CODES or status == 404
@@ -148,7 +155,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         body = s3.get_object(Bucket=loc.bucket, Key=loc.key, IfMatch=head["ETag"])["Body"]
         with body:
             return body.read()
-    except ClientError as exc:
+    except AWS_ERRORS as exc:
         if _is_not_found(exc):
             raise ObjectNotFound(f"no such object: {uri}") from exc
         raise StorageError(f"cannot read {uri}: {exc}") from exc
@@ -168,7 +175,7 @@ def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> str:
             client("s3").put_object(
                 Bucket=loc.bucket, Key=loc.key, Body=data, ServerSideEncryption=get_settings().s3_sse, **extra
             )
-        except ClientError as exc:
+        except AWS_ERRORS as exc:
             raise StorageError(f"cannot write {uri}: {exc}") from exc
         return uri
 
@@ -202,7 +209,7 @@ def list_uris(prefix_uri: str) -> list[str]:
         try:
             for page in client("s3").get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key):
                 out.extend(f"s3://{loc.bucket}/{obj['Key']}" for obj in page.get("Contents", []))
-        except ClientError as exc:
+        except AWS_ERRORS as exc:
             if _is_not_found(exc):
                 raise ObjectNotFound(f"no such bucket: {prefix_uri}") from exc
             raise StorageError(f"cannot list {prefix_uri}: {exc}") from exc
@@ -228,7 +235,7 @@ def exists(uri: str) -> bool:
     try:
         client("s3").head_object(Bucket=loc.bucket, Key=loc.key)
         return True
-    except ClientError as exc:
+    except AWS_ERRORS as exc:
         if _is_not_found(exc):
             return False
         raise StorageError(f"cannot check {uri}: {exc}") from exc
@@ -245,6 +252,6 @@ def delete(uri: str) -> None:
         return
     try:
         client("s3").delete_object(Bucket=loc.bucket, Key=loc.key)
-    except ClientError as exc:
+    except AWS_ERRORS as exc:
         if not _is_not_found(exc):
             raise StorageError(f"cannot delete {uri}: {exc}") from exc
