@@ -74,6 +74,15 @@ def test_contradictory_device_options_stop_at_the_start_with_one_message(options
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+def test_an_s3_output_without_a_passport_store_stops_at_the_start_with_one_message(capsys):
+    """An S3 output has no local folder for the embedded SQLite store (found as a new user: it was a traceback)."""
+    assert cli.main(["batch", "--manifest", "/nonexistent/m.csv", "--output", "s3://out/results"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "error: an s3:// output needs a passport store: --table NAME (DynamoDB) or --passports sqlite:///PATH\n"
+    )
+
+
 def test_an_unusable_manifest_exits_2_before_anything_runs(tmp_path, capsys):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("scan_id,path\na,/x.nii.gz\n")

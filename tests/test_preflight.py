@@ -191,7 +191,9 @@ def test_pinned_actor_shapes_leave_their_nodes_room_for_the_cpu_stages():
     assert len(documented) == 2, documented
     for options in documented:
         cfg = batch_config(
-            build_parser().parse_args(["batch", "--manifest", "m.csv", "--output", "s3://b/o/", *options])
+            build_parser().parse_args(
+                ["batch", "--manifest", "m.csv", "--output", "s3://b/o/", "--table", "t", *options]
+            )
         )
         found = check_shape(cluster, cfg)
         assert found.startswith("actors ") and "with 0 CPUs" not in found, found
@@ -202,12 +204,25 @@ def test_pinned_actor_shapes_leave_their_nodes_room_for_the_cpu_stages():
         (["--device", "cuda", "--gpus-per-actor", "1", "--cpus-per-actor", "4"], "Use --cpus-per-actor 3.6"),
     ]:
         label = "spot_gpu=1" if "cuda" in options else "spot_cpu=1"
-        args = ["batch", "--manifest", "m.csv", "--output", "s3://b/o/", *options, "--actor-resource", label]
+        args = [
+            "batch",
+            "--manifest",
+            "m.csv",
+            "--output",
+            "s3://b/o/",
+            "--table",
+            "t",
+            *options,
+            "--actor-resource",
+            label,
+        ]
         with pytest.raises(PreflightError) as err:
             check_shape(cluster, batch_config(build_parser().parse_args(args)))
         assert message in err.value.message, err.value.message
     few = ["--cpus-per-actor", "2", "--actor-resource", "spot_cpu=1", "--max-actors", "2"]
-    cfg = batch_config(build_parser().parse_args(["batch", "--manifest", "m.csv", "--output", "s3://b/o/", *few]))
+    cfg = batch_config(
+        build_parser().parse_args(["batch", "--manifest", "m.csv", "--output", "s3://b/o/", "--table", "t", *few])
+    )
     assert "2 per m7a.4xlarge with 12 CPUs" in check_shape(cluster, cfg), "two actors do not fill a node"
 
 
@@ -219,7 +234,9 @@ def test_a_cluster_job_with_no_actor_options_gets_one_node_of_the_documented_act
 
     def completed(cluster: dict, *options: str) -> list[str]:
         cfg = batch_config(
-            build_parser().parse_args(["batch", "--manifest", "m.csv", "--output", "s3://b/o/", *options])
+            build_parser().parse_args(
+                ["batch", "--manifest", "m.csv", "--output", "s3://b/o/", "--table", "t", *options]
+            )
         )
         shape = complete_shape(cluster, cfg)
         check_shape(

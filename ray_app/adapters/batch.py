@@ -81,7 +81,12 @@ class BatchConfig:
 
     def __post_init__(self):
         """Coupled options, checked once before anything starts: an actor on ``cuda`` that Ray gave no GPU sees
-        none and fails at construction, each one; a GPU reserved for a ``cpu`` actor idles."""
+        none and fails at construction, each one; a GPU reserved for a ``cpu`` actor idles; an S3 output has no
+        local folder for the embedded passport store."""
+        if not self.passports and storage.is_s3(self.output):
+            raise ValueError(
+                "an s3:// output needs a passport store: --table NAME (DynamoDB) or --passports sqlite:///PATH"
+            )
         if self.gpus_per_actor is None:
             self.gpus_per_actor = 1.0 if self.device == "cuda" else 0.0
         if self.device == "cuda" and self.gpus_per_actor <= 0:
@@ -97,11 +102,9 @@ class BatchConfig:
 
     @property
     def passport_store_uri(self) -> str:
-        """Default store: DynamoDB must be named for S3 output; local output gets an embedded SQLite file."""
+        """The store named, or for a local output an embedded SQLite file beside the results."""
         if self.passports:
             return self.passports
-        if storage.is_s3(self.output):
-            raise RayAppError("an s3:// output needs --passports dynamodb://TABLE (or sqlite:///PATH)")
         return f"sqlite:///{os.path.abspath(os.path.join(self.output, 'passports.sqlite'))}"
 
     def job_uri(self, name: str) -> str:
