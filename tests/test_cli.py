@@ -83,6 +83,55 @@ def test_an_s3_output_without_a_passport_store_stops_at_the_start_with_one_messa
     )
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--max-actors", "0"], "argument --max-actors: 0 is not at least 1"),
+        (["--cpus-per-actor", "-1"], "argument --cpus-per-actor: -1 is not more than 0"),
+        (["--limit", "-3"], "argument --limit: -3 is not at least 1"),
+        (["--actor-memory-gb", "0"], "argument --actor-memory-gb: 0 is not more than 0"),
+        (["--min-actors", "two"], "argument --min-actors: invalid int value: 'two'"),
+    ],
+)
+def test_counts_and_sizes_out_of_range_are_refused_by_the_parser(options, message, capsys):
+    """Before: --cpus-per-actor -1 was Ray's traceback after start-up; --limit -3 ran no scan and exited 0."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["batch", "--manifest", "/nonexistent/m.csv", "--output", "/nonexistent/out", *options])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unknown_roi_subset_stops_at_the_start_with_one_message(capsys):
+    assert cli.main(["batch", "--manifest", "/nonexistent/m.csv", "--output", "/o", "--roi-subset", "livr"]) == 2
+    assert capsys.readouterr().err == "error: invalid_roi_subset: roi_subset names unknown structures: livr\n"
+
+
+@pytest.mark.parametrize("command", ["segment", "batch"])
+def test_weights_that_cannot_be_downloaded_stop_the_command_with_one_line_and_no_scan_run(command, tmp_path):
+    """No weights and a download that fails (here: a proxy on loopback that does not answer): ``segment`` and
+    ``batch`` exit 2 naming the weights folder and how to fill it, where they printed a traceback (batch after Ray
+    started and its actor failed). The batch job downloads in its preflight, once, before Ray starts."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    scan = _small_phantom(tmp_path / "ct.nii.gz")
+    (tmp_path / "m.csv").write_text(f"scan_id,uri\nct,{scan}\n")
+    out = tmp_path / "out"
+    args = [str(scan), "--out", str(out)] if command == "segment" else ["--manifest", str(tmp_path / "m.csv")]
+    proxy = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = _env(TOTALSEG_WEIGHTS_PATH=str(weights), HTTPS_PROXY=proxy, https_proxy=proxy, NO_PROXY="", no_proxy="")
+    done = subprocess.run(
+        _command(command, *args, *(["--output", str(out)] if command == "batch" else [])),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert "Dataset297_TotalSegmentator_total_3mm_1559subj" in lines[0] and "The download failed" in lines[0]
+    assert "TOTALSEG_WEIGHTS_PATH" in lines[0] and "Traceback" not in done.stdout + done.stderr
+    assert not (out / "ct").exists() and not (out / "_jobs").exists()
+
+
 def test_an_unusable_manifest_exits_2_before_anything_runs(tmp_path, capsys):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("scan_id,path\na,/x.nii.gz\n")

@@ -24,8 +24,16 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ray_app import storage
 from ray_app.core import pipeline, stages
-from ray_app.core.errors import ManifestError, PreflightError, RayAppError, WorkerLost, describe, from_code
-from ray_app.core.totalseg import TaskSpec, missing_weights, task_spec
+from ray_app.core.errors import (
+    ManifestError,
+    PreflightError,
+    RayAppError,
+    WeightsMissing,
+    WorkerLost,
+    describe,
+    from_code,
+)
+from ray_app.core.totalseg import TaskSpec, ensure_weights, missing_weights, task_spec
 from ray_app.settings import Settings, get_settings
 from ray_app.storage import results
 from ray_app.storage.keys import job_file_uri
@@ -176,9 +184,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def preflight(
     cfg: BatchConfig, store: PassportStore, spec: TaskSpec, settings: Settings, *, weights: bool = True
 ) -> None:
-    """Prove the job's destinations before any scan runs: the store answers, the output takes a write (the job's
-    record, ``_jobs/<job>/job.json``, with the credentials the job writes with), and (``weights``) the weights are
-    where the segmenter looks when it may not download them. A mistake costs seconds, not a job of failures."""
+    """Prove the job's destinations before any scan runs: the store answers, (``weights``) the weights are where
+    the segmenter looks, downloaded here once if they may be (not by every actor, each failing on its own), and the
+    output takes a write (the job's record, ``_jobs/<job>/job.json``, with the credentials the job writes with). A
+    mistake costs seconds, not a job of failures."""
     region, source = storage.aws_region()
     try:
         store.status(PREFLIGHT_SCAN_ID, spec.key)
@@ -186,6 +195,17 @@ def preflight(
         raise PreflightError(
             f"passport store {cfg.passport_store_uri} is not usable: {exc.message} (AWS region {region}, from {source})"
         ) from exc
+    missing = missing_weights(spec) if weights else []
+    if missing and not settings.download_weights:
+        raise PreflightError(
+            f"model weights {', '.join(missing)} are not in TotalSegmentator's weights folder and "
+            "downloads are off (RAY_APP_DOWNLOAD_WEIGHTS=false)"
+        )
+    for stage in spec.all_stages if missing else ():
+        try:
+            ensure_weights(stage)
+        except WeightsMissing as exc:
+            raise PreflightError(exc.message) from exc
     record = {
         "job_id": cfg.job_id,
         "started_at": datetime.now(timezone.utc).isoformat(),
@@ -202,12 +222,6 @@ def preflight(
             f"cannot write under {cfg.output}: {exc.message}. On AWS the nodes' role may write "
             "only under the prefix jobs/setup_aws.py --output was given"
         ) from exc
-    missing = [] if settings.download_weights or not weights else missing_weights(spec)
-    if missing:
-        raise PreflightError(
-            f"model weights {', '.join(missing)} are not in TotalSegmentator's weights folder and "
-            "downloads are off (RAY_APP_DOWNLOAD_WEIGHTS=false)"
-        )
 
 
 #: Ray CPUs each CPU-stage task (prepare, ROI crop, finish) reserves. Their work is seconds of one core per scan

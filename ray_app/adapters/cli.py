@@ -28,8 +28,10 @@ def _scan_id_from_path(path: str) -> str:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    """Segment local scans in this process (no Ray) into ``OUT/<scan_id>/``."""
+    """Segment local scans in this process (no Ray) into ``OUT/<scan_id>/``. Exit 1 when any scan failed, 2 when
+    none could run (no weights, an unknown ROI, contradictory options)."""
     from ray_app.core import pipeline
+    from ray_app.core.errors import RayAppError
     from ray_app.core.segmenter import Segmenter
     from ray_app.core.totalseg import task_spec
     from ray_app.settings import get_settings
@@ -43,9 +45,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return 2
     settings = get_settings()
     fast = settings.fast if args.fast is None else args.fast
-    segmenter = Segmenter.from_settings(
-        settings, task_spec("total", fast=fast, roi_subset=args.roi_subset), device=args.device
-    )
+    try:
+        segmenter = Segmenter.from_settings(
+            settings, task_spec("total", fast=fast, roi_subset=args.roi_subset), device=args.device
+        )
+    except RayAppError as exc:  # no weights, an unknown ROI: no scan can run
+        _print_error(exc)
+        return 2
     sink = ArtifactSink(args.out, per_model=False)
     failed = 0
     for i, source in enumerate(args.scans):
@@ -83,6 +89,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _at_least(low: float, kind: type = int, *, above: bool = False):
+    """An argparse type: a number of ``kind`` that is ``low`` or more (``above``: more than ``low``)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is not {'more than' if above else 'at least'} {low:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passports", help="dynamodb://TABLE or sqlite:///PATH (default: OUTPUT/passports.sqlite)")
     p.add_argument("--table", help="DynamoDB table name (same as --passports dynamodb://TABLE)")
@@ -94,11 +113,11 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preview", action="store_true", help="also write preview.png per scan")
     _add_per_structure_option(p)
     fit = " (default: fitted to the CPUs and GPUs Ray sees)"
-    p.add_argument("--min-actors", type=int, default=None, help="segmentation actors always running" + fit)
-    p.add_argument("--max-actors", type=int, default=None, help="most segmentation actors at once" + fit)
+    p.add_argument("--min-actors", type=_at_least(1), default=None, help="segmentation actors always running" + fit)
+    p.add_argument("--max-actors", type=_at_least(1), default=None, help="most segmentation actors at once" + fit)
     p.add_argument(
         "--cpus-per-actor",
-        type=float,
+        type=_at_least(0, float, above=True),
         default=None,
         help="CPUs (torch threads) per segmentation actor (default: on CPU one actor per node with the node's "
         "threads, vanilla TotalSegmentator's count, so the masks are vanilla's; fewer per actor, e.g. 1, is a "
@@ -106,7 +125,7 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--gpus-per-actor",
-        type=float,
+        type=_at_least(0, float),
         default=None,
         help="fractions allowed, e.g. 0.5 (default: 1 with --device cuda, 0 with cpu)",
     )
@@ -119,21 +138,21 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--actor-memory-gb",
-        type=float,
+        type=_at_least(0, float, above=True),
         default=None,
         help="memory per segmentation actor, reserved with Ray and enforced as its heap limit: a scan "
         "that does not fit fails as out_of_memory instead of getting the worker OOM-killed",
     )
     p.add_argument(
         "--limit",
-        type=int,
+        type=_at_least(1),
         default=None,
         metavar="N",
         help="run only the first N scans of the manifest: a pilot whose measured figures price the month",
     )
     p.add_argument(
         "--max-task-retries",
-        type=int,
+        type=_at_least(0),
         default=3,
         help="times a scan is retried after the actor segmenting it died (Spot loss, OOM killer, crash); "
         "then it fails as worker_lost and the job goes on",
@@ -197,7 +216,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     earlier one's), 1 when any failed, was rejected or is skipped with an earlier failure, 2 when nothing could run
     (contradictory options, an unusable manifest, a failed preflight)."""
     from ray_app.adapters.batch import format_report, run_batch
-    from ray_app.core.errors import PreflightError
+    from ray_app.core.errors import InvalidRoiSubset, PreflightError
     from ray_app.settings import get_settings
     from ray_app.storage.manifest import ManifestError
 
@@ -208,7 +227,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return 2
     try:
         report = run_batch(cfg, get_settings())
-    except (ManifestError, PreflightError) as exc:  # an unusable manifest or destination: nothing ran
+    except (ManifestError, PreflightError, InvalidRoiSubset) as exc:  # unusable manifest, destination, weights, ROI
         _print_error(exc)
         return 2
     print(format_report(report))
