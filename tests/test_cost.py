@@ -296,6 +296,19 @@ def test_a_summary_without_the_measured_columns_is_an_error_unless_they_are_give
     assert cli_main(["cost", "--summary", summary, "--scans-per-month", "100"]) == 2  # CostInputError -> exit 2
 
 
+def test_a_summary_that_is_missing_or_not_parquet_is_one_line_naming_it(tmp_path, capsys):
+    """The path a user types after a job (its summary, or the manifest by mistake): exit 2, not a traceback."""
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("scan_id,uri\na,/a.nii.gz\n")
+    for summary, message in [
+        (tmp_path / "nothing.parquet", "cannot read job summary {}: no job summary at {}"),
+        (manifest, "{} is not a job summary (Parquet): "),
+    ]:
+        assert cli_main(["cost", "--summary", str(summary), "--scans-per-month", "100"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: " + message.format(summary, summary)) and err.count("\n") == 1, err
+
+
 def test_cost_command_on_a_summary_in_s3_prints_both_volumes(moto_server, s3_bucket, capsys):
     summary = write_summary(_rows(), f"s3://{s3_bucket}/ct/_jobs/job-1/summary.parquet")
     assert cli_main(["cost", "--summary", summary, "--scans-per-month", "5000", "--json"]) == 0
