@@ -132,6 +132,32 @@ def test_weights_that_cannot_be_downloaded_stop_the_command_with_one_line_and_no
     assert not (out / "ct").exists() and not (out / "_jobs").exists()
 
 
+@pytest.mark.parametrize(
+    "destination, message",
+    [
+        (["--output", "{file}"], "passport store sqlite:///{file}/passports.sqlite is not usable: cannot open"),
+        (["--output", "{tmp}/out", "--passports", "mysql://db"], "unsupported passport store 'mysql://db'"),
+        (["--output", "{tmp}/out", "--passports", "dynamodb://t"], "invalid DynamoDB table name in 'dynamodb://t'"),
+        (
+            ["--output", "gs://b/out", "--passports", "sqlite:///{tmp}/p.sqlite"],
+            "cannot write under gs://b/out: unsupported",
+        ),
+    ],
+)
+def test_an_unusable_destination_stops_at_the_start_with_one_line(
+    destination, message, phantom_weights, monkeypatch, tmp_path, capsys
+):
+    """An output that is a file, a store URI with a typo, an output on another cloud: each was a traceback."""
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(phantom_weights))
+    (tmp_path / "m.csv").write_text("scan_id,uri\nct,/ct.nii.gz\n")
+    (tmp_path / "afile").write_text("x")
+    fill = {"file": tmp_path / "afile", "tmp": tmp_path}
+    options = [o.format(**fill) for o in destination]
+    assert cli.main(["batch", "--manifest", str(tmp_path / "m.csv"), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: preflight_failed: ") and message.format(**fill) in err and err.count("\n") == 1, err
+
+
 def test_an_unusable_manifest_exits_2_before_anything_runs(tmp_path, capsys):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("scan_id,path\na,/x.nii.gz\n")

@@ -217,10 +217,10 @@ def preflight(
     }
     try:
         storage.write_bytes(cfg.job_uri("job.json"), json.dumps(record, indent=1).encode(), "application/json")
-    except storage.StorageError as exc:
+    except (storage.StorageError, storage.UnsupportedUri) as exc:
+        hint = ". On AWS the nodes' role may write only under the prefix jobs/setup_aws.py --output was given"
         raise PreflightError(
-            f"cannot write under {cfg.output}: {exc.message}. On AWS the nodes' role may write "
-            "only under the prefix jobs/setup_aws.py --output was given"
+            f"cannot write under {cfg.output}: {exc.message}{hint if cfg.output.startswith('s3://') else ''}"
         ) from exc
 
 
@@ -683,7 +683,10 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     spec = task_spec("total", fast=cfg.fast, roi_subset=cfg.roi_subset)
     store_uri = cfg.passport_store_uri
     check_manifest_exists(cfg.manifest)
-    store = open_passport_store(store_uri)
+    try:
+        store = open_passport_store(store_uri)
+    except (storage.StorageError, storage.UnsupportedUri) as exc:
+        raise PreflightError(f"passport store {store_uri} is not usable: {exc.message}") from exc
     preflight(cfg, store, spec, settings)  # a wrong store, output or weights costs seconds: before Ray starts
     init_ray()
     try:

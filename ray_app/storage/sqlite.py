@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ray_app.core.errors import StorageError
 from ray_app.storage.passports import PassportRecord, PassportStore
 
 _SQLITE_SCHEMA = """
@@ -42,10 +43,13 @@ class SQLitePassportStore(PassportStore):
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SQLITE_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._db() as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SQLITE_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:  # a file where the folder should be, no permission, not SQLite
+            raise StorageError(f"cannot open passport store {self.path}: {exc}") from exc
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
