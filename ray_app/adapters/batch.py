@@ -91,7 +91,7 @@ class BatchConfig:
         """Coupled options, checked once before anything starts: an actor on ``cuda`` that Ray gave no GPU sees
         none and fails at construction, each one; a GPU reserved for a ``cpu`` actor idles; an S3 output has no
         local folder for the embedded passport store."""
-        if not self.passports and storage.is_s3(self.output):
+        if not self.passports and self.output[:5].lower() == "s3://":  # the URI itself is checked where it is used
             raise ValueError(
                 "an s3:// output needs a passport store: --table NAME (DynamoDB) or --passports sqlite:///PATH"
             )
