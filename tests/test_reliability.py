@@ -399,20 +399,20 @@ def test_s3_and_dynamodb_throttling_and_5xx_are_retried_and_nothing_is_lost(moto
 
 
 def _oversized_scan() -> bytes:
-    """512x512x800 voxels at 0.8 mm: 420 MB as int16, 1.7 GB once TotalSegmentator's path makes it float64.
-    Mostly air, so it compresses to a few MB."""
-    data = np.full((512, 512, 800), -1000, np.int16)
-    data[100:412, 120:392, 50:750] = 40
-    data[240:270, 250:280, 50:750] = 700
+    """512x512x1600 voxels at 0.8 mm (a 1.3 m scan): 840 MB as int16. Mostly air, so it compresses to a few MB."""
+    data = np.full((512, 512, 1600), -1000, np.int16)
+    data[100:412, 120:392, 50:1550] = 40
+    data[240:270, 250:280, 50:1550] = 700
     affine = np.diag([0.8, 0.8, 0.8, 1.0])
     return gzip.compress(nib.Nifti1Image(data, affine).to_bytes(), compresslevel=1)
 
 
 def test_a_scan_that_exhausts_its_actors_memory_fails_alone_with_a_failure_record(moto_server, ray_cluster, tmp_path):
     """The actor gets 5 GiB (``memory_per_actor``: a Ray reservation, enforced in the actor as RLIMIT_DATA, which
-    counts heap and anonymous mappings). Measured here: the model plus a small scan peak at about 3.6 GiB, the
-    oversized scan would need about 8.6 GiB. It fails with a real MemoryError in the real code path, and the same
-    actor carries on with the others."""
+    counts heap and anonymous mappings, Ray's own included). Since the actor receives only the 3 mm grid, a
+    512x512x800 scan needs 3-4 GiB there (a bare process with the fast model and 2 threads: fails at 3, fits at 4;
+    in the actor it passed or failed by chance); the 1600-slice scan needs 6-7 GiB (fails at 6, fits at 7). It fails
+    with torch's real allocation error in the real code path, and the same actor carries on with the others."""
     (tmp_path / "in").mkdir()
     rows = []
     for i, sid in enumerate(["small-1", "too-big", "small-2"]):
