@@ -181,17 +181,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
-def preflight(
-    cfg: BatchConfig, store: PassportStore, spec: TaskSpec, settings: Settings, *, weights: bool = True
-) -> None:
-    """Prove the job's destinations before any scan runs: the store answers, (``weights``) the weights are where
-    the segmenter looks, downloaded here once if they may be (not by every actor, each failing on its own), and the
-    output takes a write (the job's record, ``_jobs/<job>/job.json``, with the credentials the job writes with). A
-    mistake costs seconds, not a job of failures."""
+def preflight(cfg: BatchConfig, spec: TaskSpec, settings: Settings, *, weights: bool = True) -> PassportStore:
+    """Prove the job's destinations before any scan runs: the store opens and answers, (``weights``) the weights are
+    where the segmenter looks, downloaded here once if they may be (not by every actor, each failing on its own),
+    and the output takes a write (the job's record, ``_jobs/<job>/job.json``, with the credentials the job writes
+    with). A mistake costs seconds, not a job of failures. Returns the opened store."""
     region, source = storage.aws_region()
     try:
+        store = open_passport_store(cfg.passport_store_uri)
         store.status(PREFLIGHT_SCAN_ID, spec.key)
-    except storage.StorageError as exc:
+    except (storage.StorageError, storage.UnsupportedUri) as exc:
         raise PreflightError(
             f"passport store {cfg.passport_store_uri} is not usable: {exc.message} (AWS region {region}, from {source})"
         ) from exc
@@ -222,6 +221,7 @@ def preflight(
         raise PreflightError(
             f"cannot write under {cfg.output}: {exc.message}{hint if cfg.output.startswith('s3://') else ''}"
         ) from exc
+    return store
 
 
 #: Ray CPUs each CPU-stage task (prepare, ROI crop, finish) reserves. Their work is seconds of one core per scan
@@ -683,11 +683,7 @@ def run_batch(cfg: BatchConfig, settings: Settings | None = None) -> BatchReport
     spec = task_spec("total", fast=cfg.fast, roi_subset=cfg.roi_subset)
     store_uri = cfg.passport_store_uri
     check_manifest_exists(cfg.manifest)
-    try:
-        store = open_passport_store(store_uri)
-    except (storage.StorageError, storage.UnsupportedUri) as exc:
-        raise PreflightError(f"passport store {store_uri} is not usable: {exc.message}") from exc
-    preflight(cfg, store, spec, settings)  # a wrong store, output or weights costs seconds: before Ray starts
+    store = preflight(cfg, spec, settings)  # a wrong store, output or weights costs seconds: before Ray starts
     init_ray()
     try:
         planned = plan.read_plan(cfg.manifest, cfg.limit)

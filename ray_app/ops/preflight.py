@@ -19,7 +19,6 @@ from ray_app.core.errors import PreflightError
 from ray_app.core.totalseg import task_spec
 from ray_app.settings import Settings
 from ray_app.storage.manifest import read_manifest
-from ray_app.storage.sinks import open_passport_store
 
 DATA_POLICY_NAME = "ray-app-data"  # the inline policy jobs/setup_aws.py puts on both roles
 
@@ -223,7 +222,7 @@ def run(cluster: dict, cfg: BatchConfig, settings: Settings, *, worker_role: str
     manifest = read_manifest(cfg.manifest)
     yield f"manifest: {len(manifest.rows)} runnable rows, {len(manifest.problems)} rejected"
     spec = task_spec("total", fast=cfg.fast, roi_subset=cfg.roi_subset)
-    preflight(cfg, open_passport_store(cfg.passport_store_uri), spec, settings, weights=False)
+    preflight(cfg, spec, settings, weights=False)
     yield f"passport store {cfg.passport_store_uri} answers; {cfg.output} takes a write"
     if worker_role:
         yield check_worker_role(worker_role, cfg)
