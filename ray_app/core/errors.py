@@ -292,6 +292,13 @@ class ManifestError(RayAppError):
     http_status = 422
 
 
+class InvalidSummary(RayAppError):
+    """A file given as a job summary that is not Parquet (the manifest, a passport, ...)."""
+
+    code = "invalid_summary"
+    http_status = 422
+
+
 class InvalidPassport(RayAppError):
     """A passport that does not match its schema: refused by the stores (a bug upstream, not the input's fault)."""
 

@@ -244,19 +244,17 @@ def _mean_of(values: Sequence[float | None], what: str) -> float:
 
 def _ok_rows(summary_uris: list[str]) -> list[dict]:
     """The scans that succeeded and were timed: the only ones whose seconds say what a scan costs."""
-    import pyarrow as pa
-
-    from ray_app.core.errors import RayAppError
+    from ray_app.core.errors import InvalidSummary, RayAppError
     from ray_app.storage.sinks import read_summary
 
     rows = []
     for uri in summary_uris:
         try:
             rows += read_summary(uri)
+        except InvalidSummary as exc:  # a file, but not Parquet: the message names it
+            raise CostInputError(exc.message) from exc
         except RayAppError as exc:  # absent, unreachable
             raise CostInputError(f"cannot read job summary {uri}: {exc.message}") from exc
-        except pa.ArrowInvalid as exc:  # a file, but not Parquet
-            raise CostInputError(f"{uri} is not a job summary (Parquet): {exc}") from exc
     ok = [
         r for r in rows if r.get("status") == "ok" and r.get("total_s") is not None and r.get("segment_s") is not None
     ]

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_app import storage
+from ray_app.core.errors import InvalidSummary
 from ray_app.storage.artifacts import CONTENT_TYPES
 
 #: One row per scan. Flat, Athena-friendly types; timestamps in milliseconds (Athena's safest Parquet form).
@@ -106,8 +107,15 @@ def read_summary_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     ParquetFile, not ``pq.read_table``: read_table's dataset scanner leaves Arrow threads that abort the process
     at exit about half the time (apache/arrow#34314; 20 of 40 runs with pyarrow 26, 0 of 120 this way).
     """
-    tables = [pq.ParquetFile(io.BytesIO(storage.read_bytes(p))).read(columns=columns) for p in summary_parts(uri)]
+    tables = [_read_part(p, columns) for p in summary_parts(uri)]
     return pa.concat_tables(tables, promote_options="default")
+
+
+def _read_part(uri: str, columns: list[str] | None) -> pa.Table:
+    try:
+        return pq.ParquetFile(io.BytesIO(storage.read_bytes(uri))).read(columns=columns)
+    except pa.ArrowInvalid as exc:
+        raise InvalidSummary(f"{uri} is not a job summary (Parquet): {exc}") from exc
 
 
 def read_summary(uri: str) -> list[dict]:
